@@ -1,0 +1,153 @@
+"""BiSeNetV1 with the public layouts ("presets") and the public checkpoints' state_dict keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from fastbisenet import ops
+from fastbisenet.backbones import build_backbone
+from fastbisenet.nn import ContextPath, FeatureFusion, SegmentationHead, SpatialPath
+
+AUX_MODES = ("train", "eval", "pred")
+AUX_HEADS = ("conv_out16", "conv_out32")
+MIN_SIZE = 32
+
+
+@dataclass(frozen=True)
+class Preset:
+    """What differs between the public BiSeNetV1 layouts."""
+
+    spatial_path: bool
+    """v1 has a spatial path; face-parsing feeds the backbone's stride-8 feature to the FFM instead."""
+    ffm_attention: str
+    """``"bn"``: 1x1 + BN + sigmoid; ``"mlp"``: 1x1 -> ReLU -> 1x1 -> sigmoid."""
+    head_bias: bool
+    """Whether the heads' 1x1 classifier has a bias."""
+    align_corners: bool
+    """``align_corners`` of the heads' bilinear resize to the input size."""
+
+
+PRESETS: dict[str, Preset] = {
+    "v1": Preset(spatial_path=True, ffm_attention="bn", head_bias=True, align_corners=False),
+    "face-parsing": Preset(spatial_path=False, ffm_attention="mlp", head_bias=False, align_corners=True),
+}
+
+
+class BiSeNet(nn.Module):
+    """Bilateral Segmentation Network (BiSeNetV1).
+
+    Args:
+        n_classes: number of output classes.
+        aux_mode: ``"train"`` returns ``(out, out16, out32)`` logits at the input size; ``"eval"``
+            returns ``(out,)``; ``"pred"`` returns the int32 class map ``(N, H, W)``. Only
+            ``"train"`` builds the auxiliary heads ``conv_out16``/``conv_out32``.
+        preset: ``"v1"`` (the common Cityscapes layout) or ``"face-parsing"``.
+        backbone: ``"resnet18"`` (the public checkpoints), ``"resnet34"``, ``"resnet50"``, ``"resnet101"``.
+        backend: ``"auto"`` (Triton kernels for CUDA inputs, reference ops otherwise), ``"triton"`` or
+            ``"torch"``; changeable later through the :attr:`backend` property. The state_dict does not
+            depend on it.
+
+    Input: a float tensor (N, 3, H, W), NCHW or channels_last, with H, W >= 32 (any size; the public
+    model needs multiples of 32 and gives the same outputs on those).
+    """
+
+    def __init__(
+        self,
+        n_classes: int,
+        aux_mode: str = "train",
+        *,
+        preset: str = "v1",
+        backbone: str = "resnet18",
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        if aux_mode not in AUX_MODES:
+            raise ValueError(f"aux_mode must be one of {AUX_MODES}, got {aux_mode!r}")
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
+        if not isinstance(n_classes, int) or n_classes < 1:
+            raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
+        self.n_classes = n_classes
+        self.aux_mode = aux_mode
+        self.preset = preset
+        self.backbone = backbone
+        cfg = PRESETS[preset]
+        self.align_corners = cfg.align_corners
+
+        resnet = build_backbone(backbone)
+        c8 = resnet.channels[0]
+        self.cp = ContextPath(resnet, resnet.channels)
+        if cfg.spatial_path:
+            self.sp = SpatialPath()
+            ffm_in = 128 + 128
+        else:
+            self.sp = None
+            ffm_in = c8 + 128
+        self.ffm = FeatureFusion(ffm_in, 256, attention=cfg.ffm_attention)
+        head = dict(bias=cfg.head_bias, align_corners=cfg.align_corners)
+        self.conv_out = SegmentationHead(256, 256, n_classes, **head)
+        if aux_mode == "train":
+            self.conv_out16 = SegmentationHead(128, 64, n_classes, **head)
+            self.conv_out32 = SegmentationHead(128, 64, n_classes, **head)
+        self.backend = backend
+
+    @property
+    def backend(self) -> str:
+        """The compute backend of every submodule; assigning it switches the whole model."""
+        return self._backend
+
+    @backend.setter
+    def backend(self, value: str) -> None:
+        ops.check_backend(value)
+        self._backend = value
+        for m in self.modules():
+            if m is not self and hasattr(type(m), "backend"):
+                m.backend = value
+
+    @property
+    def has_aux_heads(self) -> bool:
+        return self.aux_mode == "train"
+
+    def extra_repr(self) -> str:
+        return f"n_classes={self.n_classes}, aux_mode={self.aux_mode!r}, preset={self.preset!r}, " \
+               f"backbone={self.backbone!r}, backend={self.backend!r}"
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...] | Tensor:
+        check_input(x)
+        size = (x.shape[-2], x.shape[-1])
+        feat8, feat_cp8, feat_cp16 = self.cp(x)
+        feat_sp = self.sp(x) if self.sp is not None else feat8
+        feat_fuse = self.ffm(feat_sp, feat_cp8)
+        if self.aux_mode == "pred":
+            return self.conv_out.predict(feat_fuse, size)
+        out = self.conv_out(feat_fuse, size)
+        if self.aux_mode == "eval":
+            return (out,)
+        return out, self.conv_out16(feat_cp8, size), self.conv_out32(feat_cp16, size)
+
+
+def check_input(x: Tensor) -> None:
+    """Raise ``ValueError`` naming the problem unless ``x`` is a float (N, 3, H>=32, W>=32) tensor."""
+    if not isinstance(x, Tensor):
+        raise ValueError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != 4:
+        raise ValueError(f"input must be 4-D (N, 3, H, W), got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"input must be a floating-point tensor, got dtype {x.dtype}")
+    if x.shape[1] != 3:
+        raise ValueError(f"input must have 3 channels (RGB), got {x.shape[1]} in shape {tuple(x.shape)}")
+    h, w = x.shape[-2:]
+    if h < MIN_SIZE or w < MIN_SIZE:
+        raise ValueError(f"input H and W must be at least {MIN_SIZE}, got {h}x{w}")
+    if x.shape[0] == 0:
+        raise ValueError("input batch is empty")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["AUX_HEADS", "AUX_MODES", "PRESETS", "BiSeNet", "check_input", "count_parameters"]

@@ -1,0 +1,93 @@
+"""Plain-PyTorch formulas of every fused op: the CPU path and what the kernels are checked against.
+
+Each function here has a twin with the same signature in the Triton backend; the model never calls
+either directly but goes through :mod:`fastbisenet.ops`, the single dispatch point.
+
+The formulas follow the public BiSeNet implementations operation for operation (same order of
+additions and multiplications), so the reference backend reproduces them bit for bit on CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def conv_bn_act(
+    x: Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d | None,
+    *,
+    residual: Tensor | None = None,
+    relu: bool = True,
+) -> Tensor:
+    """``relu?(bn?(conv(x)) + residual?)`` with the modules' own train/eval semantics."""
+    y = conv(x)
+    if bn is not None:
+        y = bn(y)
+    if residual is not None:
+        y = y + residual
+    return F.relu(y) if relu else y
+
+
+def concat_conv_bn_act(xs: list[Tensor], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+    """``relu(bn(conv(cat(xs, dim=1))))``: the FFM's ``convblk`` over the spatial and context features."""
+    return conv_bn_act(torch.cat(xs, dim=1), conv, bn)
+
+
+def mean_hw(x: Tensor) -> Tensor:
+    """Global average over H and W, keeping dims: (N, C, H, W) -> (N, C, 1, 1)."""
+    return torch.mean(x, dim=(2, 3), keepdim=True)
+
+
+def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+    """``sigmoid(bn(conv(mean_hw(feat))))``: ARM and v1 FFM attention, shape (N, C, 1, 1)."""
+    return torch.sigmoid(bn(conv(mean_hw(feat))))
+
+
+def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d) -> Tensor:
+    """``sigmoid(conv2(relu(conv1(mean_hw(feat)))))``: face-parsing FFM attention, shape (N, C, 1, 1)."""
+    return torch.sigmoid(conv2(F.relu(conv1(mean_hw(feat)))))
+
+
+def upsample(x: Tensor, size: tuple[int, int], mode: str, align_corners: bool | None = None) -> Tensor:
+    """Resize to ``size``; ``align_corners`` only for bilinear (PyTorch rejects it for nearest)."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode=mode, align_corners=align_corners)
+
+
+def attend_add_upsample(
+    x: Tensor,
+    attention: Tensor,
+    other: Tensor,
+    size: tuple[int, int],
+    mode: str = "nearest",
+    align_corners: bool | None = None,
+) -> Tensor:
+    """``upsample(x * attention + other, size)``: one context-path stage.
+
+    ``attention`` is (N, C, 1, 1); ``other`` is either (N, C, 1, 1) (the global context, broadcast)
+    or the same shape as ``x``.
+    """
+    return upsample(torch.mul(x, attention) + other, size, mode, align_corners)
+
+
+def attend_residual(feat: Tensor, attention: Tensor) -> Tensor:
+    """``feat * attention + feat``: the FFM output."""
+    return torch.mul(feat, attention) + feat
+
+
+def head_logits(
+    x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool
+) -> Tensor:
+    """``upsample_bilinear(conv_out(x), size)``: a segmentation head's classifier and resize."""
+    return upsample(conv_out(x), size, "bilinear", align_corners)
+
+
+def head_argmax(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
+    """``argmax_c(head_logits(...))`` as int32 (N, H, W); ties go to the lowest class index."""
+    return head_logits(x, conv_out, size, align_corners).argmax(dim=1).to(torch.int32)
