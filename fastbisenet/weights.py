@@ -1,2 +1,102 @@
-def load_pretrained(*a): pass
-def load_backbone_weights(*a): pass
+"""Loading checkpoints: public BiSeNet weights and torchvision ImageNet ResNets.
+
+Files are read with ``torch.load(..., weights_only=True)``: tensors and plain containers only, never
+arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from fastbisenet.model import AUX_HEADS, BiSeNet
+
+# Keys under which training scripts commonly nest the model's state_dict.
+_NESTED_KEYS = ("state_dict", "model", "model_state_dict", "net")
+
+
+def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """Read a state_dict from ``path`` safely, unwrapping one level of nesting and ``module.`` prefixes.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a safe (weights-only) checkpoint or holds no state_dict.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler reports unsafe globals as UnpicklingError
+        raise ValueError(
+            f"cannot load {path} with weights_only=True (only tensors and plain containers are "
+            f"accepted, never pickled objects): {e}"
+        ) from e
+    if isinstance(obj, Mapping) and not _is_state_dict(obj):
+        for key in _NESTED_KEYS:
+            if isinstance(obj.get(key), Mapping) and _is_state_dict(obj[key]):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping) or not _is_state_dict(obj):
+        raise ValueError(f"{path} does not hold a state_dict (a mapping of names to tensors)")
+    return strip_prefix(obj, "module.")
+
+
+def _is_state_dict(obj: Mapping) -> bool:
+    return len(obj) > 0 and all(isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
+
+
+def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    """Remove ``prefix`` from every key that has it (e.g. ``module.`` of DDP checkpoints)."""
+    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+
+
+def load_state_dict_checked(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
+    """``module.load_state_dict(state)``, failing with one message that lists every problem.
+
+    The message names missing keys, unexpected keys and keys whose shapes differ.
+    """
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    mismatched = sorted(
+        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in set(own) & set(state)
+        if state[k].shape != own[k].shape
+    )
+    if missing or unexpected or mismatched:
+        lines = [f"{what} does not match the model:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
+            if keys:
+                lines.append(f"  {title} ({len(keys)}): " + ", ".join(keys))
+        raise ValueError("\n".join(lines))
+    module.load_state_dict(state, strict=True)
+
+
+def load_pretrained(model: BiSeNet, path: str | os.PathLike[str]) -> BiSeNet:
+    """Load a BiSeNet checkpoint file into ``model`` and return the model.
+
+    Accepts the public checkpoints (a plain state_dict), DDP checkpoints (``module.`` prefix) and
+    fastbisenet training checkpoints (state_dict under ``"model"``). When ``model`` has no auxiliary
+    heads (aux_mode ``"eval"``/``"pred"``), exactly the ``conv_out16.*``/``conv_out32.*`` keys are
+    dropped; any other difference raises ``ValueError`` listing missing, unexpected and
+    shape-mismatched keys.
+    """
+    state = read_state_dict(path)
+    if not model.has_aux_heads:
+        state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in AUX_HEADS}
+    load_state_dict_checked(model, state, f"checkpoint {path}")
+    return model
+
+
+def load_backbone_weights(model: BiSeNet, path: str | os.PathLike[str]) -> BiSeNet:
+    """Load torchvision-layout ImageNet ResNet weights (e.g. ``resnet18-f37072fd.pth``) into the backbone.
+
+    The classifier (``fc.*``) is dropped; everything else must match ``model.cp.resnet`` exactly.
+    """
+    state = read_state_dict(path)
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    load_state_dict_checked(model.cp.resnet, state, f"backbone weights {path}")
+    return model

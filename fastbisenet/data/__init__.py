@@ -1,0 +1,1 @@
+"""Datasets, augmentations and the synthetic scene generator."""

@@ -1,0 +1,482 @@
+"""Fused convolution + BatchNorm (+ residual) (+ ReLU): Triton kernels and their launch helpers.
+
+Layout: activations are addressed as NHWC matrices. The conv is an implicit GEMM with
+``M = N * Ho * Wo`` rows (output pixels), ``N = C_out`` columns and ``K = KH * KW * C_in`` reduction,
+accumulated in fp32. The input is read through its four strides, so NCHW (the user's image, no layout
+pass) and channels_last inputs both work; every output written here is a contiguous ``(M, C)``
+matrix, i.e. an ``(N, C, H, W)`` tensor in ``torch.channels_last``. The weight is pre-packed by the
+caller as a row-major ``(K, C_out)`` matrix with row index ``(kh * KW + kw) * C_in + c``.
+
+Kernels:
+    :func:`conv_bn_fwd_kernel`   implicit GEMM + epilogue (bias, per-channel statistics, scale/shift,
+                                 residual, ReLU), all optional through constexpr flags.
+    :func:`bn_act_kernel`        ``relu((y - mean) * scale + shift + residual)``: train-mode second pass.
+    :func:`bn_act_bwd_reduce_kernel`  per-tile partial sums of ``g`` and ``g * xhat`` (``g`` = masked
+                                 upstream gradient), the two BN backward reductions in one pass.
+    :func:`bn_act_bwd_kernel`    ``dy = a * g + b * (y - mean) + c`` and ``dres = g`` in one pass.
+
+Offsets: the batch index and every ``(M, C)`` row offset are computed in int64; offsets inside one
+image (``c * s_c + h * s_h + w * s_w``) stay int32, which the launchers check (one image < 2**31
+elements).
+
+Known trap (pytorch issue 173068): Triton has miscompiled flattened-K conv loops at ``num_warps=8``;
+the GPU configs below therefore stay at ``num_warps <= 4``. Any new config must be tested compiled.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastbisenet.kernels import INTERPRET
+
+# ------------------------------------------------------------------------------------------ configs
+
+STAT_M_DEFAULT: int = 32 if INTERPRET else 64
+"""Rows per partial-statistics slot of the forward kernel; every ``BLOCK_M`` is a multiple of it."""
+
+_ELT_BLOCK_M: int = 64
+"""Rows per program of the element-wise kernels (fixed: their partial-sum layout depends on it)."""
+
+
+def _fwd_configs() -> list[triton.Config]:
+    if INTERPRET:  # the interpreter runs every program in numpy: one config, no benchmarking
+        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8})]
+    # num_warps <= 4 on purpose (see the module docstring); all BLOCK_M are multiples of 64.
+    cfgs = [
+        (128, 128, 32, 3, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 32, 4, 4),
+        (128, 128, 64, 3, 4),
+        (64, 32, 32, 4, 2),
+    ]
+    return [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        for bm, bn, bk, s, w in cfgs
+    ]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@triton.jit
+def _nhwc_offsets(offs_m, offs_c, HW, W, s_n, s_c, s_h, s_w):
+    """int64 offsets of the ``(pixel, channel)`` grid ``offs_m x offs_c`` in a strided (N, C, H, W) tensor."""
+    n = offs_m // HW
+    hw = offs_m % HW
+    h = hw // W
+    w = hw % W
+    row = n.to(tl.int64) * s_n + (h * s_h + w * s_w)
+    return row[:, None] + offs_c[None, :] * s_c
+
+
+@triton.jit
+def _accumulate(
+    acc, x_ptr, w_ptr, x_row, ih0, iw0, m_mask, offs_n, n_mask,
+    C, H, W, s_c, s_h, s_w, w_row0, C_out,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
+    BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Add one input segment's contribution ``x_seg @ w[w_row0 : w_row0 + KH*KW*C]`` to ``acc``.
+
+    acc: fp32 (BLOCK_M, BLOCK_N) accumulator. x_ptr: the segment's input. w_ptr: packed (K, C_out)
+    weight. x_row: int64 (BLOCK_M,) offset of each output pixel's image (``n * s_n``). ih0/iw0:
+    (BLOCK_M,) top-left input coordinate of each pixel's window (``oh * stride - pad``). m_mask:
+    (BLOCK_M,) valid pixels. offs_n/n_mask: output channels of this tile. C/H/W: the segment's
+    channels and spatial size. s_c/s_h/s_w: its strides. w_row0: first weight row of the segment.
+    FLAT_K: one loop over the flattened ``KH*KW*C`` axis (needed when C < BLOCK_K, e.g. C=3) instead of
+    a loop over taps with an inner loop over channel blocks.
+    """
+    offs_k = tl.arange(0, BLOCK_K)
+    if FLAT_K:
+        K_seg = KH * KW * C
+        for k0 in range(0, K_seg, BLOCK_K):
+            kk = k0 + offs_k
+            k_mask = kk < K_seg
+            c = kk % C
+            tap = kk // C
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0[:, None] + kh[None, :]
+            iw = iw0[:, None] + kw[None, :]
+            a_mask = (m_mask[:, None] & k_mask[None, :]) & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
+            a_off = x_row[:, None] + (c[None, :] * s_c + ih * s_h + iw * s_w)
+            a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
+            b_off = (w_row0 + kk)[:, None] * C_out + offs_n[None, :]
+            b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    else:
+        for tap in range(0, KH * KW):
+            kh = tap // KW
+            kw = tap % KW
+            ih = ih0 + kh
+            iw = iw0 + kw
+            row_mask = m_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+            row_off = x_row + (ih * s_h + iw * s_w)
+            for c0 in range(0, C, BLOCK_K):
+                c = c0 + offs_k
+                c_mask = c < C
+                a = tl.load(
+                    x_ptr + (row_off[:, None] + c[None, :] * s_c),
+                    mask=row_mask[:, None] & c_mask[None, :], other=0.0,
+                )
+                b_off = (w_row0 + tap * C + c)[:, None] * C_out + offs_n[None, :]
+                b = tl.load(w_ptr + b_off, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+# ------------------------------------------------------------------------------------------ forward
+
+
+@triton.autotune(configs=_fwd_configs(), key=["M", "C_in", "C_in2", "C_out", "KH", "KW", "STRIDE_H", "FLAT_K"])
+@triton.jit
+def conv_bn_fwd_kernel(
+    x_ptr, x2_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, part_ptr,
+    M, H, W, Ho, Wo, C_in, C_in2, C_out, n_part,
+    sx_n, sx_c, sx_h, sx_w,
+    sx2_n, sx2_c, sx2_h, sx2_w,
+    sr_n, sr_c, sr_h, sr_w,
+    KH: tl.constexpr, KW: tl.constexpr,
+    STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
+    HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_AFFINE: tl.constexpr,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, STAT_M: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """``out = relu?((conv(x) + bias?) * scale? + shift? + res?)``; optional per-tile channel statistics.
+
+    Pointers: x_ptr input (N, C_in, H, W), any strides; x2_ptr second input (N, C_in2, H, W) when
+    HAS_X2 (a channel-concat that is never materialised; 1x1 convs only, weight rows C_in..); w_ptr
+    packed (KH*KW*C_in [+ C_in2], C_out) weight; bias_ptr (C_out,) conv bias (HAS_BIAS);
+    scale_ptr/shift_ptr (C_out,) fp32 folded BN (HAS_AFFINE); res_ptr residual (N, C_out, Ho, Wo), any
+    strides (HAS_RES); out_ptr (M, C_out) contiguous output, its dtype is the output dtype; part_ptr
+    fp32 (2, n_part, C_out) per-slot mean and centred sum of squares of ``conv + bias`` (STATS).
+    Sizes: M = N*Ho*Wo; H/W input, Ho/Wo output spatial size; n_part = cdiv(M, STAT_M).
+    Strides: sx_* of x, sx2_* of x2, sr_* of the residual (element units, NCHW order).
+    Constexprs: KH/KW kernel size, STRIDE_*/PAD_* conv stride and zero padding; the flags select the
+    epilogue stages (applied in this order: bias, statistics, affine, residual, ReLU); FLAT_K picks
+    the flattened-K loop (see :func:`_accumulate`); STAT_M rows per statistics slot (divides
+    BLOCK_M); DOT_PRECISION ``"ieee"``/``"tf32"`` for fp32 inputs; BLOCK_*/GROUP_M tiling.
+    """
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(C_out, BLOCK_N)
+    group = GROUP_M * num_pid_n
+    first_m = (pid // group) * GROUP_M
+    group_size = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % group_size
+    pid_n = (pid % group) // group_size
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < C_out
+    HWo = Ho * Wo
+    n_img = offs_m // HWo
+    hw = offs_m % HWo
+    oh = hw // Wo
+    ow = hw % Wo
+    ih0 = oh * STRIDE_H - PAD_H
+    iw0 = ow * STRIDE_W - PAD_W
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _accumulate(
+        acc, x_ptr, w_ptr, n_img.to(tl.int64) * sx_n, ih0, iw0, m_mask, offs_n, n_mask,
+        C_in, H, W, sx_c, sx_h, sx_w, 0, C_out, KH, KW, FLAT_K, BLOCK_K, DOT_PRECISION,
+    )
+    if HAS_X2:
+        acc = _accumulate(
+            acc, x2_ptr, w_ptr, n_img.to(tl.int64) * sx2_n, ih0, iw0, m_mask, offs_n, n_mask,
+            C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, False, BLOCK_K, DOT_PRECISION,
+        )
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if STATS:
+        # Per-slot (STAT_M rows) mean and centred sum of squares, combined later with Chan's formula:
+        # no catastrophic cancellation for inputs with a large mean, unlike raw sum / sum of squares.
+        S: tl.constexpr = BLOCK_M // STAT_M
+        valid = m_mask[:, None] & n_mask[None, :]
+        v3 = tl.reshape(tl.where(valid, acc, 0.0), (S, STAT_M, BLOCK_N))
+        cnt = tl.sum(tl.reshape(m_mask.to(tl.float32), (S, STAT_M)), axis=1)
+        mean_s = tl.sum(v3, axis=1) / tl.maximum(cnt, 1.0)[:, None]
+        d = tl.where(tl.reshape(valid, (S, STAT_M, BLOCK_N)), v3 - mean_s[:, None, :], 0.0)
+        m2_s = tl.sum(d * d, axis=1)
+        slot = tl.min(tl.reshape(offs_m, (S, STAT_M)), axis=1) // STAT_M
+        p_off = slot[:, None] * C_out + offs_n[None, :]
+        p_mask = (slot < n_part)[:, None] & n_mask[None, :]
+        tl.store(part_ptr + p_off, mean_s, mask=p_mask)
+        tl.store(part_ptr + n_part * C_out + p_off, m2_s, mask=p_mask)
+    if HAS_AFFINE:
+        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
+        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
+        acc = acc * scale[None, :] + shift[None, :]
+    mask = m_mask[:, None] & n_mask[None, :]
+    if HAS_RES:
+        r_off = _nhwc_offsets(offs_m, offs_n, HWo, Wo, sr_n, sr_c, sr_h, sr_w)
+        acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out_off = offs_m.to(tl.int64)[:, None] * C_out + offs_n[None, :]
+    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_act_kernel(
+    y_ptr, mean_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
+    M, C, HW, W, sr_n, sr_c, sr_h, sr_w,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``out = relu?((y - mean) * scale + shift + res?)``: BN normalisation pass of train mode.
+
+    y_ptr (M, C) contiguous conv output; mean_ptr/scale_ptr/shift_ptr (C,) fp32 batch mean,
+    ``gamma * invstd`` and ``beta``; res_ptr residual (N, C, H, W), any strides sr_* (HAS_RES); out_ptr
+    (M, C) contiguous output. HW/W: output spatial size for the residual's addressing.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    mask = (offs_m < M)[:, None] & c_mask[None, :]
+    off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+    y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+    mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
+    scale = tl.load(scale_ptr + offs_c, mask=c_mask, other=0.0)
+    shift = tl.load(shift_ptr + offs_c, mask=c_mask, other=0.0)
+    v = (y - mean[None, :]) * scale[None, :] + shift[None, :]
+    if HAS_RES:
+        r_off = _nhwc_offsets(offs_m, offs_c, HW, W, sr_n, sr_c, sr_h, sr_w)
+        v += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
+    if RELU:
+        v = tl.maximum(v, 0.0)
+    tl.store(out_ptr + off, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------ backward
+
+
+@triton.jit
+def _masked_grad(go_ptr, out_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg_h, sg_w, RELU: tl.constexpr):
+    """fp32 upstream gradient (strided go_ptr) with the ReLU mask ``out > 0`` (contiguous out_ptr)."""
+    g = tl.load(go_ptr + _nhwc_offsets(offs_m, offs_c, HW, W, sg_n, sg_c, sg_h, sg_w), mask=mask, other=0.0)
+    g = g.to(tl.float32)
+    if RELU:
+        o = tl.load(out_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+        g = tl.where(o > 0, g, 0.0)
+    return g
+
+
+@triton.jit
+def bn_act_bwd_reduce_kernel(
+    go_ptr, out_ptr, y_ptr, mean_ptr, invstd_ptr, part_ptr,
+    M, C, HW, W, n_part, sg_n, sg_c, sg_h, sg_w,
+    RELU: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per-tile partial sums ``sum(g)`` and ``sum(g * xhat)`` of the BN backward, one read of each input.
+
+    go_ptr upstream gradient (N, C, H, W), any strides sg_*; out_ptr (M, C) op output (ReLU mask,
+    RELU); y_ptr (M, C) BN input, mean_ptr/invstd_ptr (C,) fp32, ``xhat = (y - mean) * invstd``
+    (HAS_Y, else only ``sum(g)``); part_ptr fp32 (2, n_part, C) with n_part = cdiv(M, BLOCK_M).
+    """
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    mask = (offs_m < M)[:, None] & c_mask[None, :]
+    g = _masked_grad(go_ptr, out_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg_h, sg_w, RELU)
+    tl.store(part_ptr + pid_m * C + offs_c, tl.sum(g, axis=0), mask=c_mask)
+    if HAS_Y:
+        y = tl.load(y_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+        mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
+        invstd = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)
+        xhat = (y.to(tl.float32) - mean[None, :]) * invstd[None, :]
+        tl.store(part_ptr + (n_part + pid_m) * C + offs_c, tl.sum(g * xhat, axis=0), mask=c_mask)
+
+
+@triton.jit
+def bn_act_bwd_kernel(
+    go_ptr, out_ptr, y_ptr, mean_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, dres_ptr,
+    M, C, HW, W, sg_n, sg_c, sg_h, sg_w,
+    RELU: tl.constexpr, HAS_Y: tl.constexpr, HAS_DRES: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """``dy = a * g + b * (y - mean) + c`` (conv-output gradient) and ``dres = g``, one pass.
+
+    go_ptr upstream gradient, any strides sg_*; out_ptr (M, C) op output (ReLU mask, RELU); y_ptr
+    (M, C) BN input and mean_ptr (C,) fp32 (HAS_Y; else ``dy = a * g + c``); a_ptr/b_ptr/c_ptr (C,)
+    fp32 per-channel coefficients; dy_ptr (M, C) output in the conv's dtype; dres_ptr (M, C) residual
+    gradient (HAS_DRES). ``g`` is the upstream gradient masked by ``out > 0`` when RELU.
+    """
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    mask = (offs_m < M)[:, None] & c_mask[None, :]
+    off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
+    g = _masked_grad(go_ptr, out_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg_h, sg_w, RELU)
+    if HAS_DRES:
+        tl.store(dres_ptr + off, g.to(dres_ptr.dtype.element_ty), mask=mask)
+    a = tl.load(a_ptr + offs_c, mask=c_mask, other=0.0)
+    c = tl.load(c_ptr + offs_c, mask=c_mask, other=0.0)
+    dy = g * a[None, :] + c[None, :]
+    if HAS_Y:
+        y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
+        b = tl.load(b_ptr + offs_c, mask=c_mask, other=0.0)
+        dy += b[None, :] * (y - mean[None, :])
+    tl.store(dy_ptr + off, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------ launchers
+
+
+def _nchw_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
+    return tuple(t.stride()) if t is not None else (0, 0, 0, 0)  # type: ignore[return-value]
+
+
+def _check_image_numel(*ts: torch.Tensor | None) -> None:
+    for t in ts:
+        if t is not None and t.dim() == 4 and t[0].numel() >= 2**31:
+            raise ValueError("one image of a conv_bn tensor must have fewer than 2**31 elements")
+
+
+def _elt_block_c(C: int) -> int:
+    return max(16, min(64, triton.next_power_of_2(C)))
+
+
+def conv_bn_fwd(
+    x: torch.Tensor,
+    w_packed: torch.Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    *,
+    x2: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None,
+    relu: bool = False,
+    stats: bool = False,
+    out_dtype: torch.dtype | None = None,
+    stat_m: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch :func:`conv_bn_fwd_kernel`; returns ``(out, partials)``.
+
+    ``out`` is (N, C_out, Ho, Wo) channels_last in ``out_dtype`` (default ``x.dtype``). ``partials``
+    (only with ``stats``) is fp32 (2, cdiv(M, stat_m), C_out): per-slot mean and centred sum of squares
+    of ``conv(x) + bias``, slot ``i`` covering output rows ``[i*stat_m, (i+1)*stat_m)``.
+    """
+    N, C_in, H, W = x.shape
+    KH, KW = kernel_size
+    C_in2 = 0 if x2 is None else x2.shape[1]
+    if x2 is not None and (KH, KW) != (1, 1):
+        raise NotImplementedError("a second (concatenated) input is only supported for 1x1 convs")
+    K, C_out = w_packed.shape
+    assert K == KH * KW * C_in + C_in2 and w_packed.is_contiguous()
+    Ho = (H + 2 * padding[0] - KH) // stride[0] + 1
+    Wo = (W + 2 * padding[1] - KW) // stride[1] + 1
+    M = N * Ho * Wo
+    _check_image_numel(x, x2, residual)
+    out = torch.empty((N, C_out, Ho, Wo), device=x.device, dtype=out_dtype or x.dtype,
+                      memory_format=torch.channels_last)
+    stat_m = stat_m or STAT_M_DEFAULT
+    n_part = triton.cdiv(M, stat_m)
+    part = torch.empty((2, n_part, C_out), device=x.device, dtype=torch.float32) if stats else None
+    dummy = out  # never dereferenced: the matching constexpr flag is off
+    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee"
+    if x.dtype != torch.float32:
+        precision = "tf32"  # unused for fp16/bf16; "tf32" is Triton's default
+
+    def grid(meta: dict) -> tuple[int]:
+        assert meta["BLOCK_M"] % stat_m == 0
+        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
+
+    conv_bn_fwd_kernel[grid](
+        x, x2 if x2 is not None else x, w_packed,
+        bias if bias is not None else dummy,
+        scale if scale is not None else dummy,
+        shift if shift is not None else dummy,
+        residual if residual is not None else dummy,
+        out, part if part is not None else dummy,
+        M, H, W, Ho, Wo, C_in, C_in2, C_out, n_part,
+        *x.stride(), *_nchw_strides(x2), *_nchw_strides(residual),
+        KH=KH, KW=KW, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
+        HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats, HAS_AFFINE=scale is not None,
+        HAS_RES=residual is not None, RELU=relu, FLAT_K=C_in < 32, STAT_M=stat_m,
+        DOT_PRECISION=precision,
+    )
+    return out, part
+
+
+def bn_act(
+    y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+    residual: torch.Tensor | None, relu: bool,
+) -> torch.Tensor:
+    """Launch :func:`bn_act_kernel` on a channels_last ``y``; returns a channels_last tensor like ``y``."""
+    N, C, H, W = y.shape
+    M = N * H * W
+    _check_image_numel(residual)
+    out = torch.empty_like(y, memory_format=torch.channels_last)
+    block_c = _elt_block_c(C)
+    grid = (triton.cdiv(M, _ELT_BLOCK_M), triton.cdiv(C, block_c))
+    bn_act_kernel[grid](
+        y, mean, scale, shift, residual if residual is not None else y, out,
+        M, C, H * W, W, *_nchw_strides(residual),
+        HAS_RES=residual is not None, RELU=relu, BLOCK_M=_ELT_BLOCK_M, BLOCK_C=block_c,
+    )
+    return out
+
+
+def bn_act_bwd_reduce(
+    grad_out: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor | None,
+    mean: torch.Tensor | None, invstd: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(sum(g), sum(g * xhat))`` per channel in fp32 (the second only when ``y`` is given).
+
+    ``g`` is ``grad_out`` masked by ``out > 0`` when ``out`` is given (ReLU). ``out``/``y`` are
+    channels_last; ``grad_out`` may have any strides.
+    """
+    N, C, H, W = grad_out.shape
+    M = N * H * W
+    _check_image_numel(grad_out)
+    n_part = triton.cdiv(M, _ELT_BLOCK_M)
+    part = torch.empty((2, n_part, C), device=grad_out.device, dtype=torch.float32)
+    block_c = _elt_block_c(C)
+    grid = (n_part, triton.cdiv(C, block_c))
+    bn_act_bwd_reduce_kernel[grid](
+        grad_out, out if out is not None else grad_out, y if y is not None else grad_out,
+        mean if mean is not None else part, invstd if invstd is not None else part, part,
+        M, C, H * W, W, n_part, *grad_out.stride(),
+        RELU=out is not None, HAS_Y=y is not None, BLOCK_M=_ELT_BLOCK_M, BLOCK_C=block_c,
+    )
+    sums = part.sum(dim=1)
+    return sums[0], (sums[1] if y is not None else None)
+
+
+def bn_act_bwd(
+    grad_out: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor | None, mean: torch.Tensor | None,
+    a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor,
+    *, dy_dtype: torch.dtype, dres_dtype: torch.dtype | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch :func:`bn_act_bwd_kernel`; returns channels_last ``(dy, dres)`` (``dres`` if ``dres_dtype``)."""
+    N, C, H, W = grad_out.shape
+    M = N * H * W
+    _check_image_numel(grad_out)
+    dev = grad_out.device
+    dy = torch.empty((N, C, H, W), device=dev, dtype=dy_dtype, memory_format=torch.channels_last)
+    dres = None
+    if dres_dtype is not None:
+        dres = torch.empty((N, C, H, W), device=dev, dtype=dres_dtype, memory_format=torch.channels_last)
+    block_c = _elt_block_c(C)
+    grid = (triton.cdiv(M, _ELT_BLOCK_M), triton.cdiv(C, block_c))
+    has_y = y is not None and b is not None
+    bn_act_bwd_kernel[grid](
+        grad_out, out if out is not None else grad_out, y if has_y else grad_out,
+        mean if has_y else a, a, b if has_y else a, c, dy, dres if dres is not None else dy,
+        M, C, H * W, W, *grad_out.stride(),
+        RELU=out is not None, HAS_Y=has_y, HAS_DRES=dres is not None,
+        BLOCK_M=_ELT_BLOCK_M, BLOCK_C=block_c,
+    )
+    return dy, dres

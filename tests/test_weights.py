@@ -1,0 +1,116 @@
+"""Checkpoint loading: public/DDP/training checkpoints, aux-head dropping, safety, backbone weights."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from public_bisenet import Resnet18, randomize_
+
+from fastbisenet import BiSeNet, load_backbone_weights, load_pretrained
+from fastbisenet.backbones import build_backbone
+
+
+def _same_state(a: torch.nn.Module, b: torch.nn.Module, skip: tuple[str, ...] = ()) -> None:
+    sb = b.state_dict()
+    for k, v in a.state_dict().items():
+        if not k.startswith(skip):
+            torch.testing.assert_close(v, sb[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("preset", ["v1", "face-parsing"])
+@pytest.mark.parametrize("target_mode", ["train", "eval", "pred"])
+def test_train_checkpoint_loads_into_every_mode(tmp_path, preset, target_mode):
+    src = randomize_(BiSeNet(6, "train", preset=preset))
+    path = tmp_path / "ckpt.pth"
+    torch.save(src.state_dict(), path)
+    dst = load_pretrained(BiSeNet(6, target_mode, preset=preset), path)
+    _same_state(dst, src)
+    n_aux = sum(k.startswith(("conv_out16.", "conv_out32.")) for k in src.state_dict())
+    assert n_aux == (16 if preset == "v1" else 14)
+    assert len(dst.state_dict()) == len(src.state_dict()) - (0 if target_mode == "train" else n_aux)
+
+
+def test_ddp_prefix_and_nested_training_checkpoint(tmp_path):
+    src = randomize_(BiSeNet(4, "train"))
+    ddp = tmp_path / "ddp.pth"
+    torch.save({f"module.{k}": v for k, v in src.state_dict().items()}, ddp)
+    _same_state(load_pretrained(BiSeNet(4, "eval"), ddp), src)
+    nested = tmp_path / "train_state.pth"
+    torch.save({"model": src.state_dict(), "iteration": 12, "optimizer": {"state": {}}}, nested)
+    _same_state(load_pretrained(BiSeNet(4, "train"), nested), src)
+
+
+def test_mismatch_lists_missing_unexpected_and_shape(tmp_path):
+    state = BiSeNet(4, "train").state_dict()
+    state.pop("ffm.bn.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["conv_out.conv_out.weight"] = torch.zeros(9, 256, 1, 1)
+    path = tmp_path / "bad.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError) as err:
+        load_pretrained(BiSeNet(4, "train"), path)
+    msg = str(err.value)
+    assert "missing (1): ffm.bn.weight" in msg
+    assert "unexpected (1): extra.weight" in msg
+    assert "conv_out.conv_out.weight: checkpoint (9, 256, 1, 1) vs model (4, 256, 1, 1)" in msg
+
+
+def test_aux_keys_are_not_dropped_for_a_train_model(tmp_path):
+    state = BiSeNet(4, "eval").state_dict()  # lacks the aux heads a train model needs
+    path = tmp_path / "eval.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"missing \(16\)"):
+        load_pretrained(BiSeNet(4, "train"), path)
+
+
+def test_only_aux_keys_are_dropped(tmp_path):
+    state = BiSeNet(4, "train").state_dict()
+    state["conv_out16_extra.weight"] = torch.zeros(1)  # looks like, but is not, an aux-head key
+    path = tmp_path / "x.pth"
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"unexpected .*conv_out16_extra\.weight"):
+        load_pretrained(BiSeNet(4, "eval"), path)
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.getcwd, ())
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"weights": _Payload()}, path)
+    with pytest.raises(ValueError, match="weights_only"):
+        load_pretrained(BiSeNet(4, "eval"), path)
+
+
+def test_missing_file_and_non_state_dict(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        load_pretrained(BiSeNet(4, "eval"), tmp_path / "nope.pth")
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(1)], path)
+    with pytest.raises(ValueError, match="state_dict"):
+        load_pretrained(BiSeNet(4, "eval"), path)
+
+
+def test_torchvision_resnet_weights_into_backbone(tmp_path):
+    tv = randomize_(Resnet18())  # torchvision key names
+    state = dict(tv.state_dict())
+    state["fc.weight"], state["fc.bias"] = torch.randn(1000, 512), torch.randn(1000)
+    path = tmp_path / "resnet18.pth"
+    torch.save(state, path)
+    model = load_backbone_weights(BiSeNet(19, "eval"), path)
+    _same_state(model.cp.resnet, tv)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for got, want in zip(model.cp.resnet.eval()(x), tv.eval()(x), strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_backbone_weights_of_the_wrong_depth_are_refused(tmp_path):
+    path = tmp_path / "resnet34.pth"
+    torch.save(build_backbone("resnet34").state_dict(), path)
+    with pytest.raises(ValueError, match="unexpected"):
+        load_backbone_weights(BiSeNet(19, "eval"), path)
