@@ -1,0 +1,92 @@
+"""CUDA-graph capture of an inference model for one fixed input shape and dtype.
+
+Example::
+
+    model = BiSeNet(19, "pred").cuda().eval()
+    graphed = capture(model, torch.randn(1, 3, 1024, 2048, device="cuda"), autocast_dtype=torch.bfloat16)
+    labels = graphed(image)          # copies image into the graph's input buffer and replays
+
+The graph replays the exact kernels recorded at capture, so the shape, dtype, device and memory format
+of every later input must match the example (checked on each call). Outputs live in buffers owned by
+the graph and are overwritten by the next replay: ``clone()`` them to keep them (or pass ``clone=True``).
+Triton autotuning and any other first-call work happen in the warm-up runs, before capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class GraphedModel:
+    """A captured ``model(x)``; call it with a tensor like the example input."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example: Tensor,
+        *,
+        autocast_dtype: torch.dtype | None = None,
+        warmup: int = 3,
+        clone: bool = False,
+    ) -> None:
+        if not example.is_cuda:
+            raise ValueError("CUDA-graph capture needs a CUDA input tensor")
+        if model.training:
+            raise ValueError("capture an eval-mode model (model.eval()): training-mode BatchNorm updates buffers")
+        self.model = model
+        self.clone = clone
+        self.autocast_dtype = autocast_dtype
+        self.static_input = example.detach().clone(memory_format=torch.preserve_format)
+        stream = torch.cuda.Stream(device=example.device)
+        stream.wait_stream(torch.cuda.current_stream(example.device))
+        with torch.cuda.stream(stream):
+            for _ in range(max(warmup, 1)):
+                self._run()
+        torch.cuda.current_stream(example.device).wait_stream(stream)
+        torch.cuda.synchronize(example.device)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.static_output = self._run()
+
+    def _run(self):
+        amp = (
+            torch.autocast("cuda", dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None
+            else contextlib.nullcontext()
+        )
+        with torch.no_grad(), amp:
+            return self.model(self.static_input)
+
+    def __call__(self, x: Tensor):
+        s = self.static_input
+        if x.shape != s.shape or x.dtype != s.dtype or x.device != s.device:
+            raise ValueError(
+                f"graph was captured for {tuple(s.shape)} {s.dtype} on {s.device}, "
+                f"got {tuple(x.shape)} {x.dtype} on {x.device}"
+            )
+        if x.stride() != s.stride():
+            raise ValueError(f"graph was captured for strides {s.stride()}, got {x.stride()} (memory format differs)")
+        s.copy_(x)
+        self.graph.replay()
+        if not self.clone:
+            return self.static_output
+        return _map(self.static_output, Tensor.clone)
+
+    def replay(self) -> None:
+        """Replay on whatever the input buffer holds (for benchmarks)."""
+        self.graph.replay()
+
+
+def _map(out, fn: Callable[[Tensor], Tensor]):
+    if isinstance(out, Tensor):
+        return fn(out)
+    return type(out)(fn(o) for o in out)
+
+
+def capture(model: nn.Module, example: Tensor, **kwargs) -> GraphedModel:
+    """Capture ``model`` for inputs shaped like ``example``; see :class:`GraphedModel`."""
+    return GraphedModel(model, example, **kwargs)

@@ -1,0 +1,83 @@
+"""Triton segmentation-head ops: ``head_logits`` (1x1 at low resolution + bilinear upsample, with
+backward) and ``head_argmax`` (upsample + argmax fused; full-resolution logits are never written).
+
+See :mod:`fastbisenet.kernels.head_upsample` for the order of operations and its byte/FLOP count.
+Classifiers the kernels do not cover (not a plain 1x1 conv) fall back to the reference formula.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fastbisenet import reference
+from fastbisenet.kernels import head_upsample as K
+from fastbisenet.ops.attend_add_upsample import check_size
+from fastbisenet.ops.channel_attention import check_map
+
+
+def is_classifier(conv: nn.Conv2d) -> bool:
+    """A 1x1, ungrouped, unpadded conv (bias allowed): a per-pixel matmul."""
+    return (
+        isinstance(conv, nn.Conv2d)
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.groups == 1
+        and (conv.padding == (0, 0) or conv.padding == "valid")
+    )
+
+
+def head_logits_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, int], align_corners: bool
+) -> Tensor:
+    """NCHW-contiguous logits ``upsample_bilinear(W x + b, size)`` in ``x``'s dtype."""
+    check_map(x)
+    z = K.head_conv1x1(x, weight, bias)
+    return K.upsample_logits(z, tuple(x.shape[2:]), size, align_corners, False, x.dtype)
+
+
+def head_logits_bwd(
+    grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, align_corners: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Gradients ``(dx, dweight, dbias)`` of :func:`head_logits_fwd`."""
+    dz = K.upsample_logits_bwd(grad, tuple(x.shape[2:]), align_corners)
+    dx, dw, db = K.head_conv1x1_bwd(dz, x, weight, bias is not None, bias.dtype if bias is not None else None)
+    return dx, dw.view(weight.shape), db
+
+
+def head_argmax_fwd(
+    x: Tensor, weight: Tensor, bias: Tensor | None, size: tuple[int, int], align_corners: bool
+) -> Tensor:
+    """int32 (N, H, W) argmax over classes of :func:`head_logits_fwd`'s logits (lowest index on ties)."""
+    check_map(x)
+    z = K.head_conv1x1(x, weight, bias)
+    return K.upsample_logits(z, tuple(x.shape[2:]), size, align_corners, True, x.dtype)
+
+
+class HeadLogitsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, size, align_corners):
+        ctx.save_for_backward(x, weight, bias)
+        ctx.align_corners = align_corners
+        return head_logits_fwd(x, weight, bias, size, align_corners)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias = ctx.saved_tensors
+        dx, dw, db = head_logits_bwd(grad, x, weight, bias, ctx.align_corners)
+        return dx, dw, db, None, None
+
+
+def head_logits(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
+    """``upsample_bilinear(conv_out(x), size)``: a segmentation head's classifier and resize."""
+    if not is_classifier(conv_out):
+        return reference.head_logits(x, conv_out, size, align_corners)
+    return HeadLogitsFunction.apply(x, conv_out.weight, conv_out.bias, check_size(size), bool(align_corners))
+
+
+def head_argmax(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
+    """``argmax_c(head_logits(...))`` as int32 (N, H, W); ties go to the lowest class index."""
+    if not is_classifier(conv_out):
+        return reference.head_argmax(x, conv_out, size, align_corners)
+    with torch.no_grad():
+        return head_argmax_fwd(x, conv_out.weight, conv_out.bias, check_size(size), bool(align_corners))
