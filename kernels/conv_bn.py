@@ -10,6 +10,7 @@ caller as a row-major ``(K, C_out)`` matrix with row index ``(kh * KW + kw) * C_
 Kernels:
     :func:`conv_bn_fwd_kernel`   implicit GEMM + epilogue (bias, per-channel statistics, scale/shift,
                                  residual, ReLU), all optional through constexpr flags.
+    :func:`bn_stats_kernel`      batch mean/invstd from the forward's partial statistics, running-stat update.
     :func:`bn_act_kernel`        ``relu((y - mean) * scale + shift + residual)``: train-mode second pass.
     :func:`bn_act_bwd_reduce_kernel`  per-tile partial sums of ``g`` and ``g * xhat`` (``g`` = masked
                                  upstream gradient), the two BN backward reductions in one pass.
@@ -29,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastbisenet.kernels import INTERPRET
+from . import INTERPRET
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -75,7 +76,7 @@ def _nhwc_offsets(offs_m, offs_c, HW, W, s_n, s_c, s_h, s_w):
 @triton.jit
 def _accumulate(
     acc, x_ptr, w_ptr, x_row, ih0, iw0, m_mask, offs_n, n_mask,
-    C, H, W, s_c, s_h, s_w, w_row0, C_out,
+    C, K_seg, H, W, s_c, s_h, s_w, w_row0, C_out,
     KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -85,13 +86,13 @@ def _accumulate(
     weight. x_row: int64 (BLOCK_M,) offset of each output pixel's image (``n * s_n``). ih0/iw0:
     (BLOCK_M,) top-left input coordinate of each pixel's window (``oh * stride - pad``). m_mask:
     (BLOCK_M,) valid pixels. offs_n/n_mask: output channels of this tile. C/H/W: the segment's
-    channels and spatial size. s_c/s_h/s_w: its strides. w_row0: first weight row of the segment.
-    FLAT_K: one loop over the flattened ``KH*KW*C`` axis (needed when C < BLOCK_K, e.g. C=3) instead of
-    a loop over taps with an inner loop over channel blocks.
+    channels and spatial size; K_seg = KH*KW*C, the FLAT_K loop bound. s_c/s_h/s_w: its strides.
+    w_row0: first weight row of the segment. FLAT_K: one loop over the flattened ``KH*KW*C`` axis
+    (needed when C < BLOCK_K, e.g. C=3) instead of a loop over taps with an inner loop over channel
+    blocks.
     """
     offs_k = tl.arange(0, BLOCK_K)
     if FLAT_K:
-        K_seg = KH * KW * C
         for k0 in range(0, K_seg, BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < K_seg
@@ -135,7 +136,7 @@ def _accumulate(
 @triton.jit
 def conv_bn_fwd_kernel(
     x_ptr, x2_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, part_ptr,
-    M, H, W, Ho, Wo, C_in, C_in2, C_out, n_part,
+    M, H, W, Ho, Wo, C_in, C_in2, C_out, K_in, n_part,
     sx_n, sx_c, sx_h, sx_w,
     sx2_n, sx2_c, sx2_h, sx2_w,
     sr_n, sr_c, sr_h, sr_w,
@@ -154,7 +155,8 @@ def conv_bn_fwd_kernel(
     scale_ptr/shift_ptr (C_out,) fp32 folded BN (HAS_AFFINE); res_ptr residual (N, C_out, Ho, Wo), any
     strides (HAS_RES); out_ptr (M, C_out) contiguous output, its dtype is the output dtype; part_ptr
     fp32 (2, n_part, C_out) per-slot mean and centred sum of squares of ``conv + bias`` (STATS).
-    Sizes: M = N*Ho*Wo; H/W input, Ho/Wo output spatial size; n_part = cdiv(M, STAT_M).
+    Sizes: M = N*Ho*Wo; H/W input, Ho/Wo output spatial size; K_in = KH*KW*C_in;
+    n_part = cdiv(M, STAT_M).
     Strides: sx_* of x, sx2_* of x2, sr_* of the residual (element units, NCHW order).
     Constexprs: KH/KW kernel size, STRIDE_*/PAD_* conv stride and zero padding; the flags select the
     epilogue stages (applied in this order: bias, statistics, affine, residual, ReLU); FLAT_K picks
@@ -185,12 +187,12 @@ def conv_bn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(
         acc, x_ptr, w_ptr, n_img.to(tl.int64) * sx_n, ih0, iw0, m_mask, offs_n, n_mask,
-        C_in, H, W, sx_c, sx_h, sx_w, 0, C_out, KH, KW, FLAT_K, BLOCK_K, DOT_PRECISION,
+        C_in, K_in, H, W, sx_c, sx_h, sx_w, 0, C_out, KH, KW, FLAT_K, BLOCK_K, DOT_PRECISION,
     )
     if HAS_X2:
         acc = _accumulate(
             acc, x2_ptr, w_ptr, n_img.to(tl.int64) * sx2_n, ih0, iw0, m_mask, offs_n, n_mask,
-            C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, False, BLOCK_K, DOT_PRECISION,
+            C_in2, C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, False, BLOCK_K, DOT_PRECISION,
         )
 
     if HAS_BIAS:
@@ -252,6 +254,65 @@ def bn_act_kernel(
     if RELU:
         v = tl.maximum(v, 0.0)
     tl.store(out_ptr + off, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_stats_kernel(
+    part_ptr, gamma_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, invstd_ptr, scale_ptr,
+    M, C, n_part, eps, momentum,
+    HAS_GAMMA: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, STAT_M: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Batch statistics from :func:`conv_bn_fwd_kernel`'s partials, and the running-statistics update.
+
+    part_ptr fp32 (2, n_part, C): per-slot mean and centred sum of squares, slot ``t`` holding
+    ``min(STAT_M, M - t * STAT_M)`` rows; combined with Chan's formula
+    ``M2 = sum(M2_t) + sum(n_t * (mean_t - mean)**2)``. gamma_ptr (C,) BN weight (HAS_GAMMA, else 1).
+    Outputs fp32 (C,): mean_ptr batch mean, invstd_ptr ``1/sqrt(var + eps)`` with the biased variance,
+    scale_ptr ``gamma * invstd``. UPDATE: ``r = (1 - f) * r + f * stat`` in place on rmean_ptr/rvar_ptr
+    (any float dtype; unbiased variance), ``f = momentum`` or, when CUMULATIVE, ``1 / num_batches_tracked``
+    read from nbt_ptr (int64, already incremented by the caller). eps/momentum: fp32 scalars.
+    This kernel mutates buffers: never autotune it.
+    """
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    offs_t = tl.arange(0, BLOCK_T)
+    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, n_part, BLOCK_T):
+        t = t0 + offs_t
+        cnt = tl.minimum(M - t * STAT_M, STAT_M).to(tl.float32)
+        mask = (t < n_part)[:, None] & c_mask[None, :]
+        m_t = tl.load(part_ptr + t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
+        total += tl.sum(tl.where(mask, cnt[:, None] * m_t, 0.0), axis=0)
+    mean = total / M
+    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for t0 in range(0, n_part, BLOCK_T):
+        t = t0 + offs_t
+        cnt = tl.minimum(M - t * STAT_M, STAT_M).to(tl.float32)
+        mask = (t < n_part)[:, None] & c_mask[None, :]
+        off = t[:, None] * C + offs_c[None, :]
+        m_t = tl.load(part_ptr + off, mask=mask, other=0.0)
+        q_t = tl.load(part_ptr + n_part * C + off, mask=mask, other=0.0)
+        d = m_t - mean[None, :]
+        m2 += tl.sum(tl.where(mask, q_t + cnt[:, None] * d * d, 0.0), axis=0)
+    var = m2 / M
+    invstd = 1.0 / tl.sqrt(var + eps)
+    scale = invstd
+    if HAS_GAMMA:
+        scale = tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32) * invstd
+    tl.store(mean_ptr + offs_c, mean, mask=c_mask)
+    tl.store(invstd_ptr + offs_c, invstd, mask=c_mask)
+    tl.store(scale_ptr + offs_c, scale, mask=c_mask)
+    if UPDATE:
+        if CUMULATIVE:
+            f = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+        else:
+            f = momentum
+        rm = tl.load(rmean_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        rv = tl.load(rvar_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32)
+        unbiased = m2 / (M - 1)
+        tl.store(rmean_ptr + offs_c, ((1.0 - f) * rm + f * mean).to(rmean_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(rvar_ptr + offs_c, ((1.0 - f) * rv + f * unbiased).to(rvar_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ------------------------------------------------------------------------------------------ backward
@@ -361,12 +422,15 @@ def conv_bn_fwd(
     stats: bool = False,
     out_dtype: torch.dtype | None = None,
     stat_m: int | None = None,
+    out: torch.Tensor | None = None,
+    part: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch :func:`conv_bn_fwd_kernel`; returns ``(out, partials)``.
 
     ``out`` is (N, C_out, Ho, Wo) channels_last in ``out_dtype`` (default ``x.dtype``). ``partials``
     (only with ``stats``) is fp32 (2, cdiv(M, stat_m), C_out): per-slot mean and centred sum of squares
-    of ``conv(x) + bias``, slot ``i`` covering output rows ``[i*stat_m, (i+1)*stat_m)``.
+    of ``conv(x) + bias``, slot ``i`` covering output rows ``[i*stat_m, (i+1)*stat_m)``. ``out`` and
+    ``part`` may be given as preallocated buffers of exactly those shapes (channels_last / contiguous).
     """
     N, C_in, H, W = x.shape
     KH, KW = kernel_size
@@ -374,20 +438,26 @@ def conv_bn_fwd(
     if x2 is not None and (KH, KW) != (1, 1):
         raise NotImplementedError("a second (concatenated) input is only supported for 1x1 convs")
     K, C_out = w_packed.shape
-    assert K == KH * KW * C_in + C_in2 and w_packed.is_contiguous()
+    assert w_packed.is_contiguous() and KH * KW * C_in + C_in2 == K
     Ho = (H + 2 * padding[0] - KH) // stride[0] + 1
     Wo = (W + 2 * padding[1] - KW) // stride[1] + 1
     M = N * Ho * Wo
     _check_image_numel(x, x2, residual)
-    out = torch.empty((N, C_out, Ho, Wo), device=x.device, dtype=out_dtype or x.dtype,
-                      memory_format=torch.channels_last)
+    if out is None:
+        out = torch.empty((N, C_out, Ho, Wo), device=x.device, dtype=out_dtype or x.dtype,
+                          memory_format=torch.channels_last)
+    assert out.shape == (N, C_out, Ho, Wo) and out.is_contiguous(memory_format=torch.channels_last)
     stat_m = stat_m or STAT_M_DEFAULT
     n_part = triton.cdiv(M, stat_m)
-    part = torch.empty((2, n_part, C_out), device=x.device, dtype=torch.float32) if stats else None
+    if stats and part is None:
+        part = torch.empty((2, n_part, C_out), device=x.device, dtype=torch.float32)
+    if stats:
+        assert part.shape == (2, n_part, C_out) and part.is_contiguous() and part.dtype == torch.float32
+    else:
+        part = None
     dummy = out  # never dereferenced: the matching constexpr flag is off
-    precision = "tf32" if x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32 and x.is_cuda else "ieee"
-    if x.dtype != torch.float32:
-        precision = "tf32"  # unused for fp16/bf16; "tf32" is Triton's default
+    # fp32 follows PyTorch's conv setting (cudnn.allow_tf32); the value is unused for fp16/bf16.
+    precision = "ieee" if x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cudnn.allow_tf32) else "tf32"
 
     def grid(meta: dict) -> tuple[int]:
         assert meta["BLOCK_M"] % stat_m == 0
@@ -400,7 +470,7 @@ def conv_bn_fwd(
         shift if shift is not None else dummy,
         residual if residual is not None else dummy,
         out, part if part is not None else dummy,
-        M, H, W, Ho, Wo, C_in, C_in2, C_out, n_part,
+        M, H, W, Ho, Wo, C_in, C_in2, C_out, KH * KW * C_in, n_part,
         *x.stride(), *_nchw_strides(x2), *_nchw_strides(residual),
         KH=KH, KW=KW, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats, HAS_AFFINE=scale is not None,
@@ -410,15 +480,52 @@ def conv_bn_fwd(
     return out, part
 
 
+def bn_stats(
+    part: torch.Tensor, M: int, stat_m: int, eps: float, gamma: torch.Tensor | None,
+    running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
+    num_batches_tracked: torch.Tensor | None = None, momentum: float | None = 0.1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch :func:`bn_stats_kernel`; returns fp32 ``(mean, invstd, gamma * invstd)`` per channel.
+
+    With ``running_mean``/``running_var`` the running statistics are updated in place (momentum
+    ``None``: cumulative, from ``num_batches_tracked``, which the caller has already incremented).
+    """
+    _, n_part, C = part.shape
+    assert part.is_contiguous() and part.dtype == torch.float32
+    update = running_mean is not None
+    cumulative = update and momentum is None
+    if cumulative:
+        assert num_batches_tracked is not None
+    if update:
+        assert running_mean.is_contiguous() and running_var.is_contiguous()
+    mean, invstd, scale = torch.empty((3, C), device=part.device, dtype=torch.float32)
+    block_c = _elt_block_c(C)
+    bn_stats_kernel[(triton.cdiv(C, block_c),)](
+        part, gamma if gamma is not None else part,
+        running_mean if update else part, running_var if update else part,
+        num_batches_tracked if cumulative else part,
+        mean, invstd, scale, M, C, n_part, float(eps), float(momentum or 0.0),
+        HAS_GAMMA=gamma is not None, UPDATE=update, CUMULATIVE=cumulative, STAT_M=stat_m,
+        BLOCK_T=64, BLOCK_C=block_c,
+    )
+    return mean, invstd, scale
+
+
 def bn_act(
     y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-    residual: torch.Tensor | None, relu: bool,
+    residual: torch.Tensor | None, relu: bool, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Launch :func:`bn_act_kernel` on a channels_last ``y``; returns a channels_last tensor like ``y``."""
+    """Launch :func:`bn_act_kernel` on a channels_last ``y``; returns a channels_last tensor like ``y``.
+
+    ``out``: optional preallocated channels_last output of ``y``'s shape.
+    """
     N, C, H, W = y.shape
     M = N * H * W
     _check_image_numel(residual)
-    out = torch.empty_like(y, memory_format=torch.channels_last)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if out is None:
+        out = torch.empty_like(y, memory_format=torch.channels_last)
+    assert out.shape == y.shape and out.is_contiguous(memory_format=torch.channels_last)
     block_c = _elt_block_c(C)
     grid = (triton.cdiv(M, _ELT_BLOCK_M), triton.cdiv(C, block_c))
     bn_act_kernel[grid](

@@ -1,0 +1,319 @@
+"""Fused conv + BatchNorm (+ residual) (+ ReLU) on the Triton kernels of :mod:`fastbisenet.kernels.conv_bn`.
+
+Three layers, so that the op can later be registered with ``torch.library`` unchanged:
+
+* :func:`forward` / :func:`backward`: tensor-level functions over plain tensors and Python scalars;
+* :class:`ConvBNActFunction`: the ``torch.autograd.Function`` built on them;
+* :func:`conv_bn_act` / :func:`concat_conv_bn_act`: module-level wrappers with the signatures of
+  :mod:`fastbisenet.reference`, reading ``nn.Conv2d`` / ``nn.BatchNorm2d`` attributes and buffers.
+
+Semantics follow the modules exactly: in train mode (or with ``track_running_stats=False``) the
+output is normalised with the batch mean and biased variance, and the running statistics are updated
+in place with the unbiased variance (``momentum=None``: cumulative average with factor
+``1 / num_batches_tracked``), ``num_batches_tracked += 1``; in eval mode BN is folded into a
+per-channel scale/shift from the *current* running statistics on every call. Outputs are
+``channels_last`` in the input's dtype.
+
+Memory kept for backward (per call, besides the small per-channel vectors ``mean``/``invstd``):
+
+* train: ``x`` and the weight, the conv output ``y`` (the BN input), and the op output when ReLU is
+  on (its mask; the output is usually kept alive by the next layer anyway). Eager PyTorch keeps the
+  same ``x``/``y``/ReLU output, but also *writes* the BN output and (with a residual) the sum, and
+  holds them at peak; here neither is ever materialised.
+* eval: ``x``, the weight and the output (ReLU mask) only. Eager also keeps the conv output for the
+  BN backward; here it is recomputed by one extra conv in backward, and only when the BN weight
+  needs a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from fastbisenet.kernels import conv_bn as K
+
+__all__ = ["ConvBNActFunction", "backward", "concat_conv_bn_act", "conv_bn_act", "forward"]
+
+_STAT_M: int = K.STAT_M_DEFAULT
+"""Rows per partial-statistics slot of the forward kernel (see :func:`K.bn_stats_kernel`)."""
+
+
+# ---------------------------------------------------------------------------------- tensor level
+
+
+def _pack_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
+    """(C_out, C_in, KH, KW) -> row-major (KH*KW*C_in, C_out) in ``dtype``: the kernels' B matrix."""
+    c_out = weight.shape[0]
+    return weight.detach().permute(2, 3, 1, 0).reshape(-1, c_out).to(dtype).contiguous()
+
+
+def forward(
+    x: Tensor,
+    x2: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    bn_bias: Tensor | None,
+    residual: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    eps: float,
+    momentum: float | None,
+    has_bn: bool,
+    batch_stats: bool,
+    relu: bool,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """``relu?(bn?(conv(cat?(x, x2)) + bias?) + residual?)``; returns ``(out, y, mean, invstd)``.
+
+    ``y`` is the conv output (only with batch statistics, else ``None``); ``mean``/``invstd`` are the
+    fp32 per-channel statistics the output was normalised with (batch or running; ``None`` without
+    BN). With ``batch_stats`` and running buffers given, the buffers are updated in place (train mode).
+    """
+    KH, KW = weight.shape[2], weight.shape[3]
+    C = weight.shape[0]
+    w = _pack_weight(weight, x.dtype)
+    f32 = {"device": x.device, "dtype": torch.float32}
+    if not has_bn:
+        out, _ = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias, residual=residual, relu=relu)
+        return out, None, None, None
+    beta = bn_bias.detach().float() if bn_bias is not None else torch.zeros(C, **f32)
+    if not batch_stats:  # eval: fold the current running statistics into one scale/shift epilogue
+        gamma = bn_weight.detach().float() if bn_weight is not None else torch.ones(C, **f32)
+        mean = running_mean.detach().to(torch.float32, copy=True)
+        invstd = torch.rsqrt(running_var.detach().float() + eps)
+        scale = gamma * invstd
+        shift = beta - mean * scale
+        if bias is not None:
+            shift = shift + bias.detach().float() * scale
+        out, _ = K.conv_bn_fwd(
+            x, w, (KH, KW), stride, padding, x2=x2, scale=scale, shift=shift, residual=residual, relu=relu
+        )
+        return out, None, mean, invstd
+
+    y, part = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias, stats=True, stat_m=_STAT_M)
+    M = y.numel() // C
+    if M <= 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
+    if running_mean is not None and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+    mean, invstd, scale = K.bn_stats(
+        part, M, _STAT_M, eps, bn_weight.detach() if bn_weight is not None else None,
+        running_mean, running_var, num_batches_tracked, momentum,
+    )
+    out = K.bn_act(y, mean, scale, beta, residual, relu)
+    return out, y, mean, invstd
+
+
+def backward(
+    grad_out: Tensor,
+    x: Tensor,
+    x2: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    bn_weight: Tensor | None,
+    out: Tensor | None,
+    y: Tensor | None,
+    mean: Tensor | None,
+    invstd: Tensor | None,
+    stride: tuple[int, int],
+    padding: tuple[int, int],
+    has_bn: bool,
+    batch_stats: bool,
+    residual_dtype: torch.dtype | None,
+    needs: tuple[bool, ...],
+) -> tuple[Tensor | None, ...]:
+    """Gradients ``(dx, dx2, dweight, dbias, dbn_weight, dbn_bias, dresidual)`` (``None`` where not needed).
+
+    ``out`` is the forward output when ReLU was on (its mask), else ``None``; ``y``/``mean``/``invstd``
+    as returned by :func:`forward`; ``needs`` flags the seven gradients. The ReLU mask and the BN
+    backward are fused: one pass for the two per-channel reductions ``sum(g)``, ``sum(g * xhat)``,
+    one element-wise pass for the conv-output gradient ``dy`` (and ``dresidual = g``). dgrad/wgrad use
+    ``aten.convolution_backward`` (cuDNN on GPU). That choice over a Triton dgrad/wgrad still has to be
+    confirmed by a GPU measurement; none was possible when this was written.
+    """
+    need_x, need_x2, need_w, need_b, need_gamma, need_beta, need_res = (tuple(needs) + (False,) * 7)[:7]
+    C = weight.shape[0]
+    M = grad_out.numel() // C
+    f32 = {"device": grad_out.device, "dtype": torch.float32}
+    KH, KW = weight.shape[2], weight.shape[3]
+    dgamma = dbeta = None
+    b_coef = None
+    if not has_bn:
+        a_coef, c_coef = torch.ones(C, **f32), torch.zeros(C, **f32)
+    else:
+        gamma = bn_weight.detach().float() if bn_weight is not None else torch.ones(C, **f32)
+        k = gamma * invstd
+        if batch_stats:
+            sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y, mean, invstd)
+            a_coef, b_coef, c_coef = k, -k * invstd * (sum_gx / M), -k * (sum_g / M)
+        else:  # BN is a fixed affine map; y (for xhat) is recomputed only when gamma needs a gradient
+            a_coef, c_coef = k, torch.zeros(C, **f32)
+            sum_g = sum_gx = None
+            if need_gamma or need_beta:
+                if need_gamma and y is None:
+                    y, _ = K.conv_bn_fwd(x, _pack_weight(weight, x.dtype), (KH, KW), stride, padding,
+                                         x2=x2, bias=bias)
+                sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y if need_gamma else None, mean, invstd)
+            y = None  # the element-wise pass needs no y in eval
+        dgamma = sum_gx if need_gamma else None
+        dbeta = sum_g if need_beta else None
+
+    dx = dx2 = dw = db = dres = None
+    if need_x or need_x2 or need_w or need_b or need_res:
+        dy, dres = K.bn_act_bwd(
+            grad_out, out, y, mean, a_coef, b_coef, c_coef,
+            dy_dtype=x.dtype, dres_dtype=residual_dtype if need_res else None,
+        )
+        w = weight.detach().to(x.dtype)
+        segments = [(x, 0, x.shape[1], need_x)]
+        if x2 is not None:
+            segments.append((x2, x.shape[1], x2.shape[1], need_x2))
+        dws = []
+        for i, (xi, c0, ci, need_in) in enumerate(segments):
+            want_b = need_b and i == 0
+            if not (need_in or need_w or want_b):
+                continue
+            wi = w if x2 is None else w[:, c0:c0 + ci].contiguous()
+            gi, gw, gb = torch.ops.aten.convolution_backward(
+                dy, xi.detach(), wi, [C] if want_b else None, list(stride), list(padding), [1, 1],
+                False, [0, 0], 1, [need_in, need_w, want_b],
+            )
+            if i == 0:
+                dx, db = gi, gb
+            else:
+                dx2 = gi
+            dws.append(gw)
+        if need_w:
+            dw = (dws[0] if len(dws) == 1 else torch.cat(dws, dim=1)).to(weight.dtype)
+        if db is not None:
+            db = db.to(bias.dtype)
+    if dgamma is not None and bn_weight is not None:
+        dgamma = dgamma.to(bn_weight.dtype)
+    if dbeta is not None and bn_weight is not None:
+        dbeta = dbeta.to(bn_weight.dtype)
+    return dx, dx2, dw, db, dgamma, dbeta, dres
+
+
+# ---------------------------------------------------------------------------------- autograd
+
+
+class ConvBNActFunction(torch.autograd.Function):
+    """Autograd Function over :func:`forward` / :func:`backward` (see the module docstring for what is saved).
+
+    ``apply(x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
+    num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu)``.
+    """
+
+    @staticmethod
+    def forward(ctx, x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
+                num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu):
+        out, y, mean, invstd = forward(
+            x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
+            num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu,
+        )
+        ctx.save_for_backward(x, x2, weight, bias, bn_weight, out if relu else None, y, mean, invstd)
+        ctx.geometry = (stride, padding)
+        ctx.flags = (has_bn, batch_stats, None if residual is None else residual.dtype)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, x2, weight, bias, bn_weight, out, y, mean, invstd = ctx.saved_tensors
+        has_bn, batch_stats, residual_dtype = ctx.flags
+        grads = backward(
+            grad_out, x, x2, weight, bias, bn_weight, out, y, mean, invstd, *ctx.geometry,
+            has_bn, batch_stats, residual_dtype, tuple(ctx.needs_input_grad[:7]),
+        )
+        return (*grads, *([None] * 10))
+
+
+# ---------------------------------------------------------------------------------- module level
+
+
+def _pair(v: int | tuple[int, ...]) -> tuple[int, int]:
+    return (v, v) if isinstance(v, int) else (int(v[0]), int(v[1]))
+
+
+def _check_conv(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
+    if isinstance(conv.padding, str):
+        raise NotImplementedError(f"conv_bn_act: string padding {conv.padding!r} is not supported")
+    if conv.groups != 1 or _pair(conv.dilation) != (1, 1) or conv.padding_mode != "zeros":
+        raise NotImplementedError("conv_bn_act supports groups=1, dilation=1 and zero padding only")
+    return _pair(conv.stride), _pair(conv.padding)
+
+
+def _apply(
+    x: Tensor, x2: Tensor | None, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
+    residual: Tensor | None, relu: bool,
+) -> Tensor:
+    stride, padding = _check_conv(conv)
+    c_in = x.shape[1] + (0 if x2 is None else x2.shape[1])
+    if x.dim() != 4 or c_in != conv.in_channels:
+        raise ValueError(f"conv_bn_act: expected (N, {conv.in_channels}, H, W) input, got {tuple(x.shape)}")
+    if bn is None:
+        has_bn, batch_stats, eps, momentum = False, False, 0.0, 0.0
+        bn_w = bn_b = rm = rv = nbt = None
+    else:
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"conv_bn_act: bn has {bn.num_features} features, conv {conv.out_channels} channels")
+        has_bn = True
+        batch_stats = bn.training or bn.running_mean is None
+        bn_w, bn_b, eps, momentum = bn.weight, bn.bias, float(bn.eps), bn.momentum
+        # updated in place iff batch_stats and the buffers exist (train mode with track_running_stats)
+        rm, rv, nbt = bn.running_mean, bn.running_var, bn.num_batches_tracked
+    if residual is not None:
+        H, W = x.shape[2], x.shape[3]
+        kh, kw = conv.kernel_size
+        ho = (H + 2 * padding[0] - kh) // stride[0] + 1
+        wo = (W + 2 * padding[1] - kw) // stride[1] + 1
+        if tuple(residual.shape) != (x.shape[0], conv.out_channels, ho, wo):
+            raise ValueError(f"conv_bn_act: residual shape {tuple(residual.shape)} != conv output shape "
+                             f"{(x.shape[0], conv.out_channels, ho, wo)}")
+    return ConvBNActFunction.apply(
+        x, x2, conv.weight, conv.bias, bn_w, bn_b, residual, rm, rv, nbt,
+        stride, padding, eps, momentum, has_bn, batch_stats, relu,
+    )
+
+
+def conv_bn_act(
+    x: Tensor,
+    conv: nn.Conv2d,
+    bn: nn.BatchNorm2d | None,
+    *,
+    residual: Tensor | None = None,
+    relu: bool = True,
+) -> Tensor:
+    """``relu?(bn?(conv(x)) + residual?)`` with the modules' own train/eval semantics (fused kernels).
+
+    Same signature and semantics as :func:`fastbisenet.reference.conv_bn_act`, including ``conv.bias``
+    and the in-place running-statistics update of ``bn``. ``x`` may be NCHW or channels_last; the
+    output is channels_last in ``x.dtype``.
+    """
+    return _apply(x, None, conv, bn, residual, relu)
+
+
+def concat_conv_bn_act(xs: list[Tensor], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+    """``relu(bn(conv(cat(xs, dim=1))))`` without materialising the concat (two K segments of one GEMM).
+
+    Supported: one input (any conv), or two inputs with a 1x1 conv (the FFM's ``convblk``).
+    """
+    xs = list(xs)
+    if len(xs) == 1:
+        return _apply(xs[0], None, conv, bn, None, True)
+    if len(xs) != 2:
+        raise NotImplementedError(f"concat_conv_bn_act supports 1 or 2 inputs, got {len(xs)}")
+    if tuple(conv.kernel_size) != (1, 1):
+        raise NotImplementedError(
+            f"concat_conv_bn_act supports two inputs only for 1x1 convs, got kernel {tuple(conv.kernel_size)}"
+        )
+    a, b = xs
+    if a.dim() != 4 or b.dim() != 4 or (a.shape[0], *a.shape[2:]) != (b.shape[0], *b.shape[2:]):
+        raise ValueError(f"concat_conv_bn_act: inputs {tuple(a.shape)} and {tuple(b.shape)} differ in N, H, W")
+    if a.dtype != b.dtype or a.device != b.device:
+        raise ValueError("concat_conv_bn_act: inputs must share dtype and device")
+    return _apply(a, b, conv, bn, None, True)

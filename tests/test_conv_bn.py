@@ -1,0 +1,354 @@
+"""Fused conv + BN (+ residual) (+ ReLU): forward, backward and running statistics vs a float64 reference.
+
+The reference is plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` copies run in float64 on the same inputs.
+On CPU the kernels run under Triton's interpreter (conftest), so shapes are tiny; on a GPU they run
+compiled, and the ``gpu``-marked tests add fp16/bf16 and larger shapes.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import pytest
+import torch
+from fastbisenet.kernels import conv_bn as K
+from torch import Tensor, nn
+
+from fastbisenet.ops import conv_bn as ops
+
+# Normalised max error ``max|got - ref| / max(max|ref|, 1)`` allowed per dtype.
+TOL: dict[torch.dtype, float] = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 8e-2}
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 convs in full precision (PyTorch's default would let cuDNN and the kernels use TF32)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
+def check(got: Tensor | None, ref: Tensor | None, dtype: torch.dtype, what: str, tol: float | None = None) -> None:
+    assert got is not None and ref is not None, what
+    assert got.shape == ref.shape, f"{what}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    got64, ref64 = got.detach().double().cpu(), ref.detach().double().cpu()
+    assert torch.isfinite(got64).all(), f"{what}: non-finite values"
+    err = (got64 - ref64).abs().max().item() / max(ref64.abs().max().item(), 1.0)
+    tol = TOL[dtype] if tol is None else tol
+    assert err <= tol, f"{what}: normalised error {err:.3g} > {tol:.3g}"
+
+
+def make_modules(cin: int, cout: int, k: int, s: int, *, bias: bool, bn: bool, train: bool,
+                 momentum: float | None = 0.1, device: str = "cpu"):
+    """Random conv/BN pair (non-trivial affine and running stats) and its float64 copy."""
+    conv = nn.Conv2d(cin, cout, k, s, k // 2, bias=bias)
+    norm = nn.BatchNorm2d(cout, momentum=momentum) if bn else None
+    with torch.no_grad():
+        if bias:
+            conv.bias.uniform_(-0.5, 0.5)
+        if norm is not None:
+            norm.weight.uniform_(0.5, 1.5)
+            norm.bias.uniform_(-0.5, 0.5)
+            norm.running_mean.uniform_(-1.0, 1.0)
+            norm.running_var.uniform_(0.5, 2.0)
+            norm.num_batches_tracked.fill_(3)
+            norm.train(train)
+    conv, norm = conv.to(device), (norm.to(device) if norm is not None else None)
+    conv64 = copy.deepcopy(conv).double()
+    norm64 = copy.deepcopy(norm).double() if norm is not None else None
+    return conv, norm, conv64, norm64
+
+
+def ref_forward(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, residual: Tensor | None, relu: bool):
+    y = conv(x)
+    if bn is not None:
+        y = bn(y)
+    if residual is not None:
+        y = y + residual
+    return torch.relu(y) if relu else y
+
+
+@dataclass
+class Case:
+    n: int
+    cin: int
+    cout: int
+    h: int
+    w: int
+    k: int
+    s: int
+    train: bool = True
+    residual: bool = False
+    relu: bool = True
+    bias: bool = False
+    bn: bool = True
+    channels_last: bool = False
+    freeze_bn: bool = False
+
+
+CASES = {
+    # the stem: Cin=3 (flattened-K loop with masking), 7x7 s2 on an odd image, NCHW input
+    "7x7s2-cin3-train": Case(1, 3, 8, 37, 53, 7, 2),
+    "7x7s1-cin5-eval": Case(1, 5, 6, 12, 10, 7, 1, train=False, bias=True),
+    # 3x3 s2 on odd sizes, channels not a power of two, residual + bias, channels_last input
+    "3x3s2-train-res-bias-cl": Case(3, 20, 12, 17, 23, 3, 2, residual=True, bias=True, channels_last=True),
+    "3x3s2-eval-res": Case(2, 20, 12, 17, 23, 3, 2, train=False, residual=True),
+    # Cin >= 32: tap loop with an inner, masked channel-block loop
+    "3x3s1-cin33-train": Case(2, 33, 7, 9, 11, 3, 1, channels_last=True),
+    "3x3s1-cin40-eval-frozen": Case(2, 40, 20, 9, 11, 3, 1, train=False, freeze_bn=True, residual=True),
+    "1x1s1-train-res-norelu": Case(2, 40, 24, 8, 8, 1, 1, residual=True, relu=False),
+    "1x1s2-eval-norelu": Case(2, 24, 40, 9, 9, 1, 2, train=False, relu=False, channels_last=True),
+    # no BN: conv (+bias) (+residual) (+relu)
+    "3x3s1-nobn-bias": Case(2, 6, 10, 7, 9, 3, 1, bn=False, bias=True, residual=True),
+    "1x1s1-nobn-norelu": Case(2, 6, 10, 7, 9, 1, 1, bn=False, relu=False),
+}
+
+
+def run_case(case: Case, device: str, dtype: torch.dtype = torch.float32) -> None:
+    conv, bn, conv64, bn64 = make_modules(case.cin, case.cout, case.k, case.s, bias=case.bias, bn=case.bn,
+                                          train=case.train, device=device)
+    if bn is not None and case.freeze_bn:
+        for m in (bn, bn64):
+            m.weight.requires_grad_(False)
+            m.bias.requires_grad_(False)
+    conv, bn = conv.to(dtype), (bn.to(dtype) if bn is not None else None)
+    x = (torch.randn(case.n, case.cin, case.h, case.w, device=device) * 2 + 1.5).to(dtype)
+    if case.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    ho = (case.h + 2 * (case.k // 2) - case.k) // case.s + 1
+    wo = (case.w + 2 * (case.k // 2) - case.k) // case.s + 1
+    res = res64 = None
+    if case.residual:
+        res = torch.randn(case.n, case.cout, ho, wo, device=device).to(dtype).requires_grad_()
+        res64 = res.detach().double().requires_grad_()
+
+    out = ops.conv_bn_act(x, conv, bn, residual=res, relu=case.relu)
+    ref = ref_forward(x64, conv64, bn64, res64, case.relu)
+    assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
+    check(out, ref, dtype, "out")
+    if case.relu:
+        assert (out == 0).any() and (out > 0).any(), "test data must exercise the ReLU mask"
+
+    go = torch.randn(ref.shape, device=device, dtype=torch.float64)
+    out.backward(go.to(dtype))
+    ref.backward(go)
+    check(x.grad, x64.grad, dtype, "dx")
+    check(conv.weight.grad, conv64.weight.grad, dtype, "dweight")
+    if case.bias:
+        check(conv.bias.grad, conv64.bias.grad, dtype, "dbias")
+    if case.residual:
+        check(res.grad, res64.grad, dtype, "dresidual")
+    if bn is not None:
+        if case.freeze_bn:
+            assert bn.weight.grad is None and bn.bias.grad is None
+        else:
+            check(bn.weight.grad, bn64.weight.grad, dtype, "dgamma")
+            check(bn.bias.grad, bn64.bias.grad, dtype, "dbeta")
+        check(bn.running_mean, bn64.running_mean, dtype, "running_mean")
+        check(bn.running_var, bn64.running_var, dtype, "running_var")
+        assert bn.num_batches_tracked.item() == bn64.num_batches_tracked.item() == (4 if case.train else 3)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_forward_backward(name: str, device: str) -> None:
+    run_case(CASES[name], device)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_running_stats_over_steps(momentum: float | None, device: str) -> None:
+    """Several train steps (different batches, non-zero mean), then eval with the updated statistics."""
+    conv, bn, conv64, bn64 = make_modules(5, 6, 3, 1, bias=True, bn=True, train=True, momentum=momentum,
+                                          device=device)
+    for step in range(3):
+        x = torch.randn(2, 5, 6, 7, device=device) * (1 + step) + 2 - step
+        out = ops.conv_bn_act(x, conv, bn)
+        check(out, ref_forward(x.double(), conv64, bn64, None, True), torch.float32, f"out step {step}")
+        check(bn.running_mean, bn64.running_mean, torch.float32, f"running_mean step {step}")
+        check(bn.running_var, bn64.running_var, torch.float32, f"running_var step {step}")
+        assert bn.num_batches_tracked.item() == bn64.num_batches_tracked.item() == 4 + step
+    bn.eval()
+    bn64.eval()
+    x = torch.randn(2, 5, 6, 7, device=device) + 1
+    check(ops.conv_bn_act(x, conv, bn), ref_forward(x.double(), conv64, bn64, None, True), torch.float32, "eval")
+    assert bn.num_batches_tracked.item() == 6
+
+
+def test_eval_folds_current_running_stats(device: str) -> None:
+    """Eval BN is folded from the running stats of *this* call, never a cached copy."""
+    conv, bn, conv64, bn64 = make_modules(4, 6, 1, 1, bias=False, bn=True, train=False, device=device)
+    x = torch.randn(1, 4, 5, 5, device=device)
+    ops.conv_bn_act(x, conv, bn)
+    with torch.no_grad():
+        for m in (bn, bn64):
+            m.running_mean.add_(0.7)
+            m.running_var.mul_(3.0)
+            m.weight.mul_(-1.0)
+    check(ops.conv_bn_act(x, conv, bn, relu=False), ref_forward(x.double(), conv64, bn64, None, False),
+          torch.float32, "out after changing running stats")
+
+
+def test_batch_stats_large_mean(device: str) -> None:
+    """Channel mean >> std: the variance must not lose its digits to E[x^2] - E[x]^2 cancellation."""
+    conv, bn, conv64, bn64 = make_modules(8, 4, 1, 1, bias=True, bn=True, train=True, momentum=1.0, device=device)
+    with torch.no_grad():
+        for c in (conv, conv64):
+            c.bias.fill_(1000.0)
+    x = torch.randn(2, 8, 12, 11, device=device) * 0.5 + 1.0
+    out = ops.conv_bn_act(x, conv, bn, relu=False)
+    ref = ref_forward(x.double(), conv64, bn64, None, False)
+    # the stored fp32 conv output (~1000) has an ulp of 6e-5, amplified by 1/std after normalising
+    check(out, ref, torch.float32, "out", tol=1e-3)
+    # momentum=1: running_var is exactly the unbiased batch variance (~1 here, mean ~1000)
+    err = ((bn.running_var.double().cpu() - bn64.running_var.cpu()) / bn64.running_var.cpu()).abs().max().item()
+    assert err < 1e-4, f"relative variance error {err:.3g}"
+    check(bn.running_mean, bn64.running_mean, torch.float32, "running_mean")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_concat_conv_bn_act(train: bool, device: str) -> None:
+    """Two K segments (NCHW + channels_last inputs) == 1x1 conv over the materialised concat."""
+    conv, bn, conv64, bn64 = make_modules(40, 12, 1, 1, bias=False, bn=True, train=train, device=device)
+    a = (torch.randn(2, 24, 7, 9, device=device) + 1).requires_grad_()
+    b = (torch.randn(2, 16, 7, 9, device=device) - 0.5).contiguous(memory_format=torch.channels_last)
+    b.requires_grad_()
+    a64, b64 = a.detach().double().requires_grad_(), b.detach().double().requires_grad_()
+    out = ops.concat_conv_bn_act([a, b], conv, bn)
+    ref = ref_forward(torch.cat([a64, b64], dim=1), conv64, bn64, None, True)
+    check(out, ref, torch.float32, "out")
+    go = torch.randn(ref.shape, device=device, dtype=torch.float64)
+    out.backward(go.float())
+    ref.backward(go)
+    check(a.grad, a64.grad, torch.float32, "da")
+    check(b.grad, b64.grad, torch.float32, "db")
+    check(conv.weight.grad, conv64.weight.grad, torch.float32, "dweight")
+    check(bn.weight.grad, bn64.weight.grad, torch.float32, "dgamma")
+    check(bn.running_var, bn64.running_var, torch.float32, "running_var")
+
+
+def test_concat_rejects_unsupported(device: str) -> None:
+    conv3, bn, _, _ = make_modules(8, 4, 3, 1, bias=False, bn=True, train=True, device=device)
+    xs = [torch.randn(1, 4, 5, 5, device=device)] * 2
+    with pytest.raises(NotImplementedError, match="1x1"):
+        ops.concat_conv_bn_act(xs, conv3, bn)
+    conv1, bn, _, _ = make_modules(12, 4, 1, 1, bias=False, bn=True, train=True, device=device)
+    with pytest.raises(NotImplementedError, match="1 or 2 inputs"):
+        ops.concat_conv_bn_act(xs + xs[:1], conv1, bn)
+    with pytest.raises(ValueError, match="differ"):
+        ops.concat_conv_bn_act([xs[0], torch.randn(1, 8, 4, 5, device=device)], conv1, bn)
+
+
+def test_rejects_unsupported_convs(device: str) -> None:
+    x = torch.randn(1, 4, 6, 6, device=device)
+    bn = nn.BatchNorm2d(4).to(device)
+    with pytest.raises(NotImplementedError):
+        ops.conv_bn_act(x, nn.Conv2d(4, 4, 3, padding=1, groups=2).to(device), bn)
+    with pytest.raises(NotImplementedError):
+        ops.conv_bn_act(x, nn.Conv2d(4, 4, 3, padding=2, dilation=2).to(device), bn)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        ops.conv_bn_act(torch.randn(1, 4, 1, 1, device=device), nn.Conv2d(4, 4, 1).to(device), bn)
+    with pytest.raises(ValueError, match="residual"):
+        ops.conv_bn_act(x, nn.Conv2d(4, 4, 1).to(device), bn, residual=torch.randn(1, 4, 3, 3, device=device))
+
+
+@pytest.mark.parametrize("variant", ["affine_false", "no_running_stats_eval", "no_running_stats_train"])
+def test_bn_variants(variant: str, device: str) -> None:
+    affine = variant != "affine_false"
+    track = variant == "affine_false"
+    bn = nn.BatchNorm2d(6, affine=affine, track_running_stats=track).to(device)
+    bn.train(variant != "no_running_stats_eval")
+    conv = nn.Conv2d(5, 6, 3, 1, 1, bias=False).to(device)
+    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    x = (torch.randn(2, 5, 6, 7, device=device) + 1).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    out, ref = ops.conv_bn_act(x, conv, bn), ref_forward(x64, conv64, bn64, None, True)
+    check(out, ref, torch.float32, "out")
+    go = torch.randn(ref.shape, device=device, dtype=torch.float64)
+    out.backward(go.float())
+    ref.backward(go)
+    check(x.grad, x64.grad, torch.float32, "dx")
+    check(conv.weight.grad, conv64.weight.grad, torch.float32, "dweight")
+    if track:
+        check(bn.running_var, bn64.running_var, torch.float32, "running_var")
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_frozen_input_and_no_grad_mode(train: bool, device: str) -> None:
+    """An image input without grad (only parameters get gradients), and inference under no_grad."""
+    conv, bn, conv64, bn64 = make_modules(3, 6, 3, 2, bias=False, bn=True, train=train, device=device)
+    x = torch.randn(2, 3, 9, 10, device=device) + 0.5
+    with torch.no_grad():
+        out = ops.conv_bn_act(x, conv, bn)
+    assert out.grad_fn is None
+    check(out, ref_forward(x.double(), conv64, bn64, None, True), torch.float32, "no_grad out")
+    out = ops.conv_bn_act(x, conv, bn)
+    ref = ref_forward(x.double(), conv64, bn64, None, True)
+    go = torch.randn(ref.shape, device=device, dtype=torch.float64)
+    out.backward(go.float())
+    ref.backward(go)
+    check(conv.weight.grad, conv64.weight.grad, torch.float32, "dweight")
+    check(bn.weight.grad, bn64.weight.grad, torch.float32, "dgamma")
+    check(bn.running_mean, bn64.running_mean, torch.float32, "running_mean")
+
+
+def test_kernels_write_every_output(device: str) -> None:
+    """NaN-poisoned output buffers are fully overwritten with the right values, for each launcher."""
+    x = torch.randn(2, 7, 11, 13, device=device) + 1
+    conv = nn.Conv2d(7, 10, 3, 2, 1, bias=True).to(device)
+    w = ops._pack_weight(conv.weight, x.dtype)
+    y_ref = torch.nn.functional.conv2d(x.double(), conv.weight.double(), conv.bias.double(), 2, 1)
+    M = y_ref.numel() // 10
+    for stat_m in (32, 64):  # one and two statistics slots per 64-row tile
+        out = torch.full_like(y_ref, float("nan"), dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+        part = torch.full((2, -(-M // stat_m), 10), float("nan"), device=device)
+        y, part = K.conv_bn_fwd(x, w, (3, 3), (2, 2), (1, 1), bias=conv.bias, stats=True, stat_m=stat_m,
+                                out=out, part=part)
+        check(y, y_ref, torch.float32, f"conv out (stat_m={stat_m})")
+        mean, invstd, scale = K.bn_stats(part, M, stat_m, 1e-5, None)
+        check(mean, y_ref.mean(dim=(0, 2, 3)), torch.float32, f"batch mean (stat_m={stat_m})")
+        var = y_ref.var(dim=(0, 2, 3), unbiased=False)
+        check(invstd, (var + 1e-5).rsqrt(), torch.float32, f"batch invstd (stat_m={stat_m})")
+        assert torch.equal(scale, invstd)
+
+    C = 10
+    mean, scale, shift = (torch.randn(C, device=device) for _ in range(3))
+    res = torch.randn(y.shape, device=device)
+    out = torch.full_like(y, float("nan"))
+    z = K.bn_act(y, mean, scale, shift, res, True, out=out)
+    shape = (1, C, 1, 1)
+    z_ref = torch.relu((y.double() - mean.double().view(shape)) * scale.double().view(shape)
+                       + shift.double().view(shape) + res.double())
+    check(z, z_ref, torch.float32, "bn_act")
+
+    go = torch.randn(y.shape, device=device)
+    a, b, c = (torch.randn(C, device=device) for _ in range(3))
+    dy, dres = K.bn_act_bwd(go, z, y, mean, a, b, c, dy_dtype=torch.float32, dres_dtype=torch.float32)
+    g = go.double() * (z > 0)
+    check(dres, g, torch.float32, "dres")
+    check(dy, g * a.double().view(shape) + b.double().view(shape) * (y.double() - mean.double().view(shape))
+          + c.double().view(shape), torch.float32, "dy")
+
+
+# ------------------------------------------------------------------------------------------ GPU only
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("name", ["7x7s2-cin3-train", "3x3s2-train-res-bias-cl", "3x3s2-eval-res",
+                                  "1x1s1-train-res-norelu"])
+def test_half_precision(name: str, dtype: torch.dtype, device: str) -> None:
+    run_case(CASES[name], device, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [
+    Case(2, 64, 64, 56, 56, 3, 1, residual=True, channels_last=True),
+    Case(2, 64, 128, 56, 56, 3, 2),
+    Case(2, 2048, 96, 8, 8, 1, 1, train=False, channels_last=True),
+    Case(2, 3, 64, 224, 224, 7, 2),
+], ids=["3x3-64", "3x3s2-64-128", "1x1-2048", "stem"])
+def test_gpu_realistic_shapes(case: Case, device: str) -> None:
+    run_case(case, device)
