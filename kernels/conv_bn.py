@@ -43,7 +43,7 @@ _ELT_BLOCK_M: int = 64
 
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:  # the interpreter runs every program in numpy: one config, no benchmarking
-        return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8})]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8})]
     # num_warps <= 4 on purpose (see the module docstring); all BLOCK_M are multiples of 64.
     cfgs = [
         (128, 128, 32, 3, 4),

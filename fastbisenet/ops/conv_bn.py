@@ -247,11 +247,26 @@ def _check_conv(conv: nn.Conv2d) -> tuple[tuple[int, int], tuple[int, int]]:
     return _pair(conv.stride), _pair(conv.padding)
 
 
+def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Under ``torch.autocast`` cast the activations to its dtype, as autocast does for ``conv2d``.
+
+    The weight follows the input's dtype inside :func:`forward`; BN parameters stay fp32 (as in
+    PyTorch's BN under autocast), so outputs have the reference's dtypes.
+    """
+    ref = next(t for t in tensors if t is not None)
+    device_type = ref.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(None if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+
+
 def _apply(
     x: Tensor, x2: Tensor | None, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
     residual: Tensor | None, relu: bool,
 ) -> Tensor:
     stride, padding = _check_conv(conv)
+    x, x2, residual = _autocast(x, x2, residual)
     c_in = x.shape[1] + (0 if x2 is None else x2.shape[1])
     if x.dim() != 4 or c_in != conv.in_channels:
         raise ValueError(f"conv_bn_act: expected (N, {conv.in_channels}, H, W) input, got {tuple(x.shape)}")

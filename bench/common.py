@@ -1,0 +1,224 @@
+"""What every benchmark module shares: configuration from the environment, the per-op shape table
+traced from the model, and the one runner through which every benchmark row is measured.
+
+Environment (all optional):
+    FASTBISENET_BENCH_MODE      ``full`` (default) or ``quick`` (bf16, batch-1 op shapes, 2 end-to-end
+                                cases, no max-autotune)
+    FASTBISENET_BENCH_DTYPES    comma list overriding the dtypes, e.g. ``bf16,fp16``
+    FASTBISENET_BENCH_VARIANTS  comma list overriding the variants (of :data:`VARIANTS`)
+    FASTBISENET_BENCH_ROUNDS    timed samples per row (default 20, quick 10)
+    FASTBISENET_BENCH_SAMPLE_MS device time aimed at per sample (one graph replay), default 2
+    FASTBISENET_BENCH_BUDGET_S  wall-clock budget of the session: rows that would start too late are
+                                skipped ("time budget"), so the JSON is still written
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from fastbisenet import benchmark as fb
+
+SESSION_START = time.monotonic()
+MODE = os.environ.get("FASTBISENET_BENCH_MODE", "full").strip().lower()
+QUICK = MODE == "quick"
+
+
+def _env_list(name: str, default: Sequence[str], allowed: Sequence[str]) -> tuple[str, ...]:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return tuple(default)
+    values = tuple(v.strip() for v in raw.split(",") if v.strip())
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise pytest.UsageError(f"{name}: unknown value(s) {bad}; choose from {list(allowed)}")
+    return values
+
+
+DTYPES = _env_list("FASTBISENET_BENCH_DTYPES", ("bf16",) if QUICK else ("bf16", "fp16"), ("bf16", "fp16", "fp32"))
+VARIANTS = _env_list("FASTBISENET_BENCH_VARIANTS", fb.VARIANTS[:3] if QUICK else fb.VARIANTS, fb.VARIANTS)
+ROUNDS = int(os.environ.get("FASTBISENET_BENCH_ROUNDS", "10" if QUICK else "20"))
+SAMPLE_MS = float(os.environ.get("FASTBISENET_BENCH_SAMPLE_MS", "2"))
+WARMUP = 3
+DEVICE = "cuda"
+BUDGET_S = float(os.environ["FASTBISENET_BENCH_BUDGET_S"]) if os.environ.get("FASTBISENET_BENCH_BUDGET_S") else None
+
+MAIN_SHAPE = (1, 3, 1024, 2048)
+TRAIN_SHAPE = (8, 3, 1024, 1024)
+OP_INPUTS: tuple[tuple[int, ...], ...] = (MAIN_SHAPE,) if QUICK else (MAIN_SHAPE, TRAIN_SHAPE)
+"""Model inputs whose per-op shapes are benchmarked."""
+E2E_CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
+    (("pred", MAIN_SHAPE), ("train", TRAIN_SHAPE)) if QUICK else
+    (("pred", (1, 3, 512, 1024)), ("pred", (1, 3, 768, 1536)), ("pred", MAIN_SHAPE), ("pred", TRAIN_SHAPE),
+     ("train", TRAIN_SHAPE))
+)
+"""(aux_mode, input shape): "pred" = inference, "train" = training step."""
+
+OP_FAMILIES: dict[str, tuple[str, ...]] = {
+    "conv_bn": ("conv_bn_act", "concat_conv_bn_act"),
+    "attention": ("mean_hw", "bn_attention", "mlp_attention", "attend_residual"),
+    "upsample": ("attend_add_upsample",),
+    "head": ("head_logits", "head_argmax"),
+}
+INFERENCE_ONLY = frozenset({"head_argmax"})
+
+floors_measured: dict[str, float] = {}
+"""Filled by the session's ``floors`` fixture; also written to the JSON's machine_info."""
+
+
+@functools.cache
+def traced_cases() -> tuple[fb.OpCase, ...]:
+    """Distinct op calls of the model at each of :data:`OP_INPUTS`: v1 with its aux heads (every
+    conv, attention, context stage and head), v1 "pred" for the argmax head, face-parsing for the MLP
+    attention."""
+    out: list[fb.OpCase] = []
+    for shape in OP_INPUTS:
+        out += fb.trace_ops(shape, aux_mode="train")
+        out += [c for c in fb.trace_ops(shape, aux_mode="pred") if c.op == "head_argmax"]
+        out += [c for c in fb.trace_ops(shape, aux_mode="train", preset="face-parsing") if c.op == "mlp_attention"]
+    return tuple(out)
+
+
+@functools.cache
+def trains(case: fb.OpCase) -> bool:
+    """Whether the op has a training pass at this shape (BatchNorm cannot train on one value per
+    channel, e.g. the global-context conv at batch 1)."""
+    if case.op in INFERENCE_ONLY:
+        return False
+    try:
+        fb.op_cost(case, torch.bfloat16, backward=True)
+    except (ValueError, RuntimeError):
+        return False
+    return True
+
+
+def _slug(text: str) -> str:
+    return text.replace(" ", "_").replace(",", "+")
+
+
+def _priority(*, e2e_main: bool, batch1: bool, e2e: bool, dtype: str, variant: str) -> tuple[int, ...]:
+    """Order of execution under a time budget: bf16 first, max-autotune late, the headline
+    end-to-end rows, then batch-1 op rows, other end-to-end sizes, batch-8 op rows."""
+    kind = 0 if e2e_main else 1 if (not e2e and batch1) else 2 if e2e else 3
+    return (DTYPES.index(dtype), variant == "max-autotune", kind, VARIANTS.index(variant))
+
+
+def op_params(family: str) -> list[Any]:
+    """``pytest.param(case, dtype, pass, variant)`` for every op of ``family``: one row each."""
+    ops = OP_FAMILIES[family]
+    params = []
+    for case in traced_cases():
+        if case.op not in ops:
+            continue
+        passes = ["fwd", "fwd+bwd"] if trains(case) else ["fwd"]
+        for dtype in DTYPES:
+            for pass_ in passes:
+                for variant in VARIANTS:
+                    prio = _priority(e2e_main=False, batch1=case.input_shape[0] == 1, e2e=False,
+                                     dtype=dtype, variant=variant)
+                    params.append(pytest.param(
+                        case, dtype, pass_, variant, marks=pytest.mark.bench_priority(prio),
+                        id=f"{case.op}-{_slug(case.label)}-{dtype}-{pass_}-{variant}"))
+    return params
+
+
+def e2e_params() -> list[Any]:
+    """``pytest.param(aux_mode, shape, dtype, variant)`` for the end-to-end rows."""
+    params = []
+    for aux_mode, shape in E2E_CASES:
+        for dtype in DTYPES:
+            for variant in VARIANTS:
+                prio = _priority(e2e_main=shape in (MAIN_SHAPE, TRAIN_SHAPE) and (aux_mode, shape) != (
+                    "pred", TRAIN_SHAPE), batch1=shape[0] == 1, e2e=True, dtype=dtype, variant=variant)
+                params.append(pytest.param(aux_mode, shape, dtype, variant, marks=pytest.mark.bench_priority(prio),
+                                           id=f"{aux_mode}-{fb.shape_str(shape)}-{dtype}-{variant}"))
+    return params
+
+
+def _reserve_s(variant: str, e2e: bool) -> float:
+    """Wall time a row is expected to need at most (compilation dominates)."""
+    if variant == "max-autotune":
+        return 240.0 if e2e else 45.0
+    if variant == "compile":
+        return 90.0 if e2e else 15.0
+    return 20.0 if e2e else 3.0
+
+
+def check_budget(variant: str, e2e: bool) -> None:
+    if BUDGET_S is None:
+        return
+    left = BUDGET_S - (time.monotonic() - SESSION_START)
+    if left < _reserve_s(variant, e2e):
+        pytest.skip(f"time budget: {left:.0f} s of FASTBISENET_BENCH_BUDGET_S={BUDGET_S:.0f} left")
+
+
+def _check_variant(variant: str) -> None:
+    if variant == "fastbisenet":
+        from fastbisenet import kernels
+
+        if kernels.INTERPRET:
+            pytest.skip("TRITON_INTERPRET is set: the Triton kernels would run interpreted; unset it")
+
+
+def measure_row(benchmark: Any, *, make_step: Callable[[], Callable[[], Any]], group: str, variant: str,
+                e2e: bool, info: dict[str, Any]) -> None:
+    """Build the step, time it (CUDA graph + events), feed the per-iteration device times to
+    pytest-benchmark and attach the shared ``extra_info``. Missing fused ops skip the row."""
+    check_budget(variant, e2e)
+    _check_variant(variant)
+    fb.free_memory()
+    benchmark.group = group
+    try:
+        step = make_step()
+        timing = fb.time_cuda(step, rounds=ROUNDS, warmup=WARMUP, sample_ms=SAMPLE_MS)
+    except (ImportError, AttributeError, NotImplementedError) as exc:
+        if variant != "fastbisenet":
+            raise
+        pytest.skip(f"fastbisenet op unavailable: {fb._first_line(exc)}")
+    mem = fb.peak_memory(step)
+    del step
+    fb.free_memory()
+    row_info = fb.extra_info(timing=timing, peak_mem=mem, variant=variant, **info)
+    fb.feed_benchmark(benchmark, timing.samples_ms)
+    benchmark.extra_info.update(row_info)
+
+
+def run_op(benchmark: Any, case: fb.OpCase, dtype: str, pass_: str, variant: str, floors: dict[str, float],
+           env: dict[str, Any]) -> None:
+    """One per-op row: the op at ``case`` in ``variant``, forward or forward + backward."""
+    torch_dtype = fb.DTYPES[dtype]
+    backward = pass_ == "fwd+bwd"
+    flops, nbytes = fb.op_cost(case, torch_dtype, backward=backward)
+    tensors = [a for a in case.args if isinstance(a, fb.TensorSpec)]
+    info = dict(op=case.op, case=case.label, pass_=pass_, dtype=torch_dtype,
+                shape=tensors[0].shape if tensors else case.input_shape, flops=flops, nbytes=nbytes,
+                floors=floors, env=env, model_input=list(case.input_shape), calls=case.calls,
+                call_sites=list(case.where))
+    measure_row(benchmark,
+                make_step=lambda: fb.op_workload(case, variant, torch_dtype, backward=backward, device=DEVICE),
+                group=f"{case.op} {case.label} {dtype} {pass_}", variant=variant, e2e=False, info=info)
+
+
+def run_e2e(benchmark: Any, aux_mode: str, shape: tuple[int, ...], dtype: str, variant: str,
+            floors: dict[str, float], env: dict[str, Any]) -> None:
+    """One end-to-end row: inference ("pred") or a training step ("train") of BiSeNet v1."""
+    torch_dtype = fb.DTYPES[dtype]
+    flops, nbytes = fb.model_cost(shape, torch_dtype, aux_mode=aux_mode)
+    extra: dict[str, Any] = {}
+
+    def make_step() -> Callable[[], Any]:
+        wl = fb.model_workload(variant, shape, torch_dtype, aux_mode=aux_mode, device=DEVICE)
+        extra.update(wl.info)
+        return wl.step
+
+    info = dict(op="end_to_end", case=f"{aux_mode} {fb.shape_str(shape)}", pass_=aux_mode, dtype=torch_dtype,
+                shape=shape, flops=flops, nbytes=nbytes, floors=floors, env=env, aux_mode=aux_mode)
+    measure_row(benchmark, make_step=make_step, group=f"end_to_end {aux_mode} {fb.shape_str(shape)} {dtype}",
+                variant=variant, e2e=True, info=info)
+    benchmark.extra_info.update(extra)

@@ -1,0 +1,18 @@
+"""conv + BN (+ residual) (+ ReLU) at every conv shape of BiSeNet v1, and the FFM's concat conv.
+
+Shapes are traced from the model (bench.common.traced_cases); one row per variant, grouped by op+shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bench import common
+
+
+@pytest.mark.parametrize(("case", "dtype", "pass_", "variant"), common.op_params("conv_bn"))
+def test_conv_bn(benchmark: Any, case: Any, dtype: str, pass_: str, variant: str, floors: dict,
+        bench_env: dict) -> None:
+    common.run_op(benchmark, case, dtype, pass_, variant, floors, bench_env)

@@ -1,0 +1,1112 @@
+"""Benchmark machinery shared by ``bench/`` and the ``fastbisenet bench`` subcommand.
+
+- Timing: :func:`time_cuda` warms up, captures the work in a CUDA graph and replays it, timing
+  each replay with CUDA events (plain launches + events when capture fails, recorded as such);
+  :func:`feed_benchmark` hands those per-iteration GPU times to pytest-benchmark unchanged.
+- Cost model: :func:`trace_ops` runs the model on the ``meta`` device and records every call that
+  goes through :mod:`fastbisenet.ops`, so per-op shapes come from the model itself;
+  :func:`op_cost` / :func:`model_cost` count FLOPs (``torch.utils.flop_counter``, conv/matmul only)
+  and the minimal bytes moved (inputs read once + outputs written once).
+- Floors: :func:`measure_floors` (bf16 matmul TFLOP/s, device-to-device copy GB/s).
+- Report: :func:`report` turns a pytest-benchmark JSON into ``report.md`` (+ ``end_to_end.png``).
+- CLI: :func:`add_parser` / :func:`run` implement ``fastbisenet bench``.
+
+Every benchmark row carries the same ``extra_info`` schema (:data:`SCHEMA`, see :func:`extra_info`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as _dt
+import functools
+import gc
+import importlib
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SCHEMA = "fastbisenet-bench/1"
+VARIANTS = ("fastbisenet", "eager", "compile", "max-autotune")
+"""fastbisenet = Triton backend; eager = reference ops (cuDNN); compile / max-autotune = torch.compile
+of the reference (default mode / ``mode="max-autotune"``)."""
+DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+REPO_ROOT = Path(__file__).resolve().parents[1]
+IGNORE_INDEX = 255
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "x".join(str(int(s)) for s in shape)
+
+
+# ----------------------------------------------------------------------------------------------
+# environment
+# ----------------------------------------------------------------------------------------------
+
+
+def git_commit() -> str:
+    """The checkout's commit (``+dirty`` when the tree has changes), ``$FASTBISENET_GIT_COMMIT``, or
+    ``"unknown"``."""
+    if os.environ.get("FASTBISENET_GIT_COMMIT"):
+        return os.environ["FASTBISENET_GIT_COMMIT"]
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def env_info(device: str | torch.device | None = None) -> dict[str, Any]:
+    """Device name and versions of everything that changes the numbers."""
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    cuda = torch.cuda.is_available() and (device is None or torch.device(device).type == "cuda")
+    return {
+        "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or "cpu"),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version() if cuda else None,
+        "python": platform.python_version(),
+        "git_commit": git_commit(),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# timing
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Timing:
+    """Per-iteration times of one measured workload."""
+
+    samples_ms: list[float]
+    """One entry per sample: the GPU (or wall) time of ``iters_per_sample`` iterations / iters."""
+    method: str
+    """``"cuda-graph"`` (events around graph replays), ``"events"`` (plain launches timed with CUDA
+    events) or ``"wall"`` (CPU, ``time.perf_counter``)."""
+    iters_per_sample: int = 1
+    note: str = ""
+    """Why graph capture was not used, when it was requested and failed."""
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.samples_ms)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
+
+
+def time_cuda(fn: Callable[[], Any], *, rounds: int = 20, warmup: int = 3, sample_ms: float = 2.0,
+              max_iters: int = 200, use_graph: bool = True) -> Timing:
+    """Device-side time per call of ``fn`` (which must only launch work on the current device).
+
+    Warm-up on a side stream (as CUDA-graph capture requires), then ``iters`` calls are captured in
+    one graph, ``iters`` chosen so one replay lasts about ``sample_ms``; each sample is one replay
+    timed with CUDA events, divided by ``iters``. If capture fails the same loop runs as plain
+    launches between the events and the result says so.
+    """
+    torch.cuda.synchronize()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(max(warmup, 1)):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def elapsed(run: Callable[[], Any]) -> float:
+        start.record()
+        run()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+
+    estimate = min(elapsed(fn) for _ in range(3))
+    iters = max(1, min(max_iters, math.ceil(sample_ms / max(estimate, 1e-3))))
+
+    def plain() -> None:
+        for _ in range(iters):
+            fn()
+
+    run: Callable[[], Any] = plain
+    method, note = "events", ""
+    graph = None
+    if use_graph:
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                plain()
+            graph.replay()
+            torch.cuda.synchronize()
+            run, method = graph.replay, "cuda-graph"
+        except Exception as exc:  # capture is best effort: anything that syncs or allocs on host fails
+            note = "graph capture failed: " + _first_line(exc)
+            graph = None
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize()
+    samples = [elapsed(run) / iters for _ in range(rounds)]
+    del graph
+    return Timing(samples, method, iters, note)
+
+
+def time_cpu(fn: Callable[[], Any], *, rounds: int = 10, warmup: int = 1) -> Timing:
+    """Wall time per call on the CPU."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return Timing(samples, "wall", 1)
+
+
+def peak_memory(fn: Callable[[], Any]) -> int | None:
+    """``torch.cuda.max_memory_allocated`` over one plain call of ``fn`` (None without CUDA)."""
+    if not torch.cuda.is_available():
+        return None
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return int(torch.cuda.max_memory_allocated())
+
+
+def free_memory() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def measure_floors(*, matmul_size: int = 8192, copy_bytes: int = 1 << 30, rounds: int = 10) -> dict[str, float]:
+    """Best-of-``rounds`` bf16 matmul rate (TFLOP/s) and device-to-device copy bandwidth (GB/s,
+    bytes read + bytes written per second) on the current CUDA device."""
+    n = matmul_size
+    a, b, c = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mm = time_cuda(functools.partial(torch.mm, a, b, out=c), rounds=rounds, warmup=3, sample_ms=5.0,
+                   use_graph=False)
+    src, dst = (torch.empty(copy_bytes // 2, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    cp = time_cuda(functools.partial(dst.copy_, src), rounds=rounds, warmup=3, sample_ms=5.0, use_graph=False)
+    floors = {
+        "matmul_tflops": 2 * n**3 / (min(mm.samples_ms) * 1e-3) / 1e12,
+        "copy_gbps": 2 * copy_bytes / (min(cp.samples_ms) * 1e-3) / 1e9,
+    }
+    del a, b, c, src, dst
+    free_memory()
+    return floors
+
+
+class _ReplayClock:
+    """A pytest-benchmark timer that advances only by the samples it is given (in seconds)."""
+
+    __name__ = "fastbisenet.benchmark.cuda_event_time"
+
+    def __init__(self, samples_s: Sequence[float]) -> None:
+        self.samples = list(samples_s)
+        self.now = 0.0
+        self.i = 0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self) -> None:
+        self.now += self.samples[self.i]
+        self.i += 1
+
+
+def feed_benchmark(benchmark: Any, samples_ms: Sequence[float]) -> None:
+    """Record ``samples_ms`` as the rounds of a pytest-benchmark ``benchmark`` fixture, exactly.
+
+    The fixture times each round with its timer; swapping in a clock that moves by one measured
+    sample per round makes every reported statistic the measured per-iteration device time.
+    """
+    if not samples_ms:
+        raise ValueError("no samples to record")
+    if not hasattr(benchmark, "_timer"):
+        raise RuntimeError("this pytest-benchmark version has no BenchmarkFixture._timer to replace")
+    clock = _ReplayClock([s * 1e-3 for s in samples_ms])
+    benchmark._timer = clock
+    benchmark.pedantic(clock.advance, rounds=len(samples_ms), iterations=1, warmup_rounds=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# per-op cases traced from the model
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple[int, ...]
+    dtype: str = "float"
+    """``"float"`` (the benchmark dtype) or a fixed dtype name such as ``"int64"``."""
+
+
+@dataclass(frozen=True)
+class ListSpec:
+    items: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    in_ch: int
+    out_ch: int
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    bias: bool
+
+
+@dataclass(frozen=True)
+class BNSpec:
+    features: int
+    eps: float
+    momentum: float | None
+
+
+@dataclass(frozen=True)
+class OpCase:
+    """One distinct call of a fused op in a model forward, with how often it occurs."""
+
+    op: str
+    args: tuple[Any, ...]
+    kwargs: tuple[tuple[str, Any], ...]
+    calls: int
+    where: tuple[str, ...]
+    """Module paths of the call sites."""
+    input_shape: tuple[int, ...]
+    preset: str
+
+    @property
+    def label(self) -> str:
+        return case_label(self)
+
+
+def _spec(v: Any) -> Any:
+    if isinstance(v, Tensor):
+        return TensorSpec(tuple(v.shape), "float" if v.is_floating_point() else dtype_name(v.dtype))
+    if isinstance(v, (list, tuple)) and any(isinstance(t, Tensor) for t in v):
+        return ListSpec(tuple(_spec(t) for t in v))
+    if isinstance(v, torch.Size):
+        return tuple(int(s) for s in v)
+    if isinstance(v, nn.Conv2d):
+        if v.groups != 1 or v.dilation != (1, 1):
+            raise NotImplementedError("grouped/dilated convs are not part of BiSeNet")
+        return ConvSpec(v.in_channels, v.out_channels, tuple(v.kernel_size), tuple(v.stride),
+                        tuple(v.padding), v.bias is not None)
+    if isinstance(v, nn.BatchNorm2d):
+        return BNSpec(v.num_features, v.eps, v.momentum)
+    if isinstance(v, tuple):
+        return tuple(_spec(t) for t in v)
+    return v
+
+
+@contextlib.contextmanager
+def _recording_ops(sink: list[tuple[str, str, tuple, tuple]]) -> Iterator[list[str]]:
+    """Route every ``ops.impl(...)`` to the reference ops while recording each call; yields the
+    stack of module paths that the caller's hooks maintain (the innermost names the call site)."""
+    from fastbisenet import ops, reference
+
+    stack: list[str] = []
+
+    class Recorder:
+        def __getattr__(self, name: str) -> Callable[..., Any]:
+            fn = getattr(reference, name)
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                sink.append((name, stack[-1] if stack else "", tuple(_spec(a) for a in args),
+                             tuple(sorted((k, _spec(v)) for k, v in kwargs.items()))))
+                return fn(*args, **kwargs)
+
+            return call
+
+    recorder = Recorder()
+    original = ops.impl
+    ops.impl = lambda backend, x: recorder
+    try:
+        yield stack
+    finally:
+        ops.impl = original
+
+
+def trace_ops(input_shape: Sequence[int], *, aux_mode: str = "train", preset: str = "v1",
+              backbone: str = "resnet18", n_classes: int = 19) -> list[OpCase]:
+    """Distinct fused-op calls of one forward of the model at ``input_shape`` (run on ``meta``)."""
+    from fastbisenet.model import BiSeNet
+
+    with torch.device("meta"):
+        model = BiSeNet(n_classes, aux_mode, preset=preset, backbone=backbone, backend="torch")
+    model.eval()  # shapes do not depend on the mode; batch-1 training fails on 1x1 BN inputs
+    sink: list[tuple[str, str, tuple, tuple]] = []
+    names = {m: n for n, m in model.named_modules()}
+    with _recording_ops(sink) as stack:
+        def enter(m: nn.Module, args: Any) -> None:
+            stack.append(names[m])
+
+        def leave(m: nn.Module, args: Any, out: Any) -> None:
+            stack.pop()
+
+        handles = []
+        for m in model.modules():
+            handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
+        try:
+            with torch.no_grad():
+                model(torch.empty(*input_shape, device="meta"))
+        finally:
+            for h in handles:
+                h.remove()
+    cases: dict[tuple, list[str]] = {}
+    for name, where, args, kwargs in sink:
+        cases.setdefault((name, args, kwargs), []).append(where)
+    return [OpCase(op, args, kwargs, len(w), tuple(w), tuple(input_shape), preset)
+            for (op, args, kwargs), w in cases.items()]
+
+
+def case_label(case: OpCase) -> str:
+    """A short readable id, e.g. ``3x3s2 64->128 @1x64x256x512 +res``."""
+    kw = dict(case.kwargs)
+    tensors = [a for a in case.args if isinstance(a, (TensorSpec, ListSpec))]
+
+    def shp(t: Any) -> str:
+        if isinstance(t, ListSpec):
+            return "cat(" + ",".join(shp(i) for i in t.items) + ")"
+        return shape_str(t.shape)
+
+    convs = [a for a in case.args if isinstance(a, ConvSpec)]
+    if case.op in ("conv_bn_act", "concat_conv_bn_act") and convs:
+        c = convs[0]
+        s = f"{c.kernel[0]}x{c.kernel[1]}s{c.stride[0]} {c.in_ch}->{c.out_ch} @{shp(tensors[0])}"
+        if isinstance(kw.get("residual"), TensorSpec):
+            s += " +res"
+        if kw.get("relu", True) is False:
+            s += " norelu"
+        return s
+    parts = [shp(t) for t in tensors]
+    sizes = [a for a in case.args if isinstance(a, tuple) and all(isinstance(i, int) for i in a)]
+    if sizes:
+        parts.append("->" + shape_str(sizes[0]))
+    if case.op.startswith("head") and convs:
+        parts.insert(1, f"1x1 {convs[0].in_ch}->{convs[0].out_ch}")
+    extra = [a for a in case.args if isinstance(a, (str, bool))]
+    if extra:
+        parts.append(",".join(str(e) for e in extra))
+    return " ".join(parts)
+
+
+def _make_tensor(spec: TensorSpec, device: torch.device | str, dtype: torch.dtype, gen: torch.Generator) -> Tensor:
+    if spec.dtype != "float":
+        return torch.zeros(spec.shape, dtype=getattr(torch, spec.dtype), device=device)
+    if torch.device(device).type == "meta":
+        t = torch.empty(spec.shape, device="meta", dtype=dtype)
+    else:  # generated on the device: fast for the large activations
+        t = torch.randn(spec.shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+
+
+def _make_module(spec: ConvSpec | BNSpec, device: torch.device | str, dtype: torch.dtype,
+                 gen: torch.Generator) -> nn.Module:
+    if isinstance(spec, ConvSpec):
+        m: nn.Module = nn.Conv2d(spec.in_ch, spec.out_ch, spec.kernel, spec.stride, spec.padding, bias=spec.bias)
+        with torch.no_grad():
+            m.weight.normal_(0, math.sqrt(2 / (spec.in_ch * spec.kernel[0] * spec.kernel[1])), generator=gen)
+    else:
+        m = nn.BatchNorm2d(spec.features, eps=spec.eps, momentum=spec.momentum)
+        with torch.no_grad():
+            m.weight.uniform_(0.5, 1.5, generator=gen)
+            m.bias.normal_(0, 0.1, generator=gen)
+            m.running_mean.normal_(0, 0.1, generator=gen)
+            m.running_var.uniform_(0.5, 1.5, generator=gen)
+    return m.to(device=device, dtype=dtype, memory_format=torch.channels_last)
+
+
+def materialize(case: OpCase, device: torch.device | str, dtype: torch.dtype, *, train: bool,
+                seed: int = 0) -> tuple[list[Any], dict[str, Any]]:
+    """Real arguments for ``case``: random channels_last tensors in ``dtype``, fresh modules in
+    train or eval mode; with ``train`` the float tensors and the parameters require grad."""
+    gen = torch.Generator().manual_seed(seed)
+    dev_gen = gen if torch.device(device).type in ("cpu", "meta") else \
+        torch.Generator(device=device).manual_seed(seed)
+
+    def make(spec: Any) -> Any:
+        if isinstance(spec, TensorSpec):
+            t = _make_tensor(spec, device, dtype, dev_gen)
+            return t.requires_grad_(train and t.is_floating_point())
+        if isinstance(spec, ListSpec):
+            return [make(s) for s in spec.items]
+        if isinstance(spec, (ConvSpec, BNSpec)):
+            return _make_module(spec, device, dtype, gen).train(train).requires_grad_(train)
+        return spec
+
+    return [make(a) for a in case.args], {k: make(v) for k, v in case.kwargs}
+
+
+def _leaves(args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
+    """Tensors and parameters of a call, flattened, each once."""
+    out: dict[int, Tensor] = {}
+    for v in [*args, *kwargs.values()]:
+        items = v if isinstance(v, list) else [v]
+        for item in items:
+            if isinstance(item, Tensor):
+                out[id(item)] = item
+            elif isinstance(item, nn.Module):
+                for t in [*item.parameters(), *item.buffers()]:
+                    out[id(t)] = t
+    return list(out.values())
+
+
+def _nbytes(tensors: Any) -> int:
+    if isinstance(tensors, Tensor):
+        return tensors.numel() * tensors.element_size()
+    if isinstance(tensors, (list, tuple)):
+        return sum(_nbytes(t) for t in tensors)
+    return 0
+
+
+def count_flops(fn: Callable[[], Any]) -> tuple[int, Any]:
+    """Conv/matmul FLOPs of ``fn()`` counted by ``torch.utils.flop_counter``, and its result."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        result = fn()
+    return int(counter.get_total_flops()), result
+
+
+def op_cost(case: OpCase, dtype: torch.dtype, *, backward: bool) -> tuple[int, int]:
+    """(FLOPs, bytes) of one call: bytes = inputs (tensors, parameters, BN buffers) read once +
+    outputs written once; with ``backward`` also the output gradient read and every input/parameter
+    gradient written. Computed on the ``meta`` device, no GPU needed."""
+    from fastbisenet import reference
+
+    args, kwargs = materialize(case, "meta", dtype, train=backward)
+    fn = getattr(reference, case.op)
+    leaves = _leaves(args, kwargs)
+
+    def work() -> Tensor:
+        out = fn(*args, **kwargs)
+        if backward:
+            torch.autograd.backward(out, torch.ones_like(out))
+        return out
+
+    if backward:
+        flops, out = count_flops(work)
+    else:
+        with torch.no_grad():
+            flops, out = count_flops(work)
+    nbytes = _nbytes(leaves) + _nbytes(out)
+    if backward:
+        nbytes += _nbytes(out) + sum(_nbytes(t) for t in leaves if t.requires_grad)
+    return flops, nbytes
+
+
+def model_cost(input_shape: Sequence[int], dtype: torch.dtype, *, aux_mode: str, n_classes: int = 19,
+               preset: str = "v1", backbone: str = "resnet18") -> tuple[int, int]:
+    """(FLOPs, bytes) of a forward (``aux_mode`` "pred"/"eval") or a training step (``"train"``:
+    forward + backward) of the whole model: input, labels, parameters and buffers read once, outputs
+    (and parameter gradients) written once."""
+    from fastbisenet.model import BiSeNet
+
+    with torch.device("meta"):
+        model = BiSeNet(n_classes, aux_mode, preset=preset, backbone=backbone, backend="torch")
+    model = model.to(dtype=dtype).train(aux_mode == "train")
+    x = torch.empty(*input_shape, device="meta", dtype=dtype)
+    train = aux_mode == "train"
+
+    def work() -> Any:
+        out = model(x)
+        if train:
+            torch.autograd.backward(sum(o.float().sum() for o in out))
+        return out
+
+    with torch.set_grad_enabled(train):
+        flops, out = count_flops(work)
+    state = [*model.parameters(), *model.buffers()]
+    nbytes = _nbytes(x) + _nbytes(state) + _nbytes(out)
+    if train:
+        n, _, h, w = input_shape
+        nbytes += n * h * w * 8 + _nbytes(list(model.parameters()))
+    return flops, nbytes
+
+
+# ----------------------------------------------------------------------------------------------
+# workloads
+# ----------------------------------------------------------------------------------------------
+
+
+def resolve_op(op: str, variant: str) -> Callable[..., Any]:
+    """The callable for ``op`` in ``variant``; raises ``ImportError``/``AttributeError`` when the
+    fused namespace lacks it. ``compile`` variants reset dynamo first, so each starts fresh."""
+    from fastbisenet import reference
+
+    if variant == "fastbisenet":
+        return getattr(importlib.import_module("fastbisenet.ops.fused"), op)
+    fn = getattr(reference, op)
+    if variant == "eager":
+        return fn
+    return compile_fn(fn, variant)
+
+
+def compile_fn(fn: Any, variant: str) -> Any:
+    """``torch.compile`` for the ``compile`` / ``max-autotune`` variants (static shapes)."""
+    if variant not in ("compile", "max-autotune"):
+        raise ValueError(f"not a torch.compile variant: {variant!r}")
+    torch._dynamo.reset()
+    return torch.compile(fn, dynamic=False, mode="max-autotune" if variant == "max-autotune" else None)
+
+
+def op_workload(case: OpCase, variant: str, dtype: torch.dtype, *, backward: bool,
+                device: str = "cuda") -> Callable[[], Any]:
+    """A no-argument step: the op's forward (modules in eval mode, no grad) or its forward + backward
+    (modules in train mode, every input and parameter gradient computed)."""
+    fn = resolve_op(case.op, variant)
+    args, kwargs = materialize(case, device, dtype, train=backward)
+    if not backward:
+        def forward() -> Any:
+            with torch.no_grad():
+                return fn(*args, **kwargs)
+        return forward
+    leaves = [t for t in _leaves(args, kwargs) if t.requires_grad]
+    probe = fn(*args, **kwargs)
+    grad = torch.randn_like(probe)
+    del probe
+
+    def train_step() -> None:
+        for t in leaves:
+            t.grad = None
+        torch.autograd.backward(fn(*args, **kwargs), grad)
+
+    return train_step
+
+
+def ohem_ce(logits: Tensor, labels: Tensor, *, n_min: int, thresh: float = 0.7,
+            ignore_index: int = IGNORE_INDEX) -> Tensor:
+    """OHEM cross-entropy without host syncs (capturable): mean CE over pixels with CE > -log(thresh),
+    or over the ``n_min`` largest CEs when fewer pass (``n_min`` = valid pixels // 16, from the host)."""
+    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none").flatten()
+    hard = loss > -math.log(thresh)
+    n_hard = hard.sum()
+    mean_hard = (loss * hard).sum() / n_hard.clamp_min(1)
+    return torch.where(n_hard >= n_min, mean_hard, loss.topk(max(n_min, 1)).values.mean())
+
+
+def make_criterion(labels: Tensor) -> tuple[Callable[[Tensor, Tensor], Tensor], str]:
+    """:func:`ohem_ce` for fixed ``labels``: the formula of ``fastbisenet.losses.OhemCELoss`` without
+    its host syncs, so the whole training step can be captured in a CUDA graph."""
+    n_min = int((labels != IGNORE_INDEX).sum().item()) // 16
+    return (lambda logits, lab: ohem_ce(logits, lab, n_min=n_min)), "ohem_ce (capturable OhemCELoss)"
+
+
+def random_labels(shape: Sequence[int], n_classes: int, device: str, seed: int = 0) -> Tensor:
+    """(N, H, W) int64 labels in [0, n_classes) with ~5% ignored pixels."""
+    gen = torch.Generator().manual_seed(seed)
+    n, _, h, w = shape
+    labels = torch.randint(0, n_classes, (n, h, w), generator=gen)
+    labels[torch.rand((n, h, w), generator=gen) < 0.05] = IGNORE_INDEX
+    return labels.to(device)
+
+
+@dataclass
+class ModelWorkload:
+    step: Callable[[], Any]
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype, *, aux_mode: str,
+                   device: str = "cuda", n_classes: int = 19, preset: str = "v1",
+                   backbone: str = "resnet18") -> ModelWorkload:
+    """End-to-end step: inference (``aux_mode`` "pred"/"eval", eval mode, no grad) or a training step
+    (``"train"``: forward + OHEM CE on the three outputs + backward). ``dtype`` parameters and
+    activations, channels_last on CUDA. Variant ``fastbisenet`` uses backend "triton", the others "torch"."""
+    from fastbisenet.model import BiSeNet
+
+    torch.manual_seed(0)
+    backend = "triton" if variant == "fastbisenet" else "torch"
+    model = BiSeNet(n_classes, aux_mode, preset=preset, backbone=backbone, backend=backend)
+    # channels_last is the fast layout on GPUs (and the kernels'); on CPU it is much slower here
+    fmt = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
+    model = model.to(device=device, dtype=dtype, memory_format=fmt)
+    train = aux_mode == "train"
+    model.train(train)
+    runner: Any = compile_fn(model, variant) if variant in ("compile", "max-autotune") else model
+    x = torch.randn(*input_shape).to(device=device, dtype=dtype, memory_format=fmt)
+    info: dict[str, Any] = {"backend": backend}
+    if not train:
+        def infer() -> Any:
+            with torch.no_grad():
+                return runner(x)
+        return ModelWorkload(infer, info)
+    labels = random_labels(input_shape, n_classes, device)
+    criterion, info["loss"] = make_criterion(labels)
+    params = list(model.parameters())
+
+    def train_step() -> None:
+        for p in params:
+            p.grad = None
+        outs = runner(x)
+        loss = sum(criterion(o, labels) for o in outs)
+        loss.backward()
+
+    return ModelWorkload(train_step, info)
+
+
+def extra_info(*, op: str, case: str, variant: str, pass_: str, dtype: torch.dtype, shape: Sequence[int],
+               flops: int, nbytes: int, timing: Timing | None, floors: dict[str, float] | None,
+               env: dict[str, Any], peak_mem: int | None = None, **more: Any) -> dict[str, Any]:
+    """The one ``extra_info`` schema of every benchmark row."""
+    info: dict[str, Any] = {
+        "schema": SCHEMA,
+        "op": op,
+        "case": case,
+        "variant": variant,
+        "pass": pass_,
+        "dtype": dtype_name(dtype),
+        "shape": list(shape),
+        "flops": int(flops),
+        "bytes": int(nbytes),
+        "timing": timing.method if timing else None,
+        "iters_per_sample": timing.iters_per_sample if timing else None,
+        "timing_note": timing.note if timing else "",
+        "floor_matmul_tflops": (floors or {}).get("matmul_tflops"),
+        "floor_copy_gbps": (floors or {}).get("copy_gbps"),
+        "peak_mem_bytes": peak_mem,
+        **env,
+    }
+    info.update(more)
+    return info
+
+
+# ----------------------------------------------------------------------------------------------
+# report
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    group: str
+    name: str
+    time_s: float
+    info: dict[str, Any]
+
+    @property
+    def variant(self) -> str:
+        return self.info.get("variant", self.name)
+
+
+def load_rows(json_path: str | Path) -> tuple[list[Row], dict[str, Any]]:
+    """Benchmark rows (median time) and the file's machine/commit info."""
+    data = json.loads(Path(json_path).read_text())
+    rows = [Row(b.get("group") or b["name"], b["name"], float(b["stats"]["median"]), b.get("extra_info") or {})
+            for b in data.get("benchmarks", [])]
+    meta = {"datetime": data.get("datetime"), "machine_info": data.get("machine_info", {}),
+            "commit_info": data.get("commit_info", {})}
+    return rows, meta
+
+
+def floor_seconds(flops: float, nbytes: float, tflops: float | None, gbps: float | None) -> float | None:
+    """Speed-of-light time: max(FLOPs / matmul rate, bytes / copy bandwidth)."""
+    if not tflops or not gbps:
+        return None
+    return max(flops / (tflops * 1e12), nbytes / (gbps * 1e9))
+
+
+def row_metrics(row: Row) -> dict[str, float | None]:
+    """Achieved GB/s and TFLOP/s, floor time and % of floor (floor / time) of one row."""
+    i, t = row.info, row.time_s
+    flops, nbytes = i.get("flops") or 0, i.get("bytes") or 0
+    floor = floor_seconds(flops, nbytes, i.get("floor_matmul_tflops"), i.get("floor_copy_gbps"))
+    return {
+        "ms": t * 1e3,
+        "gbps": nbytes / t / 1e9 if t > 0 else None,
+        "tflops": flops / t / 1e12 if t > 0 else None,
+        "floor_ms": floor * 1e3 if floor is not None else None,
+        "pct_floor": 100 * floor / t if floor is not None and t > 0 else None,
+    }
+
+
+def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
+    return "—" if v is None else format(v, spec) + suffix
+
+
+def _variant_rank(v: str) -> int:
+    return VARIANTS.index(v) if v in VARIANTS else len(VARIANTS)
+
+
+def speedups(rows: Sequence[Row]) -> dict[str, dict[str, float]]:
+    """Per group: {peer variant: peer time / fastbisenet time}."""
+    out: dict[str, dict[str, float]] = {}
+    by_group: dict[str, dict[str, Row]] = {}
+    for r in rows:
+        by_group.setdefault(r.group, {})[r.variant] = r
+    for g, vs in by_group.items():
+        fast = vs.get("fastbisenet")
+        if fast is None or fast.time_s <= 0:
+            continue
+        out[g] = {v: r.time_s / fast.time_s for v, r in vs.items() if v != "fastbisenet"}
+    return out
+
+
+def render_markdown(rows: Sequence[Row], meta: dict[str, Any] | None = None) -> str:
+    """The markdown report: environment, geometric-mean speedups, one table per group."""
+    meta = meta or {}
+    lines = ["# fastbisenet benchmark report", ""]
+    first = rows[0].info if rows else {}
+    env_keys = ("device_name", "torch", "triton", "cuda", "cudnn", "git_commit")
+    lines += [f"- {k}: `{first.get(k)}`" for k in env_keys if k in first]
+    if meta.get("datetime"):
+        lines.append(f"- date: `{meta['datetime']}`")
+    if first.get("floor_matmul_tflops"):
+        lines.append(f"- measured floors: bf16 matmul {first['floor_matmul_tflops']:.1f} TFLOP/s, "
+                     f"copy {first.get('floor_copy_gbps') or 0:.0f} GB/s (read + write)")
+    lines += ["", "Times are medians of per-iteration device time. Speedup = peer time / fastbisenet time. "
+              "floor = max(FLOPs / matmul rate, bytes / copy bandwidth); % of floor = floor / time.", ""]
+    if not rows:
+        return "\n".join([*lines, "_No benchmark rows._", ""])
+
+    sp = speedups(rows)
+    by_op: dict[tuple[str, str, str], list[float]] = {}
+    peers: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    group_info = {r.group: r.info for r in rows}
+    for g, d in sp.items():
+        i = group_info[g]
+        key = (i.get("op", g), i.get("pass", ""), i.get("dtype", ""))
+        by_op.setdefault(key, [])
+        for v, s in d.items():
+            peers.setdefault(key, {}).setdefault(v, []).append(s)
+    if peers:
+        peer_names = sorted({v for d in peers.values() for v in d}, key=_variant_rank)
+        lines += ["## Summary: geometric-mean speedup of fastbisenet", "",
+                  "| op | pass | dtype | " + " | ".join(f"vs {p}" for p in peer_names) + " |",
+                  "|---|---|---|" + "---:|" * len(peer_names)]
+        for key in sorted(peers):
+            cells = []
+            for p in peer_names:
+                vals = peers[key].get(p)
+                cells.append(f"{math.exp(statistics.fmean(math.log(v) for v in vals)):.2f}x ({len(vals)})"
+                             if vals else "—")
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
+        lines += ["", "(n) = number of shapes.", ""]
+
+    groups: dict[str, list[Row]] = {}
+    for r in rows:
+        groups.setdefault(r.group, []).append(r)
+    ops_order: dict[str, list[str]] = {}
+    for g, rs in groups.items():
+        ops_order.setdefault(rs[0].info.get("op", "other"), []).append(g)
+    for op in sorted(ops_order, key=lambda o: (o != "end_to_end", o)):
+        lines += [f"## {op}", ""]
+        if op == "end_to_end":
+            for g in ops_order[op]:
+                lines += _group_table(g, groups[g], sp.get(g, {}))
+        else:
+            lines += _op_table([groups[g] for g in ops_order[op]], sp)
+    return "\n".join(lines)
+
+
+def _group_table(group: str, rows: Sequence[Row], sp: dict[str, float]) -> list[str]:
+    """Detailed table of one group: a line per variant."""
+    rs = sorted(rows, key=lambda r: _variant_rank(r.variant))
+    i = rs[0].info
+    lines = [f"### {group}", "", f"{i.get('flops', 0) / 1e9:.3f} GFLOP, {i.get('bytes', 0) / 1e6:.2f} MB", "",
+             "| variant | time (ms) | fastbisenet speedup | GB/s | TFLOP/s | floor (ms) | % of floor "
+             "| peak mem (MiB) | timing |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rs:
+        m = row_metrics(r)
+        s = sp.get(r.variant)
+        speed = "—" if r.variant == "fastbisenet" or s is None else f"{s:.2f}x"
+        mem = r.info.get("peak_mem_bytes")
+        lines.append(
+            f"| {r.variant} | {m['ms']:.4f} | {speed} | {_fmt(m['gbps'], '.1f')} | {_fmt(m['tflops'], '.2f')} | "
+            f"{_fmt(m['floor_ms'], '.4f')} | {_fmt(m['pct_floor'], '.1f', '%')} | "
+            f"{_fmt(mem / 2**20 if mem else None, '.0f')} | {_timing(r)} |")
+    return [*lines, ""]
+
+
+def _timing(r: Row) -> str:
+    t = r.info.get("timing") or ""
+    return t + (" (graph capture failed)" if r.info.get("timing_note") else "")
+
+
+def _op_table(groups: Sequence[Sequence[Row]], sp: dict[str, dict[str, float]]) -> list[str]:
+    """Compact table of one op: a line per shape/dtype/pass, the variants' times side by side, the
+    fastbisenet speedups and the fastbisenet row's achieved rates."""
+    variants = sorted({r.variant for rs in groups for r in rs}, key=_variant_rank)
+    peers = [v for v in variants if v != "fastbisenet"]
+    lines = ["| case | dtype | pass | calls | " + " | ".join(f"{v} (ms)" for v in variants) + " | "
+             + " | ".join(f"vs {p}" for p in peers) + " | GB/s | TFLOP/s | % of floor | timing |",
+             "|---|---|---|---:|" + "---:|" * (len(variants) + len(peers) + 3) + "---|"]
+    for rs in groups:
+        by_v = {r.variant: r for r in rs}
+        i = rs[0].info
+        fast = by_v.get("fastbisenet")
+        m = row_metrics(fast) if fast else {}
+        g = rs[0].group
+        times = [f"{by_v[v].time_s * 1e3:.4f}" if v in by_v else "—" for v in variants]
+        speed = [f"{sp[g][p]:.2f}x" if p in sp.get(g, {}) else "—" for p in peers]
+        lines.append(f"| {i.get('case', g)} | {i.get('dtype', '')} | {i.get('pass', '')} | {i.get('calls', '')} | "
+                     + " | ".join(times) + " | " + " | ".join(speed) + " | "
+                     f"{_fmt(m.get('gbps'), '.1f')} | {_fmt(m.get('tflops'), '.2f')} | "
+                     f"{_fmt(m.get('pct_floor'), '.1f', '%')} | {_timing(fast) if fast else ''} |")
+    return [*lines, "", "GB/s, TFLOP/s and % of floor are those of fastbisenet.", ""]
+
+
+def plot_end_to_end(rows: Sequence[Row], path: str | Path) -> bool:
+    """PNG of end-to-end inference latency by input size, one line per variant and dtype.
+
+    Returns False (and writes nothing) when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    e2e = [r for r in rows if r.info.get("op") == "end_to_end" and r.info.get("pass") != "train"]
+    if not e2e:
+        return False
+    shapes = sorted({tuple(r.info["shape"]) for r in e2e}, key=lambda s: (math.prod(s), s))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    series: dict[tuple[str, str], dict[int, float]] = {}
+    for r in e2e:
+        series.setdefault((r.variant, r.info.get("dtype", "")), {})[shapes.index(tuple(r.info["shape"]))] = \
+            r.time_s * 1e3
+    for (variant, dt), pts in sorted(series.items(), key=lambda kv: (_variant_rank(kv[0][0]), kv[0][1])):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], marker="o", linestyle="-" if dt == "bfloat16" else "--",
+                label=f"{variant} ({dt})")
+    ax.set_xticks(range(len(shapes)), [shape_str(s) for s in shapes])
+    ax.set_xlabel("input (N x C x H x W)")
+    ax.set_ylabel("latency (ms, median)")
+    ax.set_yscale("log")
+    device = e2e[0].info.get("device_name", "")
+    ax.set_title(f"BiSeNet end-to-end inference latency — {device}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def report(json_path: str | Path, out_dir: str | Path) -> dict[str, Path | None]:
+    """Write ``report.md`` and (with matplotlib) ``end_to_end.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows, meta = load_rows(json_path)
+    md = out / "report.md"
+    md.write_text(render_markdown(rows, meta))
+    png: Path | None = out / "end_to_end.png"
+    try:
+        if not plot_end_to_end(rows, png):
+            print("no end-to-end inference rows: plot skipped", file=sys.stderr)
+            png = None
+    except ImportError:
+        print("matplotlib is not installed: plot skipped (pip install matplotlib)", file=sys.stderr)
+        png = None
+    return {"markdown": md, "plot": png}
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI: fastbisenet bench
+# ----------------------------------------------------------------------------------------------
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must be HxW, e.g. 1024x2048; got {text!r}") from None
+    return h, w
+
+
+def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Options of ``fastbisenet bench``."""
+    p.add_argument("--size", type=_size, default=None,
+                   help="input HxW (default 1024x2048 on CUDA, 256x512 on CPU)")
+    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--aux-mode", choices=("pred", "eval", "train"), default="pred",
+                   help="pred/eval: inference; train: a training step (forward + OHEM CE + backward)")
+    p.add_argument("--iters", type=int, default=None, help="timed samples (default 30 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5 on CUDA, 2 on CPU)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="also time torch.compile of the reference (default: on for CUDA, off for CPU)")
+    p.add_argument("--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune')")
+    p.add_argument("--no-graph", action="store_true", help="CUDA: time plain launches, no CUDA graph")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--preset", default="v1", help="model preset (default v1)")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--n-classes", type=int, default=19)
+    p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    p.add_argument("--report", nargs=2, metavar=("JSON", "OUTDIR"), default=None,
+                   help="only render a pytest-benchmark JSON into OUTDIR (report.md, end_to_end.png)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    return p
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to an ``argparse`` subparsers object."""
+    p = subparsers.add_parser("bench", help="measure end-to-end latency and throughput on this device",
+                              description="Measure BiSeNet end-to-end latency and throughput for each "
+                                          "backend (and torch.compile) on the current device.")
+    configure_parser(p)
+    p.set_defaults(func=run)
+    return p
+
+
+class _Progress:
+    """One status line on stderr, rewritten in place on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, text: str, final: bool = False) -> None:
+        if not self.enabled:
+            return
+        sys.stdout.flush()
+        if self.tty:
+            sys.stderr.write("\r\033[K" + text + ("\n" if final else ""))
+        elif final:
+            sys.stderr.write(text + "\n")
+        sys.stderr.flush()
+
+
+def run(args: argparse.Namespace) -> int:
+    """``fastbisenet bench``: time each available variant of the model, print a table."""
+    if args.report:
+        paths = report(*args.report)
+        print(f"wrote {paths['markdown']}" + (f" and {paths['plot']}" if paths["plot"] else ""))
+        return 0
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    cuda = torch.device(device).type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+        return 2
+    h, w = args.size or ((1024, 2048) if cuda else (256, 512))
+    dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
+    iters = args.iters or (30 if cuda else 5)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    use_compile = args.compile if args.compile is not None else cuda
+    shape = (args.batch, 3, h, w)
+    variants = ["fastbisenet"] if cuda else []
+    variants.append("eager")
+    if use_compile:
+        variants.append("compile")
+    if args.max_autotune:
+        variants.append("max-autotune")
+    env = env_info(device)
+    print(f"fastbisenet bench: {env['device_name']} | torch {env['torch']} | triton {env['triton']} | "
+          f"input {shape_str(shape)} {dtype_name(dtype)} | aux_mode {args.aux_mode}")
+    if not cuda:
+        print("note: the Triton kernels need a CUDA GPU; on CPU only the reference (torch) backend is timed.")
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+    progress = _Progress(not args.quiet)
+    results: list[dict[str, Any]] = []
+    for k, variant in enumerate(variants, 1):
+        tag = f"[{k}/{len(variants)}] {variant}"
+        progress(f"{tag}: building / compiling ...")
+        try:
+            wl = model_workload(variant, shape, dtype, aux_mode=args.aux_mode, device=device,
+                                n_classes=args.n_classes, preset=args.preset, backbone=args.backbone)
+            progress(f"{tag}: warm-up + timing {iters} samples ...")
+            if cuda:
+                timing = time_cuda(wl.step, rounds=iters, warmup=warmup, use_graph=not args.no_graph)
+                mem = peak_memory(wl.step)
+            else:
+                timing = _time_cpu_progress(wl.step, iters, warmup, lambda i, tag=tag: progress(
+                    f"{tag}: {i}/{iters}"))
+                mem = None
+        except Exception as exc:
+            progress(f"{tag}: failed: {_first_line(exc)}", final=True)
+            results.append({"variant": variant, "error": _first_line(exc)})
+            continue
+        finally:
+            free_memory()
+        med = timing.median_ms
+        results.append({"variant": variant, "median_ms": med, "min_ms": min(timing.samples_ms),
+                        "images_per_s": args.batch / (med * 1e-3), "timing": timing.method,
+                        "timing_note": timing.note, "peak_mem_bytes": mem, **wl.info})
+        progress(f"{tag}: {med:.3f} ms", final=True)
+    _print_table(results)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"schema": SCHEMA, "shape": list(shape), "dtype": dtype_name(dtype),
+                                         "aux_mode": args.aux_mode, "env": env, "results": results,
+                                         "date": _dt.datetime.now().isoformat(timespec="seconds")}, indent=2))
+    return 0 if all("error" not in r for r in results) else 1
+
+
+def _time_cpu_progress(fn: Callable[[], Any], iters: int, warmup: int, tick: Callable[[int], None]) -> Timing:
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for i in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+        tick(i + 1)
+    return Timing(samples, "wall", 1)
+
+
+def _print_table(results: Sequence[dict[str, Any]]) -> None:
+    ok = [r for r in results if "error" not in r]
+    base = {r["variant"]: r["median_ms"] for r in ok}
+    fast = base.get("fastbisenet")
+    print(f"{'variant':<14}{'median ms':>12}{'min ms':>10}{'img/s':>10}{'vs fastbisenet':>16}"
+          f"{'peak MiB':>10}  timing")
+    for r in results:
+        if "error" in r:
+            print(f"{r['variant']:<14}  failed: {r['error']}")
+            continue
+        rel = f"{r['median_ms'] / fast:.2f}x" if fast else "—"
+        mem = f"{r['peak_mem_bytes'] / 2**20:.0f}" if r.get("peak_mem_bytes") else "—"
+        print(f"{r['variant']:<14}{r['median_ms']:>12.3f}{r['min_ms']:>10.3f}{r['images_per_s']:>10.1f}"
+              f"{rel:>16}{mem:>10}  {r['timing']}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m fastbisenet.benchmark ...``: the bench subcommand without the main CLI."""
+    parser = configure_parser(argparse.ArgumentParser(prog="fastbisenet bench"))
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
+
+__all__ = [
+    "SCHEMA", "VARIANTS", "OpCase", "Row", "Timing", "add_parser", "env_info", "extra_info", "feed_benchmark",
+    "floor_seconds", "load_rows", "materialize", "measure_floors", "model_cost", "model_workload",
+    "op_cost", "op_workload", "render_markdown", "report", "run", "time_cuda", "trace_ops",
+]

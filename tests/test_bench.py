@@ -1,0 +1,295 @@
+"""Benchmark infrastructure on CPU: report numbers, plot, the ``bench`` CLI, the pytest-benchmark
+hand-off, the traced shape table and cost model, and ``pytest bench/`` skipping cleanly without CUDA."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fastbisenet import benchmark as fb
+
+ROOT = Path(__file__).resolve().parents[1]
+
+FLOORS = {"floor_matmul_tflops": 500.0, "floor_copy_gbps": 3000.0}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """The CPU work here is tiny; one thread avoids OpenMP spinning on a shared, loaded machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _bench(group: str, variant: str, median_s: float, **info: Any) -> dict[str, Any]:
+    extra = {"schema": fb.SCHEMA, "variant": variant, "device_name": "Fake GPU", "torch": "x", "git_commit": "abc",
+             **FLOORS, **info}
+    return {"group": group, "name": f"test[{group}-{variant}]", "extra_info": extra,
+            "stats": {"median": median_s, "min": median_s, "max": median_s, "mean": median_s, "rounds": 5}}
+
+
+def _write_json(path: Path) -> Path:
+    # floor of the conv group: max(4e11 / 500e12, 3e9 / 3000e9) = max(0.8 ms, 1.0 ms) = 1 ms
+    conv = dict(op="conv_bn_act", pass_="fwd", dtype="bfloat16", flops=4e11, bytes=3e9, shape=[1, 64, 256, 512])
+    conv = {("pass" if k == "pass_" else k): v for k, v in conv.items()}
+    e2e = dict(op="end_to_end", dtype="bfloat16", flops=2.4e11, bytes=5e7)
+    e2e_rows = []
+    for shape, t_fast, t_eager in (([1, 3, 512, 1024], 1e-3, 3e-3), ([1, 3, 1024, 2048], 3e-3, 9e-3)):
+        g = f"end_to_end pred {fb.shape_str(shape)} bf16"
+        e2e_rows += [_bench(g, "fastbisenet", t_fast, shape=shape, peak_mem_bytes=3 * 2**20, **{"pass": "pred"}, **e2e),
+                     _bench(g, "eager", t_eager, shape=shape, **{"pass": "pred"}, **e2e)]
+    data = {
+        "datetime": "2025-01-01T00:00:00",
+        "machine_info": {},
+        "commit_info": {},
+        "benchmarks": [
+            _bench("conv A", "fastbisenet", 2e-3, **conv),
+            _bench("conv A", "eager", 5e-3, **conv),
+            _bench("conv A", "compile", 3e-3, **conv),
+            _bench("conv B", "fastbisenet", 1e-3, **conv),
+            _bench("conv B", "eager", 4e-3, **conv),
+            *e2e_rows,
+        ],
+    }
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_report_numbers(tmp_path: Path) -> None:
+    rows, _ = fb.load_rows(_write_json(tmp_path / "bench.json"))
+    sp = fb.speedups(rows)
+    assert sp["conv A"] == pytest.approx({"eager": 2.5, "compile": 1.5})
+    assert sp["conv B"] == pytest.approx({"eager": 4.0})
+    fast_a = next(r for r in rows if r.group == "conv A" and r.variant == "fastbisenet")
+    m = fb.row_metrics(fast_a)
+    assert m["gbps"] == pytest.approx(1500.0)
+    assert m["tflops"] == pytest.approx(200.0)
+    assert m["floor_ms"] == pytest.approx(1.0)
+    assert m["pct_floor"] == pytest.approx(50.0)
+    assert fb.floor_seconds(4e11, 3e9, 500, 3000) == pytest.approx(1e-3)
+    assert fb.floor_seconds(4e11, 3e9, None, 3000) is None
+
+    md = fb.render_markdown(rows)
+    # per-op: one compact line per shape, fastbisenet's rates
+    assert "| conv A | bfloat16 | fwd |  | 2.0000 | 5.0000 | 3.0000 | 2.50x | 1.50x | 1500.0 | 200.00 | 50.0% |" in md
+    assert "| conv B | bfloat16 | fwd |  | 1.0000 | 4.0000 | — | 4.00x | — | 3000.0 | 400.00 | 100.0% |" in md
+    # end to end: a line per variant; floor = max(2.4e11 / 500e12, 5e7 / 3000e9) = 0.48 ms
+    assert "| fastbisenet | 1.0000 | — | 50.0 | 240.00 | 0.4800 | 48.0% | 3 |" in md
+    assert "| eager | 3.0000 | 3.00x | 16.7 | 80.00 | 0.4800 | 16.0% | — |" in md
+    assert f"{math.sqrt(10):.2f}x (2)" in md
+    assert md.index("## end_to_end") < md.index("## conv_bn_act")
+    assert "Fake GPU" in md
+
+
+def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    paths = fb.report(_write_json(tmp_path / "bench.json"), tmp_path / "out")
+    assert paths["markdown"].read_text().startswith("# fastbisenet benchmark report")
+    assert paths["plot"] is not None
+    assert paths["plot"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    paths = fb.report(_write_json(tmp_path / "bench.json"), tmp_path / "out")
+    assert paths["plot"] is None
+    assert paths["markdown"].exists()
+    assert "matplotlib is not installed" in capsys.readouterr().err
+
+
+def test_report_script(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(_write_json(tmp_path / "b.json")),
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "report.md").exists()
+
+
+def _bench_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fastbisenet")
+    fb.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *argv])
+    assert args.func is fb.run
+    return args
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU path")
+@pytest.mark.parametrize(("aux_mode", "batch"), [("pred", 1), ("train", 2)])
+def test_bench_cli_cpu(aux_mode: str, batch: int, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = _bench_args("--size", "64x64", "--batch", str(batch), "--iters", "2", "--warmup", "0",
+                       "--aux-mode", aux_mode, "--json", str(tmp_path / "r.json"))
+    assert args.func(args) == 0
+    out = capsys.readouterr()
+    assert "Triton kernels need a CUDA GPU" in out.out
+    rows = out.out.split("variant", 1)[1].splitlines()[1:]
+    assert [r.split()[0] for r in rows] == ["eager"]
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["shape"] == [batch, 3, 64, 64]
+    assert [r["variant"] for r in result["results"]] == ["eager"]
+    assert result["results"][0]["median_ms"] > 0
+
+
+def test_bench_cli_report_mode(tmp_path: Path) -> None:
+    args = _bench_args("--report", str(_write_json(tmp_path / "b.json")), str(tmp_path / "out"))
+    assert fb.run(args) == 0
+    assert (tmp_path / "out" / "report.md").exists()
+
+
+def test_feed_benchmark_reports_exact_samples(tmp_path: Path) -> None:
+    """What pytest-benchmark stores is exactly the per-iteration times handed to it."""
+    (tmp_path / "test_feed.py").write_text(
+        "from fastbisenet.benchmark import feed_benchmark\n"
+        "def test_feed(benchmark):\n"
+        "    feed_benchmark(benchmark, [1.0, 2.0, 4.0])\n"
+    )
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
+                          "--benchmark-json", str(tmp_path / "feed.json")],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stdout + out.stderr
+    stats = json.loads((tmp_path / "feed.json").read_text())["benchmarks"][0]["stats"]
+    assert stats["rounds"] == 3
+    assert stats["min"] == pytest.approx(1e-3)
+    assert stats["median"] == pytest.approx(2e-3)
+    assert stats["max"] == pytest.approx(4e-3)
+
+
+def test_traced_ops_cover_the_model_and_add_up() -> None:
+    shape = (1, 3, 1024, 2048)
+    cases = fb.trace_ops(shape, aux_mode="eval")
+    assert {c.op for c in cases} >= {"conv_bn_act", "concat_conv_bn_act", "mean_hw", "bn_attention",
+                                     "attend_add_upsample", "attend_residual", "head_logits"}
+    flops = sum(c.calls * fb.op_cost(c, torch.bfloat16, backward=False)[0] for c in cases)
+    model_flops, model_bytes = fb.model_cost(shape, torch.bfloat16, aux_mode="eval")
+    assert flops == model_flops
+    assert model_flops / 1e9 == pytest.approx(236.7, abs=0.05)  # SPEC section 2
+    assert model_bytes > 13_000_000 * 2  # at least the bf16 parameters
+    pred = fb.trace_ops(shape, aux_mode="pred")
+    assert [c for c in pred if c.op == "head_argmax"]
+    assert sum(c.calls for c in cases if c.op == "conv_bn_act") == 20 + 1 + 2 + 4 + 1 + 2  # resnet+cp+sp+head
+    labels = {c.label for c in cases}
+    assert "7x7s2 3->64 @1x3x1024x2048" in labels
+    assert "3x3s1 64->64 @1x64x256x512 +res" in labels
+
+
+def test_op_workloads_run_on_cpu() -> None:
+    """The same workload builders the GPU rows use, on CPU with the reference ops."""
+    cases = fb.trace_ops((2, 3, 32, 64), aux_mode="train")
+    cases += [c for c in fb.trace_ops((2, 3, 32, 64), aux_mode="pred") if c.op == "head_argmax"]
+    cases += [c for c in fb.trace_ops((2, 3, 32, 64), preset="face-parsing") if c.op == "mlp_attention"]
+    assert len({c.op for c in cases}) == 9
+    for case in cases:
+        for backward in (False, True) if case.op != "head_argmax" else (False,):
+            step = fb.op_workload(case, "eager", torch.float32, backward=backward, device="cpu")
+            step()
+            flops, nbytes = fb.op_cost(case, torch.float32, backward=backward)
+            assert nbytes > 0 and flops >= 0
+
+
+def test_ohem_ce_matches_definition() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 8, 8)
+    labels = torch.randint(0, 5, (2, 8, 8))
+    labels[0, :2] = fb.IGNORE_INDEX
+    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=fb.IGNORE_INDEX, reduction="none").flatten()
+    n_min = int((labels != fb.IGNORE_INDEX).sum()) // 16
+    thresh = -math.log(0.7)
+    hard = ce[ce > thresh]
+    expected = hard.mean() if hard.numel() >= n_min else ce.sort(descending=True).values[:n_min].mean()
+    assert fb.ohem_ce(logits, labels, n_min=n_min) == pytest.approx(float(expected), rel=1e-6)
+    # when few pixels are hard, the top n_min are used
+    big_n = int((ce > thresh).sum()) + 5
+    top = ce.sort(descending=True).values[:big_n].mean()
+    assert fb.ohem_ce(logits, labels, n_min=big_n) == pytest.approx(float(top), rel=1e-6)
+    losses = pytest.importorskip("fastbisenet.losses")
+    crit, _ = fb.make_criterion(labels)
+    assert float(crit(logits, labels)) == pytest.approx(float(losses.OhemCELoss()(logits, labels)), rel=1e-6)
+    labels_few = labels.clone()
+    labels_few[1] = fb.IGNORE_INDEX
+    crit, _ = fb.make_criterion(labels_few)
+    assert float(crit(logits * 0.01, labels_few)) == pytest.approx(
+        float(losses.OhemCELoss()(logits * 0.01, labels_few)), rel=1e-6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the benchmarks")
+def test_pytest_bench_skips_everything_without_cuda() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTBISENET_BENCH")}
+    out = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-rs",
+                          "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = out.stdout.strip().splitlines()[-1]
+    assert "skipped" in summary and "passed" not in summary and "failed" not in summary, summary
+    assert "no CUDA device" in out.stdout
+
+
+class _FakeBenchmark:
+    """The parts of pytest-benchmark's fixture that bench.common uses (the real hand-off is checked by
+    test_feed_benchmark_reports_exact_samples)."""
+
+    def __init__(self) -> None:
+        self._timer: Any = None
+        self.extra_info: dict[str, Any] = {}
+        self.group: str | None = None
+        self.durations: list[float] = []
+
+    def pedantic(self, target: Any, rounds: int, iterations: int, warmup_rounds: int) -> None:
+        for _ in range(rounds):
+            t0 = self._timer()
+            target()
+            self.durations.append(self._timer() - t0)
+
+
+def test_benchmark_rows_pipeline_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.common's row runner end to end on CPU (wall-clock timing and the reference ops standing
+    in for CUDA events and the kernels), then the report over the rows it produced."""
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import common
+    from fastbisenet import reference
+
+    samples = [1.5, 2.5, 3.5]
+    resolve_op = fb.resolve_op
+
+    def fake_time_cuda(step: Any, **kw: Any) -> fb.Timing:
+        step()
+        return fb.Timing(list(samples), "cuda-graph", 4)
+
+    monkeypatch.setattr(common, "DEVICE", "cpu")
+    monkeypatch.setattr(common, "_check_variant", lambda variant: None)
+    monkeypatch.setattr(fb, "time_cuda", fake_time_cuda)
+    monkeypatch.setattr(fb, "resolve_op", lambda op, v: getattr(reference, op) if v == "fastbisenet"
+                        else resolve_op(op, v))
+    env = {"device_name": "cpu-test", "git_commit": "abc"}
+    floors = {"matmul_tflops": 1.0, "copy_gbps": 10.0}
+    benches = []
+    cases = fb.trace_ops((2, 3, 32, 64), aux_mode="train")
+    for op in ("conv_bn_act", "attend_add_upsample"):
+        case = next(c for c in cases if c.op == op)
+        for variant in ("fastbisenet", "eager"):
+            benches.append(_FakeBenchmark())
+            common.run_op(benches[-1], case, "fp32", "fwd+bwd", variant, floors, env)
+    benches.append(_FakeBenchmark())
+    common.run_e2e(benches[-1], "train", (2, 3, 32, 64), "fp32", "eager", floors, env)
+    for b in benches:
+        assert b.durations == pytest.approx([s * 1e-3 for s in samples])
+        info = b.extra_info
+        assert info["schema"] == fb.SCHEMA and info["timing"] == "cuda-graph" and info["iters_per_sample"] == 4
+        assert info["dtype"] == "float32" and info["bytes"] > 0 and info["floor_copy_gbps"] == 10.0
+        assert json.loads(json.dumps(info)) == info
+    assert benches[0].extra_info["flops"] > 0 and benches[0].extra_info["pass"] == "fwd+bwd"
+    assert benches[-1].extra_info["loss"].startswith("ohem_ce")
+    assert benches[-1].extra_info["flops"] > 0 and benches[-1].group == "end_to_end train 2x3x32x64 fp32"
+    data = {"benchmarks": [{"group": b.group, "name": b.group + b.extra_info["variant"], "extra_info": b.extra_info,
+                            "stats": {"median": sorted(b.durations)[1]}} for b in benches]}
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    md = fb.report(tmp_path / "b.json", tmp_path / "out")["markdown"].read_text()
+    assert "| 2.5000 | 2.5000 | 1.00x |" in md  # per-op: fastbisenet and eager times, speedup
+    assert "| eager | 2.5000 | — |" in md  # end to end: no fastbisenet row, no speedup
