@@ -2,9 +2,19 @@
 
 ``TRITON_INTERPRET=1`` must be in the environment before ``triton`` is first imported, so it is set
 here, at conftest import, before any test module imports fastbisenet's kernels.
+
+Also hosts the helpers shared by the fused-op tests (``from conftest import close, ...``): the
+per-dtype tolerance table ``TOL`` with ``close``, ``make_map``/``f64`` input builders, the hypothesis
+profile ``HYPO``, and the ``poison`` fixture (every buffer the ops allocate starts NaN / -7, so an
+unwritten element shows up in the result).
 """
 
+import math
 import os
+
+# numpy's OpenBLAS threads and torch's OpenMP threads oversubscribe the cores and make small matmuls
+# (every interpreted tl.dot) ~100x slower; must be set before numpy is first imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import torch
 
@@ -12,6 +22,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 HAS_CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if HAS_CUDA else "cpu"
@@ -33,3 +44,47 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+# (rtol, atol) relative to the largest reference magnitude: |a - ref|.max() <= atol + rtol * |ref|.max()
+TOL = {torch.float32: (2e-5, 1e-6), torch.float16: (4e-3, 1e-4), torch.bfloat16: (3e-2, 1e-3)}
+HYPO = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> None:
+    """Assert ``actual`` matches the float64 ``expected`` within ``TOL[dtype]`` (times ``scale``)."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert torch.isfinite(actual).all(), "non-finite values (unwritten poisoned output?)"
+    rtol, atol = TOL[dtype]
+    err = (actual.double().cpu() - expected.double().cpu()).abs().max().item()
+    bound = scale * (atol + rtol * expected.abs().max().item())
+    assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
+
+
+def make_map(n: int, c: int, h: int, w: int, channels_last: bool, device: str, dtype=torch.float32) -> torch.Tensor:
+    """A leaf (N, C, H, W) map requiring grad, NCHW-contiguous or channels_last, values around 0.5."""
+    x = torch.randn(n, c, h, w, dtype=dtype) + 0.5
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x.to(device).requires_grad_()
+
+
+def f64(t: torch.Tensor) -> torch.Tensor:
+    """A float64 CPU leaf copy of ``t`` requiring grad: the reference computation's input."""
+    return t.detach().cpu().double().requires_grad_()
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    """Make ``torch.empty``/``empty_like`` return NaN-filled (float) or -7-filled (int) tensors."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def fill(t: torch.Tensor) -> torch.Tensor:
+        if t.is_floating_point():
+            t.fill_(math.nan)
+        elif t.dtype in (torch.int32, torch.int64):
+            t.fill_(-7)
+        return t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))

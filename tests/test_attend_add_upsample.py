@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import HYPO, close, f64, make_map
 from hypothesis import given
 from hypothesis import strategies as st
-from test_channel_attention import HYPO, close, f64, make_map, poison  # noqa: F401
 
 from fastbisenet import reference as R
 from fastbisenet.ops import attend_add_upsample as U

@@ -1,66 +1,22 @@
 """Triton channel attention (``mean_hw``, ``bn_attention``, ``mlp_attention``) against float64 torch.
 
-Also hosts the helpers shared by the other fused-op tests: the per-dtype tolerance table, ``close``
-and the ``poison`` fixture (every buffer the ops allocate starts NaN / -7, so an unwritten element
-shows up in the result).
+Shared helpers (``close``, ``make_map``, ``f64``, ``HYPO``, the ``poison`` fixture) live in conftest.py.
 """
 
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch
+from conftest import HYPO, close, f64, make_map
 from fastbisenet.kernels import channel_attention as KCA
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 from fastbisenet import reference as R
 from fastbisenet.ops import channel_attention as CA
-
-# (rtol, atol) relative to the largest reference magnitude: |a - ref|.max() <= atol + rtol * |ref|.max()
-TOL = {torch.float32: (2e-5, 1e-6), torch.float16: (4e-3, 1e-4), torch.bfloat16: (3e-2, 1e-3)}
-HYPO = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-
-
-def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> None:
-    """Assert ``actual`` matches the float64 ``expected`` within ``TOL[dtype]`` (times ``scale``)."""
-    assert actual.shape == expected.shape, (actual.shape, expected.shape)
-    assert torch.isfinite(actual).all(), "non-finite values (unwritten poisoned output?)"
-    rtol, atol = TOL[dtype]
-    err = (actual.double().cpu() - expected.double().cpu()).abs().max().item()
-    bound = scale * (atol + rtol * expected.abs().max().item())
-    assert err <= bound, f"max abs error {err:.3g} > {bound:.3g}"
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    """Make ``torch.empty``/``empty_like`` return NaN-filled (float) or -7-filled (int) tensors."""
-    real_empty, real_empty_like = torch.empty, torch.empty_like
-
-    def fill(t: torch.Tensor) -> torch.Tensor:
-        if t.is_floating_point():
-            t.fill_(math.nan)
-        elif t.dtype in (torch.int32, torch.int64):
-            t.fill_(-7)
-        return t
-
-    monkeypatch.setattr(torch, "empty", lambda *a, **k: fill(real_empty(*a, **k)))
-    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: fill(real_empty_like(*a, **k)))
-
-
-def make_map(n: int, c: int, h: int, w: int, channels_last: bool, device: str, dtype=torch.float32) -> torch.Tensor:
-    x = torch.randn(n, c, h, w, dtype=dtype) + 0.5
-    if channels_last:
-        x = x.to(memory_format=torch.channels_last)
-    return x.to(device).requires_grad_()
-
-
-def f64(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().cpu().double().requires_grad_()
-
 
 # ------------------------------------------------------------------------------------- mean_hw
 

@@ -186,3 +186,29 @@ def test_dispatch_resolution():
             ops.impl("triton", x)
     with pytest.raises(ValueError, match="backend"):
         ops.impl("cudnn", x)
+
+
+def test_compiled_model_fullgraph_trains_like_eager(device):
+    """``torch.compile(model, fullgraph=True)`` traces the fused model (train mode: BN buffer updates
+    included) in one graph, and forward, gradients and buffers equal the eager fused model's."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    _, eager = pair("v1", "train", seed=4)
+    eager = eager.to(device).train()
+    twin = copy.deepcopy(eager)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(twin, fullgraph=True, backend=counter)
+    x = torch.randn(2, 3, 32, 32, device=device)
+    target = torch.randint(0, 5, (2, 32, 32), device=device)
+    want, got = _train_step(eager, x, target), _train_step(compiled, x, target)
+    assert counter.frame_count == 1
+    targets = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
+    assert any("fastbisenet.conv_bn_act" in t for t in targets), targets
+    assert rel_err(got, want) < 1e-6
+    twin_params = dict(twin.named_parameters())
+    for name, p in eager.named_parameters():
+        assert rel_err(twin_params[name].grad, p.grad) < 1e-5, name
+    twin_buffers = dict(twin.named_buffers())
+    for name, b in eager.named_buffers():
+        assert torch.allclose(twin_buffers[name].double(), b.double(), rtol=1e-6, atol=1e-7), name

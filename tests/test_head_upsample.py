@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import HYPO, close, f64, make_map
 from hypothesis import given
 from hypothesis import strategies as st
-from test_channel_attention import HYPO, close, f64, make_map, poison  # noqa: F401
 from torch import nn
 
 from fastbisenet import reference as R

@@ -1,8 +1,10 @@
 """Triton channel attention: ``mean_hw``, ``bn_attention`` (ARM, v1 FFM) and ``mlp_attention`` (face FFM).
 
-Each op has tensor-level ``*_fwd``/``*_bwd`` functions taking plain tensors and Python scalars (ready
-for ``torch.library`` registration), an ``autograd.Function`` built on them, and a module-level
-wrapper with the signature of :mod:`fastbisenet.reference`.
+Each op has tensor-level ``*_fwd``/``*_bwd`` functions taking plain tensors and Python scalars, two
+front ends built on them (an ``autograd.Function`` for eager calls and the ``torch.library`` custom
+ops ``fastbisenet::<op>`` / ``fastbisenet::<op>_backward`` for ``torch.compile``; see
+:mod:`fastbisenet.ops._library`), and a module-level wrapper with the signature of
+:mod:`fastbisenet.reference` that picks between them.
 
 Module configurations the kernels do not cover (a 1x1 conv with bias or padding, groups, a kernel
 other than 1x1) fall back to the reference formula, which gives the same result.
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 
 from fastbisenet import reference
 from fastbisenet.kernels import channel_attention as K
+from fastbisenet.ops._library import call, is_channels_last, memory_format
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -31,9 +34,7 @@ def check_map(x: Tensor, name: str = "x") -> None:
 
 def memory_format_of(x: Tensor) -> torch.memory_format:
     """``channels_last`` when ``x`` is laid out so (and not also NCHW-contiguous), else contiguous."""
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
+    return memory_format(is_channels_last(x))
 
 
 def broadcast_grad(g: Tensor, shape: torch.Size, dtype: torch.dtype, fmt: torch.memory_format, scale: float) -> Tensor:
@@ -81,9 +82,41 @@ class MeanHWFunction(torch.autograd.Function):
         return mean_hw_bwd(grad, *ctx.meta)
 
 
+@torch.library.custom_op("fastbisenet::mean_hw", mutates_args=())
+def mean_hw_op(x: Tensor) -> Tensor:
+    return mean_hw_fwd(x)
+
+
+@mean_hw_op.register_fake
+def _(x):
+    return x.new_empty((x.shape[0], x.shape[1], 1, 1))
+
+
+@torch.library.custom_op("fastbisenet::mean_hw_backward", mutates_args=())
+def mean_hw_backward_op(grad: Tensor, shape: list[int], dtype: torch.dtype, channels_last: bool) -> Tensor:
+    return mean_hw_bwd(grad, torch.Size(shape), dtype, memory_format(channels_last))
+
+
+@mean_hw_backward_op.register_fake
+def _(grad, shape, dtype, channels_last):
+    return torch.empty(shape, device=grad.device, dtype=dtype, memory_format=memory_format(channels_last))
+
+
+def _mean_hw_setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.meta = (list(x.shape), x.dtype, is_channels_last(x))
+
+
+def _mean_hw_backward(ctx, grad):
+    return torch.ops.fastbisenet.mean_hw_backward(grad, *ctx.meta)
+
+
+mean_hw_op.register_autograd(_mean_hw_backward, setup_context=_mean_hw_setup)
+
+
 def mean_hw(x: Tensor) -> Tensor:
     """Global average over H and W, keeping dims: (N, C, H, W) -> (N, C, 1, 1)."""
-    return MeanHWFunction.apply(x)
+    return call(MeanHWFunction.apply, torch.ops.fastbisenet.mean_hw, x)
 
 
 # --------------------------------------------------------------------------------- bn_attention
@@ -96,18 +129,23 @@ def bn_attention_fwd(
     beta: Tensor | None,
     running_mean: Tensor | None,
     running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
     batch_stats: bool,
     update: bool,
-    momentum: float,
+    momentum: float | None,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``sigmoid(BN(W @ mean_hw(feat)))``; returns ``(a (N, C, 1, 1), y, mean, smean, sinvstd)``.
 
     ``batch_stats`` normalises with the batch statistics over N; ``update`` also moves the running
-    statistics in place by ``momentum``. The last four outputs are fp32 and saved for backward.
+    statistics in place by ``momentum``, or with ``momentum=None`` by ``1 / num_batches_tracked`` (a
+    cumulative average; the caller has already counted this call in ``num_batches_tracked``, which is
+    only read here). The last four outputs are fp32 and saved for backward.
     """
     check_map(feat, "feat")
     n, _, h, w = feat.shape
+    if momentum is None:
+        momentum = 1.0 / float(num_batches_tracked) if update and num_batches_tracked is not None else 0.0
     part, split = K.mean_partials(feat)
     a, y, mean, smean, sinvstd = K.bn_attention_fwd(
         part, split, h * w, weight, gamma, beta, running_mean, running_var, batch_stats, update, momentum, eps,
@@ -140,11 +178,18 @@ def bn_attention_bwd(
     return dfeat, dw.view(weight.shape), dgamma, dbeta
 
 
+_NO_GRADS_BN = (None,) * 7  # running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps
+
+
 class BNAttentionFunction(torch.autograd.Function):
+    """Eager ``bn_attention``: updates the running statistics in place (when ``update``)."""
+
     @staticmethod
-    def forward(ctx, feat, weight, gamma, beta, running_mean, running_var, batch_stats, update, momentum, eps):
+    def forward(ctx, feat, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update,
+                momentum, eps):
         a, y, mean, smean, sinvstd = bn_attention_fwd(
-            feat, weight, gamma, beta, running_mean, running_var, batch_stats, update, momentum, eps
+            feat, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update, momentum,
+            eps,
         )
         ctx.save_for_backward(y, mean, smean, sinvstd, weight, gamma, beta)
         ctx.meta = (batch_stats, feat.shape, feat.dtype, memory_format_of(feat))
@@ -157,7 +202,103 @@ class BNAttentionFunction(torch.autograd.Function):
         dfeat, dw, dgamma, dbeta = bn_attention_bwd(
             grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, shape, dtype, fmt
         )
-        return dfeat, dw, dgamma, dbeta, None, None, None, None, None, None
+        return dfeat, dw, dgamma, dbeta, *_NO_GRADS_BN
+
+
+# A custom op that mutates an argument cannot have an autograd formula (torch.library refuses
+# ``register_autograd`` on non-functional schemas), so ``fastbisenet::bn_attention`` is functional:
+# with ``update`` it runs the kernel on copies of the running statistics and returns the updated
+# copies (outputs 5 and 6; empty placeholders otherwise), which :func:`bn_attention` writes back with
+# ``copy_`` -- a buffer mutation that torch.compile traces natively. ``num_batches_tracked`` is only
+# read (the wrapper increments it before the call).
+@torch.library.custom_op("fastbisenet::bn_attention", mutates_args=())
+def bn_attention_op(
+    feat: Tensor,
+    weight: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    num_batches_tracked: Tensor | None,
+    batch_stats: bool,
+    update: bool,
+    momentum: float | None,
+    eps: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if update:
+        running_mean, running_var = running_mean.clone(), running_var.clone()
+    outs = bn_attention_fwd(
+        feat, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps
+    )
+    if not update:
+        running_mean, running_var = outs[3].new_empty(0), outs[3].new_empty(0)
+    return (*outs, running_mean, running_var)
+
+
+@bn_attention_op.register_fake
+def _(feat, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps):
+    n, c_in = feat.shape[:2]
+    c_out = weight.shape[0]
+    f32 = torch.float32
+    stats = (
+        (torch.empty_like(running_mean), torch.empty_like(running_var)) if update
+        else (feat.new_empty(0, dtype=f32), feat.new_empty(0, dtype=f32))
+    )
+    return (
+        feat.new_empty((n, c_out, 1, 1)), feat.new_empty((n, c_out), dtype=f32), feat.new_empty((n, c_in), dtype=f32),
+        feat.new_empty((c_out,), dtype=f32), feat.new_empty((c_out,), dtype=f32), *stats,
+    )
+
+
+@torch.library.custom_op("fastbisenet::bn_attention_backward", mutates_args=())
+def bn_attention_backward_op(
+    grad: Tensor,
+    y: Tensor,
+    mean: Tensor,
+    smean: Tensor,
+    sinvstd: Tensor,
+    weight: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    batch_stats: bool,
+    feat_shape: list[int],
+    feat_dtype: torch.dtype,
+    channels_last: bool,
+) -> list[Tensor]:
+    """``[dfeat, dweight]``, plus ``[dgamma, dbeta]`` when BN is affine (a custom op returns no None)."""
+    dfeat, dw, dgamma, dbeta = bn_attention_bwd(
+        grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, torch.Size(feat_shape), feat_dtype,
+        memory_format(channels_last),
+    )
+    return [dfeat, dw] if dgamma is None else [dfeat, dw, dgamma, dbeta]
+
+
+@bn_attention_backward_op.register_fake
+def _(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, feat_shape, feat_dtype, channels_last):
+    dfeat = torch.empty(feat_shape, device=grad.device, dtype=feat_dtype, memory_format=memory_format(channels_last))
+    dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
+    return [dfeat, dw] if gamma is None else [dfeat, dw, torch.empty_like(gamma), torch.empty_like(beta)]
+
+
+def _bn_attention_setup(ctx, inputs, output):
+    feat, weight, gamma, beta = inputs[:4]
+    batch_stats = inputs[7]
+    _, y, mean, smean, sinvstd, new_mean, new_var = output
+    ctx.save_for_backward(y, mean, smean, sinvstd, weight, gamma, beta)
+    ctx.mark_non_differentiable(y, mean, smean, sinvstd, new_mean, new_var)
+    ctx.meta = (batch_stats, list(feat.shape), feat.dtype, is_channels_last(feat))
+
+
+def _bn_attention_backward(ctx, grad, *_):
+    y, mean, smean, sinvstd, weight, gamma, beta = ctx.saved_tensors
+    dfeat, dw, *affine = torch.ops.fastbisenet.bn_attention_backward(
+        grad, y, mean, smean, sinvstd, weight, gamma, beta, *ctx.meta
+    )
+    dgamma, dbeta = affine or (None, None)
+    return dfeat, dw, dgamma, dbeta, *_NO_GRADS_BN
+
+
+bn_attention_op.register_autograd(_bn_attention_backward, setup_context=_bn_attention_setup)
 
 
 def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
@@ -176,17 +317,19 @@ def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
             f"{torch.Size([1, conv.out_channels, 1, 1])}"
         )
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
-    momentum = 0.0
-    if update:
-        momentum = bn.momentum if bn.momentum is not None else 0.0
-        if bn.num_batches_tracked is not None:
-            bn.num_batches_tracked.add_(1)
-            if bn.momentum is None:
-                momentum = 1.0 / float(bn.num_batches_tracked)
-    return BNAttentionFunction.apply(
-        feat, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, batch_stats, update,
-        float(momentum), float(bn.eps),
+    if update and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    args = (
+        feat, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, batch_stats,
+        update, None if bn.momentum is None else float(bn.momentum), float(bn.eps),
     )
+    if not torch.compiler.is_compiling():
+        return BNAttentionFunction.apply(*args)
+    a, _, _, _, _, new_mean, new_var = torch.ops.fastbisenet.bn_attention(*args)
+    if update:
+        bn.running_mean.copy_(new_mean)
+        bn.running_var.copy_(new_var)
+    return a
 
 
 # -------------------------------------------------------------------------------- mlp_attention
@@ -234,8 +377,62 @@ class MLPAttentionFunction(torch.autograd.Function):
         return mlp_attention_bwd(grad, u, z, mean, w1, w2, *ctx.meta)
 
 
+@torch.library.custom_op("fastbisenet::mlp_attention", mutates_args=())
+def mlp_attention_op(feat: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return mlp_attention_fwd(feat, w1, w2)
+
+
+@mlp_attention_op.register_fake
+def _(feat, w1, w2):
+    n, c_in = feat.shape[:2]
+    c_mid, c_out = w1.shape[0], w2.shape[0]
+    f32 = torch.float32
+    return (
+        feat.new_empty((n, c_out, 1, 1)), feat.new_empty((n, c_mid), dtype=f32), feat.new_empty((n, c_out), dtype=f32),
+        feat.new_empty((n, c_in), dtype=f32),
+    )
+
+
+@torch.library.custom_op("fastbisenet::mlp_attention_backward", mutates_args=())
+def mlp_attention_backward_op(
+    grad: Tensor,
+    u: Tensor,
+    z: Tensor,
+    mean: Tensor,
+    w1: Tensor,
+    w2: Tensor,
+    feat_shape: list[int],
+    feat_dtype: torch.dtype,
+    channels_last: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    return mlp_attention_bwd(grad, u, z, mean, w1, w2, torch.Size(feat_shape), feat_dtype, memory_format(channels_last))
+
+
+@mlp_attention_backward_op.register_fake
+def _(grad, u, z, mean, w1, w2, feat_shape, feat_dtype, channels_last):
+    dfeat = torch.empty(feat_shape, device=grad.device, dtype=feat_dtype, memory_format=memory_format(channels_last))
+    contiguous = torch.contiguous_format
+    return dfeat, torch.empty_like(w1, memory_format=contiguous), torch.empty_like(w2, memory_format=contiguous)
+
+
+def _mlp_attention_setup(ctx, inputs, output):
+    feat, w1, w2 = inputs
+    _, u, z, mean = output
+    ctx.save_for_backward(u, z, mean, w1, w2)
+    ctx.mark_non_differentiable(u, z, mean)
+    ctx.meta = (list(feat.shape), feat.dtype, is_channels_last(feat))
+
+
+def _mlp_attention_backward(ctx, grad, *_):
+    u, z, mean, w1, w2 = ctx.saved_tensors
+    return torch.ops.fastbisenet.mlp_attention_backward(grad, u, z, mean, w1, w2, *ctx.meta)
+
+
+mlp_attention_op.register_autograd(_mlp_attention_backward, setup_context=_mlp_attention_setup)
+
+
 def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d) -> Tensor:
     """``sigmoid(conv2(relu(conv1(mean_hw(feat)))))``: face-parsing FFM attention, shape (N, C, 1, 1)."""
     if not (is_plain_1x1(conv1) and is_plain_1x1(conv2)) or conv1.out_channels > K.MAX_MLP_HIDDEN:
         return reference.mlp_attention(feat, conv1, conv2)
-    return MLPAttentionFunction.apply(feat, conv1.weight, conv2.weight)
+    return call(MLPAttentionFunction.apply, torch.ops.fastbisenet.mlp_attention, feat, conv1.weight, conv2.weight)

@@ -232,6 +232,135 @@ class ConvBNActFunction(torch.autograd.Function):
         return (*grads, *([None] * 10))
 
 
+# ---------------------------------------------------------------------------------- torch.library
+# ``register_autograd`` refuses ops that mutate their inputs, so ``fastbisenet::conv_bn_act`` is
+# functional: it runs :func:`forward` on copies of the running statistics and returns the updated copies
+# (empty when there is nothing to update); the wrapper writes them back with ``copy_``, a buffer
+# mutation that torch.compile traces natively. ``None`` outputs become empty tensors.
+
+
+def _none_if_empty(t: Tensor) -> Tensor | None:
+    return None if t.numel() == 0 else t
+
+
+@torch.library.custom_op("fastbisenet::conv_bn_act", mutates_args=())
+def conv_bn_act_op(
+    x: Tensor, x2: Tensor | None, weight: Tensor, bias: Tensor | None, bn_weight: Tensor | None,
+    bn_bias: Tensor | None, residual: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
+    num_batches_tracked: Tensor | None, stride: list[int], padding: list[int], eps: float,
+    momentum: float | None, has_bn: bool, batch_stats: bool, relu: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Functional :func:`forward`: ``(out, y, mean, invstd, new_running_mean, new_running_var, new_nbt)``."""
+    update = has_bn and batch_stats and running_mean is not None
+    rm = running_mean.clone() if update else running_mean
+    rv = running_var.clone() if update else running_var
+    nbt = num_batches_tracked.clone() if update and num_batches_tracked is not None else None
+    out, y, mean, invstd = forward(
+        x, x2, weight, bias, bn_weight, bn_bias, residual, rm, rv, nbt,
+        tuple(stride), tuple(padding), eps, momentum, has_bn, batch_stats, relu,
+    )
+    def empty(dtype: torch.dtype = torch.float32) -> Tensor:  # a fresh one each time: outputs must not alias
+        return x.new_empty(0, dtype=dtype)
+
+    return (
+        out, empty(x.dtype) if y is None else y, empty() if mean is None else mean,
+        empty() if invstd is None else invstd.clone(),  # a view of the same buffer as ``mean``
+        rm if update else empty(), rv if update else empty(),
+        nbt if nbt is not None else empty(torch.long),
+    )
+
+
+@conv_bn_act_op.register_fake
+def _(x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var, num_batches_tracked,
+      stride, padding, eps, momentum, has_bn, batch_stats, relu):
+    c_out, _, kh, kw = weight.shape
+    ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
+    wo = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
+    out = x.new_empty((x.shape[0], c_out, ho, wo)).contiguous(memory_format=torch.channels_last)
+    update = has_bn and batch_stats and running_mean is not None
+
+    def vec(n, dtype=torch.float32):  # fresh tensors: outputs must not alias each other
+        return x.new_empty(n, dtype=dtype)
+
+    return (
+        out, torch.empty_like(out) if has_bn and batch_stats else vec(0, x.dtype),
+        vec(c_out if has_bn else 0), vec(c_out if has_bn else 0),
+        torch.empty_like(running_mean) if update else vec(0), torch.empty_like(running_var) if update else vec(0),
+        torch.empty_like(num_batches_tracked) if update and num_batches_tracked is not None else vec(0, torch.long),
+    )
+
+
+@torch.library.custom_op("fastbisenet::conv_bn_act_backward", mutates_args=())
+def conv_bn_act_backward_op(
+    grad_out: Tensor, x: Tensor, x2: Tensor | None, weight: Tensor, bias: Tensor | None,
+    bn_weight: Tensor | None, out: Tensor | None, y: Tensor | None, mean: Tensor | None,
+    invstd: Tensor | None, stride: list[int], padding: list[int], has_bn: bool, batch_stats: bool,
+    residual_dtype: torch.dtype | None, needs: list[bool],
+) -> list[Tensor]:
+    """:func:`backward` with ``None`` gradients as empty tensors; ``dx``/``dx2`` in their input's layout."""
+    grads = backward(
+        grad_out.contiguous(memory_format=torch.channels_last), x, x2, weight, bias, bn_weight, out, y, mean,
+        invstd, tuple(stride), tuple(padding), has_bn, batch_stats, residual_dtype, tuple(needs),
+    )
+    result, seen = [], {t.untyped_storage().data_ptr() for t in (grad_out, x, x2, weight) if t is not None}
+    for i, g in enumerate(grads):
+        g = x.new_empty(0) if g is None else g.contiguous(memory_format=_grad_format(i, x, x2))
+        ptr = g.untyped_storage().data_ptr()
+        if g.numel() and (ptr in seen or g.storage_offset()):  # dgamma/dbeta are views of one buffer
+            g = g.clone()
+        seen.add(ptr)
+        result.append(g)
+    return result
+
+
+def _grad_format(i: int, x: Tensor, x2: Tensor | None) -> torch.memory_format:
+    """Layout of gradient ``i`` of :func:`backward`: inputs keep theirs, parameters are contiguous,
+    the residual's is channels_last (as the forward output)."""
+    if i < 2:
+        t = (x, x2)[i]
+        cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+        return torch.channels_last if cl else torch.contiguous_format
+    return torch.contiguous_format if i < 6 else torch.channels_last
+
+
+@conv_bn_act_backward_op.register_fake
+def _(grad_out, x, x2, weight, bias, bn_weight, out, y, mean, invstd, stride, padding, has_bn, batch_stats,
+      residual_dtype, needs):
+    like = (x, x2, weight, bias, bn_weight, bn_weight, grad_out)
+    grads = []
+    for i, need in enumerate(list(needs) + [False] * (7 - len(needs))):
+        if not need or like[i] is None:
+            grads.append(x.new_empty(0))
+        else:
+            dtype = residual_dtype if i == 6 else like[i].dtype
+            grads.append(torch.empty_like(like[i], dtype=dtype, memory_format=_grad_format(i, x, x2)))
+    return grads
+
+
+def _conv_setup(ctx, inputs, output):
+    (x, x2, weight, bias, bn_weight, _, residual, _, _, _, stride, padding, _, _, has_bn, batch_stats,
+     relu) = inputs
+    out, y, mean, invstd = output[:4]
+    ctx.save_for_backward(x, x2, weight, bias, bn_weight, out if relu else None, y, mean, invstd)
+    ctx.geometry = (list(stride), list(padding))
+    ctx.flags = (has_bn, batch_stats, None if residual is None else residual.dtype)
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _conv_backward(ctx, grad_out, *_):
+    x, x2, weight, bias, bn_weight, out, y, mean, invstd = ctx.saved_tensors
+    has_bn, batch_stats, residual_dtype = ctx.flags
+    needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+    grads = torch.ops.fastbisenet.conv_bn_act_backward(
+        grad_out, x, x2, weight, bias, bn_weight, out, _none_if_empty(y), _none_if_empty(mean),
+        _none_if_empty(invstd), *ctx.geometry, has_bn, batch_stats, residual_dtype, needs,
+    )
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *([None] * 10))
+
+
+conv_bn_act_op.register_autograd(_conv_backward, setup_context=_conv_setup)
+
+
 # ---------------------------------------------------------------------------------- module level
 
 
@@ -289,10 +418,18 @@ def _apply(
         if tuple(residual.shape) != (x.shape[0], conv.out_channels, ho, wo):
             raise ValueError(f"conv_bn_act: residual shape {tuple(residual.shape)} != conv output shape "
                              f"{(x.shape[0], conv.out_channels, ho, wo)}")
-    return ConvBNActFunction.apply(
-        x, x2, conv.weight, conv.bias, bn_w, bn_b, residual, rm, rv, nbt,
-        stride, padding, eps, momentum, has_bn, batch_stats, relu,
+    args = (x, x2, conv.weight, conv.bias, bn_w, bn_b, residual, rm, rv, nbt)
+    if not torch.compiler.is_compiling():
+        return ConvBNActFunction.apply(*args, stride, padding, eps, momentum, has_bn, batch_stats, relu)
+    out, _, _, _, new_rm, new_rv, new_nbt = torch.ops.fastbisenet.conv_bn_act(
+        *args, list(stride), list(padding), eps, momentum, has_bn, batch_stats, relu
     )
+    if has_bn and batch_stats and rm is not None:
+        rm.copy_(new_rm)
+        rv.copy_(new_rv)
+        if nbt is not None:
+            nbt.copy_(new_nbt)
+    return out
 
 
 def conv_bn_act(

@@ -2,6 +2,9 @@
 backward) and ``head_argmax`` (upsample + argmax fused; full-resolution logits are never written).
 
 See :mod:`fastbisenet.kernels.head_upsample` for the order of operations and its byte/FLOP count.
+Eager calls go through :class:`HeadLogitsFunction` / :func:`head_argmax_fwd`; under ``torch.compile``
+the custom ops ``fastbisenet::head_logits[_backward]`` and ``fastbisenet::head_argmax`` (see
+:mod:`fastbisenet.ops._library`).
 Classifiers the kernels do not cover (not a plain 1x1 conv) fall back to the reference formula.
 """
 
@@ -12,6 +15,8 @@ from torch import Tensor, nn
 
 from fastbisenet import reference
 from fastbisenet.kernels import head_upsample as K
+from fastbisenet.kernels.channel_attention import map_strides
+from fastbisenet.ops._library import call
 from fastbisenet.ops.attend_add_upsample import check_size
 from fastbisenet.ops.channel_attention import check_map
 
@@ -68,11 +73,64 @@ class HeadLogitsFunction(torch.autograd.Function):
         return dx, dw, db, None, None
 
 
+@torch.library.custom_op("fastbisenet::head_logits", mutates_args=())
+def head_logits_op(x: Tensor, weight: Tensor, bias: Tensor | None, size: list[int], align_corners: bool) -> Tensor:
+    return head_logits_fwd(x, weight, bias, tuple(size), align_corners)
+
+
+@head_logits_op.register_fake
+def _(x, weight, bias, size, align_corners):
+    return x.new_empty((x.shape[0], weight.shape[0], *size))
+
+
+@torch.library.custom_op("fastbisenet::head_logits_backward", mutates_args=())
+def head_logits_backward_op(
+    grad: Tensor, x: Tensor, weight: Tensor, bias: Tensor | None, align_corners: bool
+) -> list[Tensor]:
+    """``[dx, dweight]``, plus ``[dbias]`` with a bias (a custom op returns no None)."""
+    dx, dw, db = head_logits_bwd(grad, x, weight, bias, align_corners)
+    return [dx, dw] if db is None else [dx, dw, db]
+
+
+@head_logits_backward_op.register_fake
+def _(grad, x, weight, bias, align_corners):
+    grads = [torch.empty_like(map_strides(x)[0]), torch.empty_like(weight, memory_format=torch.contiguous_format)]
+    return grads if bias is None else [*grads, torch.empty_like(bias)]
+
+
+def _head_logits_setup(ctx, inputs, output):
+    x, weight, bias, _, align_corners = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.align_corners = align_corners
+
+
+def _head_logits_backward(ctx, grad):
+    x, weight, bias = ctx.saved_tensors
+    dx, dw, *db = torch.ops.fastbisenet.head_logits_backward(grad, x, weight, bias, ctx.align_corners)
+    return dx, dw, db[0] if db else None, None, None
+
+
+head_logits_op.register_autograd(_head_logits_backward, setup_context=_head_logits_setup)
+
+
+@torch.library.custom_op("fastbisenet::head_argmax", mutates_args=())
+def head_argmax_op(x: Tensor, weight: Tensor, bias: Tensor | None, size: list[int], align_corners: bool) -> Tensor:
+    return head_argmax_fwd(x, weight, bias, tuple(size), align_corners)
+
+
+@head_argmax_op.register_fake
+def _(x, weight, bias, size, align_corners):
+    return x.new_empty((x.shape[0], *size), dtype=torch.int32)
+
+
 def head_logits(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
     """``upsample_bilinear(conv_out(x), size)``: a segmentation head's classifier and resize."""
     if not is_classifier(conv_out):
         return reference.head_logits(x, conv_out, size, align_corners)
-    return HeadLogitsFunction.apply(x, conv_out.weight, conv_out.bias, check_size(size), bool(align_corners))
+    return call(
+        HeadLogitsFunction.apply, torch.ops.fastbisenet.head_logits,
+        x, conv_out.weight, conv_out.bias, check_size(size), bool(align_corners),
+    )
 
 
 def head_argmax(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
@@ -80,4 +138,7 @@ def head_argmax(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_cor
     if not is_classifier(conv_out):
         return reference.head_argmax(x, conv_out, size, align_corners)
     with torch.no_grad():
-        return head_argmax_fwd(x, conv_out.weight, conv_out.bias, check_size(size), bool(align_corners))
+        return call(
+            head_argmax_fwd, torch.ops.fastbisenet.head_argmax,
+            x, conv_out.weight, conv_out.bias, check_size(size), bool(align_corners),
+        )
