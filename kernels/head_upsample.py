@@ -15,8 +15,34 @@ Order and fusion, with the numbers of the v1 main head at 1x3x1024x2048 (feature
   full-resolution logits never exist, and the 79.7 MB write becomes a 8.4 MB int32 map.
 
 Low-res logits are an fp32 (N, h*w, n_classes) buffer (classes contiguous, padded tiles masked).
-Backward: the upsample's transpose is a gather (same window scheme as ``attend_add_upsample``), then
-``dx = dz @ W`` and ``dW = dz^T x`` / ``db = sum dz`` from per-chunk partials (deterministic).
+Backward: the upsample's transpose, then ``dx = dz @ W`` and ``dW = dz^T x`` / ``db = sum dz`` from
+per-chunk partials (deterministic).
+
+The transpose of a bilinear resize is separable, ``dz = Wh^T g Ww``, so it is two 1-D gathers (no
+atomics: deterministic), each output element summing its window of inputs with the forward's own
+source indices and weights (:func:`_window_weight` -> ``src_index``; PyTorch's fp32
+area_pixel_compute_source_index, both align_corners, edge clamping, any sizes):
+
+1. :func:`_upsample_bwd_w_kernel` reduces along W: every full-resolution row ``(n, c, oh)`` gives
+   ``t[n, c, oh, iw] = sum_ow wgt_w(ow, iw) g[n, c, oh, ow]``, an fp32 (N, C, H, w) buffer. The tile is
+   rows x low-res columns x window taps, taps fastest: a warp's lanes read 4 low-res columns x 8
+   consecutive output columns = 32 consecutive elements of ``g`` (scale 8).
+2. :func:`_upsample_bwd_h_kernel` reduces along H: ``dz[n, ih, iw, c] = sum_oh wgt_h(oh, ih) t[n, c, oh,
+   iw]``; the tile is low-res rows x taps x (class, low-res column) pairs, read as contiguous rows of t.
+
+Traffic of the backward for 8x3x1024x1024 training (19 classes, scale 8: g is (8, 19, 1024, 1024) =
+159.4 M elements, dz 8 x 128*128 x 19 = 2.49 M fp32):
+
+* pass 1: reads g once, 637.5 MB fp32 / 318.8 MB bf16 (each element is requested by the 2 low-res
+  columns it feeds, the second request hits L1/L2); writes t = 8x19x1024x128 fp32 = 79.7 MB.
+* pass 2: reads t, 79.7 MB (each row requested by the ~2 low-res rows it feeds); writes dz, 10.0 MB.
+* total ~807 MB (fp32 grads) / ~488 MB (bf16 grads): ~0.27 / ~0.16 ms at 3 TB/s. GPU serial work per
+  program: 3 steps of 8 taps (pass 1, window 18) + 5 steps of 4 taps (pass 2).
+* the previous single-pass 2-D gather (each low-res pixel x 32 class lanes walking its 18x18 = 324-tap
+  window of output pixels): no intermediate, so a DRAM floor of 637.5 + 10 MB (fp32), but each g
+  element was requested 4 times (2.55 GB fp32 / 1.27 GB bf16 of load requests) with no coalescing
+  (lanes 8 columns or a whole class plane apart: one 32-byte sector per 4- or 2-byte element, ~20 GB of
+  sector traffic through L1/L2) behind a serial chain of 324 taps.
 """
 
 from __future__ import annotations
@@ -25,6 +51,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET
 from .attend_add_upsample import BILINEAR, _window_weight, dim_params, src_index
 from .channel_attention import configs, finish_partials, map_strides, split_plan
 
@@ -140,49 +167,101 @@ def _upsample_logits_kernel(
         tl.store(y_ptr + y_off, v.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(
-    configs=configs(
-        [triton.Config({"BLOCK_P": 64}, num_warps=4), triton.Config({"BLOCK_P": 128}, num_warps=4)],
-        triton.Config({"BLOCK_P": 128}, num_warps=4),
-    ),
-    key=["NCLS", "OH", "OW"],
-)
 @triton.jit
-def _upsample_logits_bwd_kernel(
+def _upsample_bwd_w_kernel(
     g_ptr,  # (N, NCLS, OH, OW) gradient of the logits, strides below
-    dz_ptr,  # out: fp32 (N, IH*IW, NCLS) gradient of the low-res logits
-    IH, IW,  # low-res size
-    OH, OW,  # output size
+    t_ptr,  # out: fp32 (N, NCLS, OH, IW) contiguous, the gradient reduced along W
+    ROWS,  # N * NCLS * OH full-resolution rows
     NCLS,  # classes
-    scale_h, inv_h, off_h, WIN_H,  # H: forward scale, 1/scale (0 if scale is 0), src offset, window
-    scale_w, inv_w, off_w, WIN_W,  # the same along W
+    OH,  # output height
+    IW, OW,  # low-res / output width
+    scale_w, inv_w, off_w, WIN_W,  # W: forward scale, 1/scale (0 if scale is 0), src offset, window
     sg_n, sg_c, sg_h, sg_w,  # gradient strides
     ALIGN: tl.constexpr,  # align_corners
-    BLOCK_P: tl.constexpr,  # low-res pixels per program
-    BLOCK_CLS: tl.constexpr,  # >= NCLS, power of two
+    BLOCK_R: tl.constexpr,  # full-resolution rows per program
+    BLOCK_IW: tl.constexpr,  # low-res columns per program
+    BLOCK_K: tl.constexpr,  # window taps per step (the fast tile dim: consecutive output columns)
 ):
-    n = tl.program_id(1)
-    offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    offs_o = tl.arange(0, BLOCK_CLS)
-    pmask = offs_p < IH * IW
-    omask = offs_o < NCLS
-    ih = offs_p // IW
-    iw = offs_p - ih * IW
-    lo_h = tl.maximum(tl.floor((ih - 1 - off_h) * inv_h).to(tl.int32), 0)
-    lo_w = tl.maximum(tl.floor((iw - 1 - off_w) * inv_w).to(tl.int32), 0)
-    gb = g_ptr + n.to(tl.int64) * sg_n + offs_o.to(tl.int64)[None, :] * sg_c
-    acc = tl.zeros((BLOCK_P, BLOCK_CLS), tl.float32)
-    for kh in range(WIN_H):
-        oh = lo_h + kh
-        wh = _window_weight(oh, ih, IH, OH, scale_h, 1, ALIGN)
-        for kw in range(WIN_W):
-            ow = lo_w + kw
-            wgt = wh * _window_weight(ow, iw, IW, OW, scale_w, 1, ALIGN)
-            m = (pmask & (wgt != 0.0))[:, None] & omask[None, :]
-            g = tl.load(gb + (oh.to(tl.int64) * sg_h + ow.to(tl.int64) * sg_w)[:, None], mask=m, other=0.0)
-            acc += wgt[:, None] * g.to(tl.float32)
-    dz_off = (n * IH * IW + offs_p).to(tl.int64)[:, None] * NCLS + offs_o[None, :]
-    tl.store(dz_ptr + dz_off, acc, mask=pmask[:, None] & omask[None, :])
+    """Pass 1: ``t[r, iw] = sum_ow wgt_w(ow, iw) * g[r, ow]`` over the window of ``iw``."""
+    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    iw = tl.program_id(1) * BLOCK_IW + tl.arange(0, BLOCK_IW)
+    rmask = offs_r < ROWS
+    nc = offs_r // OH
+    oh = offs_r - nc * OH
+    n = nc // NCLS
+    c = nc - n * NCLS
+    row = n.to(tl.int64) * sg_n + c.to(tl.int64) * sg_c + oh.to(tl.int64) * sg_h
+    gb = g_ptr + row[:, None, None]
+    lo = tl.maximum(tl.floor((iw - 1 - off_w) * inv_w).to(tl.int32), 0)
+    taps = tl.arange(0, BLOCK_K)[None, :]
+    acc = tl.zeros((BLOCK_R, BLOCK_IW, BLOCK_K), tl.float32)
+    for k0 in range(0, WIN_W, BLOCK_K):
+        # taps past the window (BLOCK_K padding) get their exact weight too: 0 for a correct window
+        ow = lo[:, None] + k0 + taps  # [BLOCK_IW, BLOCK_K]
+        wgt = _window_weight(ow, iw[:, None], IW, OW, scale_w, 1, ALIGN)  # 0 for ow >= OW, iw >= IW
+        m = rmask[:, None, None] & (wgt != 0.0)[None, :, :]
+        g = tl.load(gb + (ow.to(tl.int64) * sg_w)[None, :, :], mask=m, other=0.0)
+        acc += wgt[None, :, :] * g.to(tl.float32)
+    t = tl.sum(acc, axis=2)
+    t_off = offs_r.to(tl.int64)[:, None] * IW + iw[None, :]
+    tl.store(t_ptr + t_off, t, mask=rmask[:, None] & (iw < IW)[None, :])
+
+
+@triton.jit
+def _upsample_bwd_h_kernel(
+    t_ptr,  # fp32 (N, NCLS, OH, IW) contiguous, from pass 1
+    dz_ptr,  # out: fp32 (N, IH*IW, NCLS) gradient of the low-res logits
+    NCLS,  # classes
+    IH, IW,  # low-res size
+    OH,  # output height
+    scale_h, inv_h, off_h, WIN_H,  # H: forward scale, 1/scale (0 if scale is 0), src offset, window
+    ALIGN: tl.constexpr,  # align_corners
+    BLOCK_I: tl.constexpr,  # low-res rows per program
+    BLOCK_K: tl.constexpr,  # window taps per step
+    BLOCK_B: tl.constexpr,  # (class, low-res column) pairs per program (iw fastest: t is read coalesced)
+):
+    """Pass 2: ``dz[n, ih, iw, c] = sum_oh wgt_h(oh, ih) * t[n, c, oh, iw]`` over the window of ``ih``."""
+    n = tl.program_id(2)
+    offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    ih = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    bmask = offs_b < NCLS * IW
+    c = offs_b // IW
+    iw = offs_b - c * IW
+    plane = OH * IW
+    tb = t_ptr + n.to(tl.int64) * NCLS * plane + (c.to(tl.int64) * plane + iw)[None, None, :]
+    lo = tl.maximum(tl.floor((ih - 1 - off_h) * inv_h).to(tl.int32), 0)
+    taps = tl.arange(0, BLOCK_K)[None, :]
+    acc = tl.zeros((BLOCK_I, BLOCK_K, BLOCK_B), tl.float32)
+    for k0 in range(0, WIN_H, BLOCK_K):
+        oh = lo[:, None] + k0 + taps  # [BLOCK_I, BLOCK_K]
+        wgt = _window_weight(oh, ih[:, None], IH, OH, scale_h, 1, ALIGN)  # 0 for oh >= OH, ih >= IH
+        m = (wgt != 0.0)[:, :, None] & bmask[None, None, :]
+        v = tl.load(tb + (oh.to(tl.int64) * IW)[:, :, None], mask=m, other=0.0)
+        acc += wgt[:, :, None] * v
+    dz = tl.sum(acc, axis=1)
+    dz_off = (n * IH + ih).to(tl.int64)[:, None] * IW * NCLS + (iw * NCLS + c)[None, :]
+    tl.store(dz_ptr + dz_off, dz, mask=(ih < IH)[:, None] & bmask[None, :])
+
+
+_upsample_bwd_w_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_R": 4, "BLOCK_IW": 32}, num_warps=4),
+        triton.Config({"BLOCK_R": 8, "BLOCK_IW": 32}, num_warps=4),
+        triton.Config({"BLOCK_R": 16, "BLOCK_IW": 16}, num_warps=4),
+        triton.Config({"BLOCK_R": 8, "BLOCK_IW": 64}, num_warps=8),
+    ],
+    key=["NCLS", "OH", "IW", "OW", "BLOCK_K"],
+)(_upsample_bwd_w_kernel)
+
+_upsample_bwd_h_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_I": 2, "BLOCK_B": 128}, num_warps=4),
+        triton.Config({"BLOCK_I": 2, "BLOCK_B": 256}, num_warps=4),
+        triton.Config({"BLOCK_I": 4, "BLOCK_B": 256}, num_warps=8),
+        triton.Config({"BLOCK_I": 2, "BLOCK_B": 512}, num_warps=8),
+    ],
+    key=["NCLS", "IH", "IW", "OH", "BLOCK_K"],
+)(_upsample_bwd_h_kernel)
 
 
 @triton.autotune(
@@ -318,18 +397,48 @@ def upsample_logits(
     return y
 
 
+def _interp_rows(rows: int, per_row: int) -> int:
+    """Interpreter block length over ``rows`` so that a tile holds at most about 2**19 elements (numpy
+    runs a whole tile per op and each op has a fixed Python cost: few big programs beat many small)."""
+    return min(triton.next_power_of_2(rows), max(1, 2**19 // per_row))
+
+
 def upsample_logits_bwd(g: torch.Tensor, in_hw: tuple[int, int], align: bool) -> torch.Tensor:
-    """fp32 gradient (N, h*w, n_classes) of the low-res logits from the logits' gradient ``g``."""
+    """fp32 gradient (N, h*w, n_classes) of the low-res logits from the logits' gradient ``g``.
+
+    Two separable 1-D gathers: along W into an fp32 (N, n_classes, H, w) buffer, then along H."""
     n, ncls, oh, ow = g.shape
     ih, iw = in_hw
     dz = torch.empty((n, ih * iw, ncls), device=g.device, dtype=torch.float32)
+    if dz.numel() == 0:
+        return dz
+    t = torch.empty((n, ncls, oh, iw), device=g.device, dtype=torch.float32)
     sh, inv_h, off_h, win_h = dim_params(ih, oh, BILINEAR, align)
     sw, inv_w, off_w, win_w = dim_params(iw, ow, BILINEAR, align)
-    grid = lambda meta: (triton.cdiv(ih * iw, meta["BLOCK_P"]), n)
-    _upsample_logits_bwd_kernel[grid](
-        g, dz, ih, iw, oh, ow, ncls, sh, inv_h, off_h, win_h, sw, inv_w, off_w, win_w, *g.stride(),
-        ALIGN=bool(align), BLOCK_CLS=max(2, triton.next_power_of_2(ncls)),
-    )
+    rows = n * ncls * oh
+    w_args = (g, t, rows, ncls, oh, iw, ow, sw, inv_w, off_w, win_w, *g.stride())
+    h_args = (t, dz, ncls, ih, iw, oh, sh, inv_h, off_h, win_h)
+    # 8 taps per step along W: a warp's 32 lanes read 4 low-res columns x 8 consecutive output columns;
+    # padded taps past the window get their exact weight (0), so any power of two >= 2 is correct
+    block_kw = max(2, min(triton.next_power_of_2(win_w), 8))
+    if INTERPRET:
+        block_iw = min(triton.next_power_of_2(iw), 128)
+        block_r = _interp_rows(rows, block_iw * block_kw)
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(iw, block_iw))
+        _upsample_bwd_w_kernel[grid](*w_args, ALIGN=bool(align), BLOCK_R=block_r, BLOCK_IW=block_iw,
+                                     BLOCK_K=block_kw)
+        block_kh = max(2, min(triton.next_power_of_2(win_h), 64))  # usually the whole window in one step
+        block_b = min(triton.next_power_of_2(ncls * iw), 4096)
+        block_i = _interp_rows(ih, block_b * block_kh)
+        grid = (triton.cdiv(ncls * iw, block_b), triton.cdiv(ih, block_i), n)
+        _upsample_bwd_h_kernel[grid](*h_args, ALIGN=bool(align), BLOCK_I=block_i, BLOCK_K=block_kh,
+                                     BLOCK_B=block_b)
+    else:
+        grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(iw, meta["BLOCK_IW"]))
+        _upsample_bwd_w_tuned[grid](*w_args, ALIGN=bool(align), BLOCK_K=block_kw)
+        block_kh = max(2, min(triton.next_power_of_2(win_h), 4))
+        grid = lambda meta: (triton.cdiv(ncls * iw, meta["BLOCK_B"]), triton.cdiv(ih, meta["BLOCK_I"]), n)
+        _upsample_bwd_h_tuned[grid](*h_args, ALIGN=bool(align), BLOCK_K=block_kh)
     return dz
 
 
