@@ -12,11 +12,22 @@ from torch import Tensor, nn
 from fastbisenet import ops
 
 
-class BasicBlock(nn.Module):
+class _ResidualBlock(nn.Module):
+    """What both block types share: the backend attribute and the (projection) shortcut."""
+
+    backend: str = "auto"
+    downsample: nn.Sequential | None
+
+    def shortcut(self, op, x: Tensor) -> Tensor:
+        if self.downsample is None:
+            return x
+        return op.conv_bn_act(x, self.downsample[0], self.downsample[1], relu=False)
+
+
+class BasicBlock(_ResidualBlock):
     """Two 3x3 conv+BN with an identity or 1x1 conv+BN shortcut (ResNet-18/34)."""
 
     expansion = 1
-    backend: str = "auto"
 
     def __init__(self, in_ch: int, ch: int, stride: int = 1) -> None:
         super().__init__()
@@ -29,18 +40,15 @@ class BasicBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         op = ops.impl(self.backend, x)
-        shortcut = x if self.downsample is None else op.conv_bn_act(
-            x, self.downsample[0], self.downsample[1], relu=False
-        )
+        shortcut = self.shortcut(op, x)
         y = op.conv_bn_act(x, self.conv1, self.bn1)
         return op.conv_bn_act(y, self.conv2, self.bn2, residual=shortcut)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ResidualBlock):
     """1x1 reduce, 3x3 (strided), 1x1 expand by 4, with a shortcut (ResNet-50/101, torchvision v1.5)."""
 
     expansion = 4
-    backend: str = "auto"
 
     def __init__(self, in_ch: int, ch: int, stride: int = 1) -> None:
         super().__init__()
@@ -55,9 +63,7 @@ class Bottleneck(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         op = ops.impl(self.backend, x)
-        shortcut = x if self.downsample is None else op.conv_bn_act(
-            x, self.downsample[0], self.downsample[1], relu=False
-        )
+        shortcut = self.shortcut(op, x)
         y = op.conv_bn_act(x, self.conv1, self.bn1)
         y = op.conv_bn_act(y, self.conv2, self.bn2)
         return op.conv_bn_act(y, self.conv3, self.bn3, residual=shortcut)
