@@ -53,7 +53,7 @@ def read_mask(path: str | Path) -> np.ndarray:
         if arr.size and (arr.min() < 0 or arr.max() > 255):
             raise DatasetError(f"mask {path} has values outside 0..255 (min {arr.min()}, max {arr.max()})")
         arr = arr.astype(np.uint8)
-    return np.ascontiguousarray(arr)
+    return np.array(arr, dtype=np.uint8, copy=True)
 
 
 def check_pair(image: np.ndarray, label: np.ndarray, image_path: Path | str, label_path: Path | str) -> None:

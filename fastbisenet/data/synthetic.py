@@ -139,7 +139,7 @@ def draw_scene(size: tuple[int, int], rng: np.random.Generator) -> tuple[np.ndar
         paint((d < r) & (d > r * rng.uniform(0.5, 0.7)), 7, rand_colour((1.0, 0.55, 0.0)))
 
     painters = [box, disc, stripes, line, triangle, checker, ring]
-    jobs = [p for p in painters for _ in range(rng.integers(0, 3))]
+    jobs = [p for p in painters for _ in range(rng.integers(1, 3))]
     jobs += [line] * int(rng.integers(0, 3))
     for k in rng.permutation(len(jobs)):
         jobs[k]()

@@ -1,0 +1,174 @@
+"""The fastbisenet command: help, argument errors, eval, predict, export, train through the CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fastbisenet import BiSeNet
+from fastbisenet.cli import build_parser, main
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    """A plain state_dict of an untrained 8-class train-mode model (aux heads included)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("w") / "bisenet.pt"
+    torch.save(BiSeNet(8).state_dict(), path)
+    return path
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["predict"], ["export"]])
+def test_help(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([*command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: fastbisenet" in out
+
+
+def test_subcommands_registered():
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert {"train", "eval", "predict", "export", "bench"} <= set(sub.choices)
+
+
+@pytest.mark.parametrize("argv", [
+    [],                                         # no command
+    ["frobnicate"],                             # unknown command
+    ["train", "--amp", "fp8"],                  # bad choice
+    ["train", "--iters", "ten"],                # not an int
+    ["eval"],                                   # missing weights
+    ["predict", "w.pt"],                        # missing inputs
+])
+def test_argument_errors_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert "error" in capsys.readouterr().err
+
+
+def test_runtime_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "--batch-size", "1", "--out-dir", str(tmp_path)]) == 1
+    assert "batch_size must be >= 2" in capsys.readouterr().err
+    assert main(["train", "--data", str(tmp_path / "missing"), "--out-dir", str(tmp_path)]) == 1
+    assert "neither 'synthetic'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nope.pt")]) == 1
+    assert "checkpoint not found" in capsys.readouterr().err
+    bad = tmp_path / "bad.toml"
+    bad.write_text("iterz = 3\n")
+    assert main(["train", "--config", str(bad)]) == 1
+    assert "unknown option(s) iterz" in capsys.readouterr().err
+
+
+def test_eval_single_flip_multiscale(weights, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["eval", str(weights), "--data", "synthetic", "--synthetic-length", "2", "--synthetic-size", "64",
+            "--device", "cpu", "--workers", "0", "--batch-size", "2"]
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert "mIoU" in text and "background" in text
+    assert main([*argv, "--scales", "0.75", "1", "1.25", "--flip", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert 0 <= result["miou"] <= 1 and result["flip"] and result["scales"] == [0.75, 1.0, 1.25]
+    assert set(result["iou"]) == {"background", "box", "disc", "stripes", "line", "triangle", "checker", "ring"}
+
+
+def test_predict_writes_pngs_and_logits(weights, tmp_path, capsys):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    sizes = {"a": (40, 50), "b": (40, 50), "c": (70, 33)}
+    for name, (h, w) in sizes.items():
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(src / f"{name}.png")
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "pred"
+    assert main(["predict", str(weights), str(src), "-o", str(out), "--device", "cpu", "--batch-size", "2",
+                 "--save-logits", "npy"]) == 0
+    for name, (h, w) in sizes.items():
+        mask = Image.open(out / f"{name}_mask.png")
+        assert mask.mode == "P" and mask.size == (w, h) and np.asarray(mask).max() < 8
+        assert Image.open(out / f"{name}_overlay.png").size == (w, h)
+        logits = np.load(out / f"{name}_logits.npy")
+        assert logits.shape == (8, h, w)
+        assert np.array_equal(logits.argmax(0), np.asarray(mask))
+    assert main(["predict", str(weights), str(src / "c.png"), "-o", str(tmp_path / "p2"), "--device", "cpu",
+                 "--no-overlay", "--save-logits", "pt", "--flip"]) == 0
+    assert sorted(p.name for p in (tmp_path / "p2").iterdir()) == ["c_logits.pt", "c_mask.png"]
+    assert torch.load(tmp_path / "p2" / "c_logits.pt", weights_only=True).shape == (8, 70, 33)
+
+
+def test_predict_rejects_tiny_and_broken_images(weights, tmp_path, capsys):
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "tiny.png")
+    assert main(["predict", str(weights), str(tmp_path / "tiny.png"), "-o", str(tmp_path / "o")]) == 1
+    assert "at least 32x32" in capsys.readouterr().err
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG garbage")
+    assert main(["predict", str(weights), str(tmp_path / "broken.png"), "-o", str(tmp_path / "o")]) == 1
+    assert "broken.png" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("aux_mode", ["eval", "pred"])
+def test_export_onnx(weights, tmp_path, aux_mode, capsys):
+    onnx = pytest.importorskip("onnx")
+    out = tmp_path / f"m_{aux_mode}.onnx"
+    assert main(["export", str(weights), "-o", str(out), "--aux-mode", aux_mode, "--height", "64",
+                 "--width", "96"]) == 0
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model)
+    assert [i.name for i in model.graph.input] == ["input"]
+    assert [o.name for o in model.graph.output] == ["logits" if aux_mode == "eval" else "labels"]
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 128)).astype(np.float32)
+    (y,) = sess.run(None, {"input": x})
+    m = BiSeNet(8, aux_mode, backend="torch")
+    from fastbisenet import load_pretrained
+
+    load_pretrained(m, weights).eval()
+    with torch.no_grad():
+        ref = m(torch.from_numpy(x))
+    ref = ref[0] if aux_mode == "eval" else ref
+    if aux_mode == "eval":
+        np.testing.assert_allclose(y, ref.numpy(), atol=1e-3, rtol=1e-3)
+    else:
+        assert (y == ref.numpy()).mean() > 0.999
+
+
+def test_export_without_onnx_is_a_clear_error(weights, tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    assert main(["export", str(weights), "-o", str(tmp_path / "m.onnx")]) == 1
+    assert "pip install onnx" in capsys.readouterr().err
+
+
+def test_train_eval_predict_roundtrip(tmp_path, capsys):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('data = "synthetic"\nsynthetic_size = 64\nsynthetic_length = 16\nsynthetic_val_length = 2\n'
+                   'batch_size = 2\nworkers = 0\neval_every = 0\ndevice = "cpu"\niters = 100\n')
+    run = tmp_path / "run"
+    assert main(["train", "--config", str(cfg), "--iters", "2", "--out-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "iters 2" in out and "done: 2 iterations" in out
+    ckpt = run / "last.pt"
+    assert main(["eval", str(ckpt), "--synthetic-length", "2", "--synthetic-size", "64", "--workers", "0"]) == 0
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(img)
+    assert main(["predict", str(run / "model_final.pt"), str(img), "-o", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "x_mask.png").is_file()
+    # resuming a finished run is a no-op that still reports
+    assert main(["train", "--resume", str(ckpt), "--out-dir", str(run)]) == 0
+
+
+def test_predict_face_parsing_checkpoint_is_recognised(tmp_path, capsys):
+    path = tmp_path / "face.pt"
+    torch.save(BiSeNet(19, preset="face-parsing").state_dict(), path)
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "face.png")
+    assert main(["predict", str(path), str(tmp_path / "face.png"), "-o", str(tmp_path / "o"), "--no-overlay"]) == 0
+    mask = Image.open(tmp_path / "o" / "face_mask.png")
+    assert mask.getpalette()[:3] == [0, 0, 0]  # generated palette, not Cityscapes' (road is 128, 64, 128)

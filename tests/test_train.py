@@ -1,0 +1,215 @@
+"""Training recipe: lr schedule, parameter groups, config files, checkpoints, convergence, resume, torchrun."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastbisenet import BiSeNet
+from fastbisenet.config import TrainConfig, build_config, read_config_file
+from fastbisenet.schedule import WarmupPolyLR, build_optimizer, lr_factor, param_groups
+from fastbisenet.train import InfiniteSampler, Progress, atomic_save, load_training_checkpoint, train
+
+
+# ------------------------------------------------------------------------------------------ schedule
+def test_lr_factor_at_chosen_iterations():
+    kw = dict(max_iter=10000, warmup_iters=1000, warmup_ratio=0.1, warmup="exp", power=0.9)
+    assert lr_factor(0, **kw) == pytest.approx(0.1)
+    assert lr_factor(500, **kw) == pytest.approx(0.1**0.5)
+    assert lr_factor(999, **kw) == pytest.approx(0.1 ** (1 / 1000))
+    assert lr_factor(1000, **kw) == pytest.approx(1.0)
+    assert lr_factor(5500, **kw) == pytest.approx(0.5**0.9)
+    assert lr_factor(10000, **kw) == 0.0
+    assert lr_factor(500, **{**kw, "warmup": "linear"}) == pytest.approx(0.55)
+    assert lr_factor(50, max_iter=100, warmup_iters=0, power=1.0) == pytest.approx(0.5)
+
+
+def test_scheduler_drives_every_group():
+    model = BiSeNet(3)
+    opt = build_optimizer(model, lr=0.01)
+    sched = WarmupPolyLR(opt, max_iter=100, warmup_iters=10)
+    seen = {}
+    for it in range(101):
+        seen[it] = [g["lr"] for g in opt.param_groups]
+        opt.step()
+        sched.step()
+    for it, factor in [(0, 0.1), (10, 1.0), (55, 0.5**0.9), (100, 0.0)]:
+        for g, lr in zip(opt.param_groups, seen[it], strict=True):
+            base = 0.1 if g["name"].startswith("fast") else 0.01
+            assert lr == pytest.approx(base * factor, abs=1e-12), (it, g["name"])
+
+
+def test_param_groups_decay_and_fast_lr():
+    model = BiSeNet(5)
+    groups = param_groups(model, lr=0.01, weight_decay=5e-4)
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = [names[id(p)] for g in groups for p in g["params"]]
+    assert sorted(seen) == sorted(names.values())  # every parameter exactly once
+    by_name = {names[id(p)]: g for g in groups for p in g["params"]}
+    assert by_name["cp.resnet.conv1.weight"]["weight_decay"] == 5e-4
+    assert by_name["cp.resnet.conv1.weight"]["lr"] == 0.01
+    assert by_name["cp.resnet.bn1.weight"]["weight_decay"] == 0.0
+    assert by_name["cp.arm16.bn_atten.bias"]["weight_decay"] == 0.0
+    assert by_name["conv_out.conv_out.bias"]["weight_decay"] == 0.0
+    assert by_name["conv_out.conv_out.bias"]["lr"] == pytest.approx(0.1)
+    for name in ("ffm.convblk.conv.weight", "conv_out16.conv.conv.weight", "conv_out32.conv_out.weight"):
+        assert by_name[name]["lr"] == pytest.approx(0.1) and by_name[name]["weight_decay"] == 5e-4
+    assert by_name["ffm.bn.weight"]["lr"] == pytest.approx(0.1) and by_name["ffm.bn.weight"]["weight_decay"] == 0
+    assert by_name["sp.conv_out.conv.weight"]["lr"] == 0.01  # spatial path's conv_out is not a head
+    for name, g in by_name.items():
+        is_conv_weight = name.endswith("weight") and dict(model.named_parameters())[name].dim() == 4
+        assert (g["weight_decay"] > 0) == is_conv_weight, name
+
+
+# ------------------------------------------------------------------------------------------ config
+def test_config_files_and_overrides(tmp_path):
+    toml = tmp_path / "c.toml"
+    toml.write_text('iters = 7\ncrop = 96\nlr = 0.02\n"batch-size" = 4\neval_scales = [0.5, 1.0]\n')
+    yml = tmp_path / "c.yaml"
+    yml.write_text("train:\n  iters: 9\n  crop: [64, 128]\n")
+    cfg = build_config(read_config_file(toml), {"lr": 0.5})
+    assert (cfg.iters, cfg.crop, cfg.lr, cfg.batch_size, cfg.eval_scales) == (7, [96, 96], 0.5, 4, [0.5, 1.0])
+    pytest.importorskip("yaml")
+    cfg = build_config(read_config_file(yml))
+    assert (cfg.iters, cfg.crop) == (9, [64, 128])
+
+
+def test_config_errors(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("iterations = 5\n")
+    with pytest.raises(ValueError, match=r"unknown option.*iterations"):
+        read_config_file(bad)
+    with pytest.raises(ValueError, match="must end in"):
+        (tmp_path / "x.ini").write_text("")
+        read_config_file(tmp_path / "x.ini")
+    with pytest.raises(ValueError, match="batch_size must be >= 2"):
+        build_config({"batch_size": 1})
+    with pytest.raises(ValueError, match="amp"):
+        build_config({"amp": "fp8"})
+
+
+def test_sampler_resumes_mid_epoch():
+    full = InfiniteSampler(10, seed=1, rank=1, world=2)
+    it = iter(full)
+    head = [next(it) for _ in range(13)]
+    resumed = iter(InfiniteSampler(10, seed=1, rank=1, world=2, start=7))
+    assert [next(resumed) for _ in range(6)] == head[7:]
+    other = iter(InfiniteSampler(10, seed=1, rank=0, world=2))
+    assert not set(head[:5]) & {next(other) for _ in range(5)}  # ranks disjoint within an epoch
+
+
+def test_atomic_save_leaves_no_temp(tmp_path):
+    atomic_save({"a": torch.ones(2)}, tmp_path / "sub" / "x.pt")
+    atomic_save({"a": torch.zeros(2)}, tmp_path / "sub" / "x.pt")
+    assert os.listdir(tmp_path / "sub") == ["x.pt"]
+    assert torch.load(tmp_path / "sub" / "x.pt", weights_only=True)["a"].sum() == 0
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        atomic_save({"a": Boom()}, tmp_path / "sub" / "x.pt")
+    assert os.listdir(tmp_path / "sub") == ["x.pt"]  # old file intact, temp removed
+
+
+def test_progress_plain_lines(capsys):
+    import io
+
+    buf = io.StringIO()
+    p = Progress(10, desc="train", log_every=5, stream=buf)
+    for i in range(1, 11):
+        p.update(i, {"loss": 1.5, "lr": 0.01})
+    lines = buf.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("train 5/10") and "loss 1.5" in lines[1]
+
+
+# ------------------------------------------------------------------------------------------ training
+def tiny(tmp_path: Path, **kw) -> TrainConfig:
+    base = dict(data="synthetic", synthetic_size=64, synthetic_length=64, synthetic_val_length=4, crop=[64, 64],
+                batch_size=2, iters=6, eval_every=0, save_every=3, workers=0, device="cpu", backend="torch",
+                out_dir=str(tmp_path / "run"), log_every=100)
+    base.update(kw)
+    return build_config(base)
+
+
+@pytest.fixture
+def one_thread():
+    """Training tests run single-threaded: on a busy 2-core machine OpenMP's spinning threads make
+    2-thread runs up to 10x slower, while 1 thread costs little when the machine is idle."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _state(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path, capsys, one_thread):
+    full = train(tiny(tmp_path, out_dir=str(tmp_path / "a"), keep_checkpoints=True))
+    assert full["iteration"] == 6
+    mid = tmp_path / "a" / "iter_0000003.pt"
+    ckpt = load_training_checkpoint(mid)
+    assert ckpt["iteration"] == 3 and {"model", "optimizer", "scheduler", "scaler", "rng"} <= set(ckpt)
+    train(tiny(tmp_path, out_dir=str(tmp_path / "b"), resume=str(mid)))
+    a, b = _state(tmp_path / "a" / "model_final.pt"), _state(tmp_path / "b" / "model_final.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    oa, ob = _state(tmp_path / "a" / "last.pt")["optimizer"], _state(tmp_path / "b" / "last.pt")["optimizer"]
+    for k in oa["state"]:
+        assert torch.equal(oa["state"][k]["momentum_buffer"], ob["state"][k]["momentum_buffer"])
+    assert _state(tmp_path / "b" / "last.pt")["scheduler"]["last_epoch"] == 6
+    # a different seed gives different weights (the comparison above is not vacuous)
+    c = train(tiny(tmp_path, out_dir=str(tmp_path / "c"), seed=1, iters=3))
+    assert c["iteration"] == 3
+    assert not torch.equal(_state(tmp_path / "c" / "model_final.pt")["conv_out.conv_out.weight"],
+                           _state(tmp_path / "a" / "iter_0000003.pt")["model"]["conv_out.conv_out.weight"])
+
+
+def test_short_synthetic_run_learns(tmp_path, capsys, one_thread):
+    cfg = tiny(tmp_path, iters=40, batch_size=8, synthetic_size=96, synthetic_length=400,
+               synthetic_val_length=16, save_every=1000, eval_every=0)
+    result = train(cfg)
+    chance = 1 / 8
+    assert result["miou"] > max(0.3, 2 * chance), result
+    out = capsys.readouterr().out
+    assert "mIoU" in out and "img/s" in out
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("FASTBISENET_SLOW"), reason="set FASTBISENET_SLOW=1 to run (minutes on CPU)")
+def test_longer_synthetic_run_reaches_high_miou(tmp_path, capsys):
+    cfg = tiny(tmp_path, iters=300, batch_size=8, synthetic_size=128, synthetic_length=2000,
+               synthetic_val_length=50, save_every=1000, eval_every=0)
+    assert train(cfg)["miou"] > 0.6
+
+
+def test_torchrun_two_processes(tmp_path):
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    out = tmp_path / "ddp"
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fastbisenet", "train", "--device", "cpu",
+           "--backend", "torch", "--iters", "3", "--batch-size", "2", "--crop", "64", "--synthetic-size", "64",
+           "--synthetic-length", "16", "--synthetic-val-length", "4", "--workers", "0", "--eval-every", "0",
+           "--out-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load_training_checkpoint(out / "last.pt")
+    assert ckpt["iteration"] == 3 and ckpt["world_size"] == 2 and set(ckpt["rng"]) == {"0", "1"}
+    assert "x2" in proc.stdout and "mIoU" in proc.stdout
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+
+
+def test_python_dash_m_help():
+    proc = subprocess.run([sys.executable, "-m", "fastbisenet", "train", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "--resume" in proc.stdout
