@@ -271,11 +271,9 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if dist_info.world > 1 and device.type == "cuda":
+        # Exact cross-GPU statistics: the fused backend runs ops whose BN is a training SyncBatchNorm on
+        # the reference path (cuDNN + all-reduce); see fastbisenet.ops.fused.
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        if cfg.backend != "torch" and is_main:
-            warnings.warn("SyncBatchNorm is synchronised by the reference ops; fused Triton ops that compute "
-                          "batch statistics themselves see per-GPU batches (use --backend torch for exact "
-                          "cross-GPU BN statistics)", stacklevel=2)
     raw_model = model
 
     global_batch = cfg.batch_size * dist_info.world

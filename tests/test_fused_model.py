@@ -212,3 +212,24 @@ def test_compiled_model_fullgraph_trains_like_eager(device):
     twin_buffers = dict(twin.named_buffers())
     for name, b in eager.named_buffers():
         assert torch.allclose(twin_buffers[name].double(), b.double(), rtol=1e-6, atol=1e-7), name
+
+
+def test_training_sync_batchnorm_runs_the_reference_op(monkeypatch):
+    """SyncBatchNorm needs cross-process statistics: the fused backend hands those ops to the reference."""
+    from fastbisenet import reference
+    from fastbisenet.ops import fused
+
+    calls = []
+    for name in ("conv_bn_act", "bn_attention"):
+        real = getattr(reference, name)
+        monkeypatch.setattr(reference, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
+    conv, bn = torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.SyncBatchNorm(4)
+    x = torch.randn(2, 3, 5, 5)
+    bn.eval()
+    fused.conv_bn_act(x, conv, bn)  # eval: no cross-process statistics, the kernel runs
+    assert calls == []
+    bn.train()
+    fused.conv_bn_act(x, conv, bn)
+    a = torch.randn(2, 4, 3, 3)
+    fused.bn_attention(a, torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.SyncBatchNorm(4).train())
+    assert calls == ["conv_bn_act", "bn_attention"]

@@ -1,13 +1,43 @@
 """The Triton backend: every op of :mod:`fastbisenet.reference`, same names and signatures, on fused kernels.
 
 :func:`fastbisenet.ops.impl` returns this module for calls that run on the kernels.
+
+``nn.SyncBatchNorm`` in training mode needs statistics reduced across processes, which the kernels do
+not do: ops whose BatchNorm is one run the reference op instead (cuDNN + NCCL all-reduce), so DDP
+training with ``convert_sync_batchnorm`` stays exact.
 """
 
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+
+from torch import nn
+
+from fastbisenet import reference
+from fastbisenet.ops import channel_attention, conv_bn
 from fastbisenet.ops.attend_add_upsample import attend_add_upsample
 from fastbisenet.ops.attend_residual import attend_residual
-from fastbisenet.ops.channel_attention import bn_attention, mean_hw, mlp_attention
-from fastbisenet.ops.conv_bn import concat_conv_bn_act, conv_bn_act
+from fastbisenet.ops.channel_attention import mean_hw, mlp_attention
 from fastbisenet.ops.head_upsample import head_argmax, head_logits
+
+
+def _sync_bn_uses_reference(fn: Callable) -> Callable:
+    """Run ``reference.<name>`` when the op's BatchNorm (third argument) is a training SyncBatchNorm."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def op(a, conv, bn, *args, **kwargs):
+        if isinstance(bn, nn.SyncBatchNorm) and bn.training:
+            return getattr(reference, name)(a, conv, bn, *args, **kwargs)
+        return fn(a, conv, bn, *args, **kwargs)
+
+    return op
+
+
+conv_bn_act = _sync_bn_uses_reference(conv_bn.conv_bn_act)
+concat_conv_bn_act = _sync_bn_uses_reference(conv_bn.concat_conv_bn_act)
+bn_attention = _sync_bn_uses_reference(channel_attention.bn_attention)
 
 __all__ = [
     "attend_add_upsample",
