@@ -10,6 +10,12 @@ The graph replays the exact kernels recorded at capture, so the shape, dtype, de
 of every later input must match the example (checked on each call). Outputs live in buffers owned by
 the graph and are overwritten by the next replay: ``clone()`` them to keep them (or pass ``clone=True``).
 Triton autotuning and any other first-call work happen in the warm-up runs, before capture.
+
+Weights: the fused convs read a packed copy of each conv weight (see :mod:`fastbisenet.ops.conv_bn`),
+refreshed only by an eager call after the weight changed. Replays therefore use the weights as packed
+at capture, not the current ones (BN parameters and statistics happen to be read in place, but only
+while their tensors are the captured ones): after changing any weight or buffer (``load_state_dict``,
+an optimizer step, ``.to()``), capture again.
 """
 
 from __future__ import annotations

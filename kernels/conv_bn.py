@@ -7,9 +7,20 @@ pass) and channels_last inputs both work; every output written here is a contigu
 matrix, i.e. an ``(N, C, H, W)`` tensor in ``torch.channels_last``. The weight is pre-packed by the
 caller as a row-major ``(K, C_out)`` matrix with row index ``(kh * KW + kw) * C_in + c``.
 
+Why a packed weight and not the module's own ``(C_out, C_in, KH, KW)`` tensor read through its strides:
+in that layout a B tile (BLOCK_K input channels x BLOCK_N output channels of one tap) has stride
+``KH*KW`` along K and ``C_in*KH*KW`` along N, so for 3x3/7x7 convs no two neighbouring elements of a
+tile are adjacent in memory and every load is a scattered 2-4 byte access (only 1x1 convs would be
+coalesced along K); under autocast it would also read the fp32 master weight (2x the bytes) and cast
+in the inner loop. Packed ``(K, C_out)`` rows are contiguous along N: fully coalesced B loads, in the
+activation dtype. The packing is cached by the caller (:mod:`fastbisenet.ops.conv_bn`), so it costs
+one copy per weight change, not one per call.
+
 Kernels:
-    :func:`conv_bn_fwd_kernel`   implicit GEMM + epilogue (bias, per-channel statistics, scale/shift,
-                                 residual, ReLU), all optional through constexpr flags.
+    :func:`conv_bn_fwd_kernel`   implicit GEMM + epilogue (bias, per-channel statistics, eval-mode BN
+                                 folded from the raw BN parameters and running statistics, residual,
+                                 ReLU), all optional through constexpr flags. An eval-mode conv+BN is
+                                 this one launch and nothing else: no host-side fold, no side ops.
     :func:`bn_stats_kernel`      batch mean/invstd from the forward's partial statistics, running-stat update.
     :func:`bn_act_kernel`        ``relu((y - mean) * scale + shift + residual)``: train-mode second pass.
     :func:`bn_act_bwd_reduce_kernel`  per-tile partial sums of ``g`` and ``g * xhat`` (``g`` = masked
@@ -135,31 +146,37 @@ def _accumulate(
 @triton.autotune(configs=_fwd_configs(), key=["M", "C_in", "C_in2", "C_out", "KH", "KW", "STRIDE_H", "FLAT_K"])
 @triton.jit
 def conv_bn_fwd_kernel(
-    x_ptr, x2_ptr, w_ptr, bias_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, part_ptr,
-    M, H, W, Ho, Wo, C_in, C_in2, C_out, K_in, n_part,
+    x_ptr, x2_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr, out_ptr, part_ptr,
+    M, H, W, Ho, Wo, C_in, C_in2, C_out, K_in, n_part, eps,
     sx_n, sx_c, sx_h, sx_w,
     sx2_n, sx2_c, sx2_h, sx2_w,
     sr_n, sr_c, sr_h, sr_w,
     KH: tl.constexpr, KW: tl.constexpr,
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
-    HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr, HAS_AFFINE: tl.constexpr,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, FLAT_K: tl.constexpr, STAT_M: tl.constexpr,
+    HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
+    BN_EVAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr,
+    RELU: tl.constexpr, FLAT_K: tl.constexpr, STAT_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``out = relu?((conv(x) + bias?) * scale? + shift? + res?)``; optional per-tile channel statistics.
+    """``out = relu?(bn_eval?(conv(x) + bias?) + res?)``; optional per-tile channel statistics.
 
     Pointers: x_ptr input (N, C_in, H, W), any strides; x2_ptr second input (N, C_in2, H, W) when
     HAS_X2 (a channel-concat that is never materialised; 1x1 convs only, weight rows C_in..); w_ptr
     packed (KH*KW*C_in [+ C_in2], C_out) weight; bias_ptr (C_out,) conv bias (HAS_BIAS);
-    scale_ptr/shift_ptr (C_out,) fp32 folded BN (HAS_AFFINE); res_ptr residual (N, C_out, Ho, Wo), any
-    strides (HAS_RES); out_ptr (M, C_out) contiguous output, its dtype is the output dtype; part_ptr
-    fp32 (2, n_part, C_out) per-slot mean and centred sum of squares of ``conv + bias`` (STATS).
+    gamma_ptr/beta_ptr (C_out,) BN weight/bias (HAS_GAMMA/HAS_BETA; absent means 1/0, i.e.
+    ``affine=False``) and rmean_ptr/rvar_ptr (C_out,) BN running statistics (BN_EVAL), any float
+    dtype, read and folded in fp32; res_ptr residual (N, C_out, Ho, Wo), any strides (HAS_RES); out_ptr
+    (M, C_out) contiguous output, its dtype is the output dtype; part_ptr fp32 (2, n_part, C_out)
+    per-slot mean and centred sum of squares of ``conv + bias`` (STATS).
     Sizes: M = N*Ho*Wo; H/W input, Ho/Wo output spatial size; K_in = KH*KW*C_in;
-    n_part = cdiv(M, STAT_M).
+    n_part = cdiv(M, STAT_M). eps: fp32 BN epsilon (BN_EVAL).
     Strides: sx_* of x, sx2_* of x2, sr_* of the residual (element units, NCHW order).
     Constexprs: KH/KW kernel size, STRIDE_*/PAD_* conv stride and zero padding; the flags select the
-    epilogue stages (applied in this order: bias, statistics, affine, residual, ReLU); FLAT_K picks
+    epilogue stages (applied in this order: bias, statistics, eval BN, residual, ReLU). BN_EVAL folds
+    BN per channel in the epilogue, ``scale = gamma * rsqrt(running_var + eps)``,
+    ``shift = beta + (bias - running_mean) * scale`` (the conv bias folded into the shift), then
+    ``acc * scale + shift``: one FMA per element; STATS and BN_EVAL are exclusive. FLAT_K picks
     the flattened-K loop (see :func:`_accumulate`); STAT_M rows per statistics slot (divides
     BLOCK_M); DOT_PRECISION ``"ieee"``/``"tf32"`` for fp32 inputs; BLOCK_*/GROUP_M tiling.
     """
@@ -195,7 +212,7 @@ def conv_bn_fwd_kernel(
             C_in2, C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, False, BLOCK_K, DOT_PRECISION,
         )
 
-    if HAS_BIAS:
+    if HAS_BIAS and not BN_EVAL:  # with BN_EVAL the bias is folded into the BN shift below
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     if STATS:
         # Per-slot (STAT_M rows) mean and centred sum of squares, combined later with Chan's formula:
@@ -212,9 +229,18 @@ def conv_bn_fwd_kernel(
         p_mask = (slot < n_part)[:, None] & n_mask[None, :]
         tl.store(part_ptr + p_off, mean_s, mask=p_mask)
         tl.store(part_ptr + n_part * C_out + p_off, m2_s, mask=p_mask)
-    if HAS_AFFINE:
-        scale = tl.load(scale_ptr + offs_n, mask=n_mask, other=0.0)
-        shift = tl.load(shift_ptr + offs_n, mask=n_mask, other=0.0)
+    if BN_EVAL:
+        # Per-channel fold of this tile's BLOCK_N channels, in fp32 (vector work, negligible next to the GEMM).
+        rmean = tl.load(rmean_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        rvar = tl.load(rvar_ptr + offs_n, mask=n_mask, other=1.0).to(tl.float32)
+        scale = 1.0 / tl.sqrt_rn(rvar + eps)
+        if HAS_GAMMA:
+            scale = scale * tl.load(gamma_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if HAS_BIAS:
+            rmean = rmean - tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        shift = -rmean * scale
+        if HAS_BETA:
+            shift += tl.load(beta_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
         acc = acc * scale[None, :] + shift[None, :]
     mask = m_mask[:, None] & n_mask[None, :]
     if HAS_RES:
@@ -415,8 +441,11 @@ def conv_bn_fwd(
     *,
     x2: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
-    scale: torch.Tensor | None = None,
-    shift: torch.Tensor | None = None,
+    bn_weight: torch.Tensor | None = None,
+    bn_bias: torch.Tensor | None = None,
+    running_mean: torch.Tensor | None = None,
+    running_var: torch.Tensor | None = None,
+    eps: float = 1e-5,
     residual: torch.Tensor | None = None,
     relu: bool = False,
     stats: bool = False,
@@ -431,6 +460,11 @@ def conv_bn_fwd(
     (only with ``stats``) is fp32 (2, cdiv(M, stat_m), C_out): per-slot mean and centred sum of squares
     of ``conv(x) + bias``, slot ``i`` covering output rows ``[i*stat_m, (i+1)*stat_m)``. ``out`` and
     ``part`` may be given as preallocated buffers of exactly those shapes (channels_last / contiguous).
+
+    Eval-mode BN: with ``running_mean``/``running_var`` (contiguous (C_out,), any float dtype) the
+    kernel applies ``bn_weight * (conv + bias - running_mean) * rsqrt(running_var + eps) + bn_bias``
+    itself (``bn_weight``/``bn_bias`` optional: ``affine=False``); exclusive with ``stats``. Nothing
+    but the kernel launch (and the output allocation) runs: no host-side or device-side side ops.
     """
     N, C_in, H, W = x.shape
     KH, KW = kernel_size
@@ -439,6 +473,12 @@ def conv_bn_fwd(
         raise NotImplementedError("a second (concatenated) input is only supported for 1x1 convs")
     K, C_out = w_packed.shape
     assert w_packed.is_contiguous() and KH * KW * C_in + C_in2 == K
+    bn_eval = running_mean is not None
+    assert bn_eval == (running_var is not None) and not (bn_eval and stats)
+    if not bn_eval:
+        assert bn_weight is None and bn_bias is None, "BN parameters without running statistics"
+    for v in (bias, bn_weight, bn_bias, running_mean, running_var):
+        assert v is None or (v.shape == (C_out,) and v.is_contiguous())
     Ho = (H + 2 * padding[0] - KH) // stride[0] + 1
     Wo = (W + 2 * padding[1] - KW) // stride[1] + 1
     M = N * Ho * Wo
@@ -466,14 +506,17 @@ def conv_bn_fwd(
     conv_bn_fwd_kernel[grid](
         x, x2 if x2 is not None else x, w_packed,
         bias if bias is not None else dummy,
-        scale if scale is not None else dummy,
-        shift if shift is not None else dummy,
+        bn_weight if bn_weight is not None else dummy,
+        bn_bias if bn_bias is not None else dummy,
+        running_mean if bn_eval else dummy,
+        running_var if bn_eval else dummy,
         residual if residual is not None else dummy,
         out, part if part is not None else dummy,
-        M, H, W, Ho, Wo, C_in, C_in2, C_out, KH * KW * C_in, n_part,
+        M, H, W, Ho, Wo, C_in, C_in2, C_out, KH * KW * C_in, n_part, float(eps),
         *x.stride(), *_nchw_strides(x2), *_nchw_strides(residual),
         KH=KH, KW=KW, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
-        HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats, HAS_AFFINE=scale is not None,
+        HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats,
+        BN_EVAL=bn_eval, HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None,
         HAS_RES=residual is not None, RELU=relu, FLAT_K=C_in < 32, STAT_M=stat_m,
         DOT_PRECISION=precision,
     )

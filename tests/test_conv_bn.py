@@ -8,6 +8,8 @@ compiled, and the ``gpu``-marked tests add fp16/bf16 and larger shapes.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 from dataclasses import dataclass
 
 import pytest
@@ -100,6 +102,7 @@ CASES = {
     "3x3s1-cin40-eval-frozen": Case(2, 40, 20, 9, 11, 3, 1, train=False, freeze_bn=True, residual=True),
     "1x1s1-train-res-norelu": Case(2, 40, 24, 8, 8, 1, 1, residual=True, relu=False),
     "1x1s2-eval-norelu": Case(2, 24, 40, 9, 9, 1, 2, train=False, relu=False, channels_last=True),
+    "3x3s1-eval-res-bias": Case(2, 6, 5, 7, 9, 3, 1, train=False, residual=True, bias=True),
     # no BN: conv (+bias) (+residual) (+relu)
     "3x3s1-nobn-bias": Case(2, 6, 10, 7, 9, 3, 1, bn=False, bias=True, residual=True),
     "1x1s1-nobn-norelu": Case(2, 6, 10, 7, 9, 1, 1, bn=False, relu=False),
@@ -330,6 +333,202 @@ def test_kernels_write_every_output(device: str) -> None:
     check(dres, g, torch.float32, "dres")
     check(dy, g * a.double().view(shape) + b.double().view(shape) * (y.double() - mean.double().view(shape))
           + c.double().view(shape), torch.float32, "dy")
+
+
+# ------------------------------------------------------------------------------------------ eval BN fold
+
+
+@pytest.mark.parametrize("params", ["gamma_beta", "gamma_only", "beta_only", "none"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_eval_fold_optional_affine(params: str, bias: bool, device: str) -> None:
+    """The in-kernel fold with each of gamma/beta absent (1/0), a conv bias, a large eps, fp64 reference."""
+    x = torch.randn(2, 5, 6, 7, device=device) + 0.5
+    w = torch.randn(6, 5, 3, 3, device=device) * 0.3
+    b = torch.randn(6, device=device) if bias else None
+    gamma = torch.rand(6, device=device) + 0.5 if params in ("gamma_beta", "gamma_only") else None
+    beta = torch.randn(6, device=device) if params in ("gamma_beta", "beta_only") else None
+    rm, rv = torch.randn(6, device=device), torch.rand(6, device=device) + 0.5
+    eps = 0.25
+    out, y, mean, invstd = ops.forward(x, None, w, b, gamma, beta, None, rm, rv, None, (1, 1), (1, 1), eps, 0.1,
+                                       True, False, False, need_stats=False)
+    assert y is None and mean is None and invstd is None
+    ref = torch.nn.functional.batch_norm(
+        torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), 1, 1),
+        rm.double(), rv.double(), None if gamma is None else gamma.double(),
+        None if beta is None else beta.double(), False, 0.0, eps)
+    check(out, ref, torch.float32, "out")
+    _, _, mean, invstd = ops.forward(x, None, w, b, gamma, beta, None, rm, rv, None, (1, 1), (1, 1), eps, 0.1,
+                                     True, False, False)
+    assert torch.equal(mean, rm) and mean.data_ptr() != rm.data_ptr()
+    check(invstd, (rv.double() + eps).rsqrt(), torch.float32, "invstd")
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_affine_backward(affine: bool, device: str) -> None:
+    """Eval mode with a conv bias, affine BN or not (gamma/beta absent in the kernel), with grads."""
+    conv = nn.Conv2d(5, 6, 3, 1, 1, bias=True).to(device)
+    bn = nn.BatchNorm2d(6, affine=affine).to(device).eval()
+    with torch.no_grad():
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    x = (torch.randn(2, 5, 6, 7, device=device) + 1).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    out, ref = ops.conv_bn_act(x, conv, bn), ref_forward(x64, conv64, bn64, None, True)
+    check(out, ref, torch.float32, "out")
+    go = torch.randn(ref.shape, device=device, dtype=torch.float64)
+    out.backward(go.float())
+    ref.backward(go)
+    check(x.grad, x64.grad, torch.float32, "dx")
+    check(conv.weight.grad, conv64.weight.grad, torch.float32, "dweight")
+    check(conv.bias.grad, conv64.bias.grad, torch.float32, "dbias")
+
+
+def test_eval_backward_uses_forward_time_stats(device: str) -> None:
+    """Frozen-BN backward uses the running statistics of its forward, even if they change before it runs."""
+    conv, bn, conv64, bn64 = make_modules(4, 6, 3, 1, bias=False, bn=True, train=False, device=device)
+    x = (torch.randn(2, 4, 5, 6, device=device) + 0.5).requires_grad_()
+    x64 = x.detach().double().requires_grad_()
+    out, ref = ops.conv_bn_act(x, conv, bn), ref_forward(x64, conv64, bn64, None, True)
+    with torch.no_grad():
+        bn.running_mean.add_(5.0)
+        bn.running_var.mul_(10.0)
+    go = torch.randn(ref.shape, device=device, dtype=torch.float64)
+    out.backward(go.float())
+    ref.backward(go)
+    check(x.grad, x64.grad, torch.float32, "dx")
+    check(bn.weight.grad, bn64.weight.grad, torch.float32, "dgamma")
+
+
+def test_custom_op_eval_without_stats(device: str) -> None:
+    """``fastbisenet::conv_bn_act`` with ``need_stats=False`` (eval, no backward): opcheck and outputs."""
+    x = torch.randn(2, 5, 7, 9, device=device)
+    w = torch.randn(6, 5, 3, 3, device=device)
+    rm, rv = torch.randn(6, device=device) * 0.1, torch.rand(6, device=device) + 0.5
+    for gamma, beta in ((torch.rand(6, device=device) + 0.5, torch.randn(6, device=device)), (None, None)):
+        args = (x, None, w, torch.randn(6, device=device), gamma, beta, None, rm, rv, None, [1, 1], [1, 1], 1e-5,
+                0.1, True, False, True, False)
+        result = torch.library.opcheck(torch.ops.fastbisenet.conv_bn_act.default, args)
+        assert set(result.values()) == {"SUCCESS"}, result
+        outs = torch.ops.fastbisenet.conv_bn_act(*args)
+        assert [t.numel() for t in outs[1:]] == [0] * 6
+        want = ops.forward(*args[:10], (1, 1), (1, 1), *args[12:17])[0]
+        torch.testing.assert_close(outs[0], want, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------ packed weights
+
+
+def _eval_pair(device: str):
+    conv, bn, _, _ = make_modules(4, 6, 3, 1, bias=True, bn=True, train=False, device=device)
+    return conv, bn, torch.randn(1, 4, 5, 6, device=device)
+
+
+def _check_fresh(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: Tensor, what: str) -> None:
+    """The fused eval output matches an fp64 reference built from the modules' *current* state."""
+    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    with torch.no_grad():
+        check(ops.conv_bn_act(x, conv, bn, relu=False), ref_forward(x.double(), conv64, bn64, None, False),
+              torch.float32, what)
+
+
+def test_packed_weight_is_cached(device: str) -> None:
+    w = nn.Conv2d(4, 6, 3).to(device).weight
+    p = ops._packed_weight(w, torch.float32)
+    assert ops._packed_weight(w, torch.float32) is p
+    assert torch.equal(p, ops._pack_weight(w, torch.float32))
+    assert torch.equal(p.view(3, 3, 4, 6), w.detach().permute(2, 3, 1, 0))
+    with torch.no_grad():
+        w.mul_(2.0)
+    q = ops._packed_weight(w, torch.float32)
+    assert q is p and torch.equal(q, ops._pack_weight(w, torch.float32))  # repacked into the same buffer
+    h = ops._packed_weight(w, torch.float64)  # one packing per dtype
+    assert h.dtype == torch.float64 and ops._packed_weight(w, torch.float32) is p
+    ref = weakref.ref(p)
+    del w, p, q, h
+    gc.collect()
+    assert ref() is None  # the cache does not keep dead weights' packings alive
+
+
+def test_packed_weight_never_stale_optimizer_step(device: str) -> None:
+    conv, bn, x = _eval_pair(device)
+    opt = torch.optim.SGD(conv.parameters(), lr=0.5, momentum=0.9)
+    for step in range(2):
+        _check_fresh(conv, bn, x, f"before step {step}")
+        ops.conv_bn_act(x, conv, bn).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    _check_fresh(conv, bn, x, "after steps")
+
+
+def test_packed_weight_never_stale_load_state_dict(device: str) -> None:
+    conv, bn, x = _eval_pair(device)
+    _check_fresh(conv, bn, x, "initial")
+    other = nn.Conv2d(4, 6, 3, 1, 1, bias=True).to(device)
+    conv.load_state_dict(other.state_dict())
+    assert torch.equal(conv.weight, other.weight)
+    _check_fresh(conv, bn, x, "after load_state_dict")
+
+
+def test_packed_weight_never_stale_in_place(device: str) -> None:
+    conv, bn, x = _eval_pair(device)
+    _check_fresh(conv, bn, x, "initial")
+    with torch.no_grad():
+        conv.weight.add_(0.25)
+    _check_fresh(conv, bn, x, "after no_grad add_")
+    with torch.no_grad():
+        conv.weight[:, 1].neg_()  # through a view
+    _check_fresh(conv, bn, x, "after an in-place write through a view")
+
+
+def test_packed_weight_never_stale_data_replacement(device: str) -> None:
+    conv, bn, x = _eval_pair(device)
+    _check_fresh(conv, bn, x, "initial")
+    for i in range(3):  # also replacements that could land at a freed address of an earlier one
+        conv.weight.data = torch.randn_like(conv.weight)
+        _check_fresh(conv, bn, x, f"after .data replacement {i}")
+    conv.weight.data = torch.randn(6, 4, 3, 3, device=device).permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)
+    _check_fresh(conv, bn, x, "after .data replacement with other strides")
+    with torch.no_grad():
+        conv.weight.data.mul_(-1.0)  # bypasses the version counter: documented, needs a manual clear
+    ops.clear_packed_weights()
+    _check_fresh(conv, bn, x, "after .data.mul_ and clear_packed_weights")
+
+
+def test_packed_weight_under_graph_capture(device: str, monkeypatch) -> None:
+    """While a CUDA graph is captured, training calls pack afresh (recorded in the graph, so replays read the
+    current weights); inference calls use the cached packing (replays use the weights as packed at capture)."""
+    conv, bn, x = _eval_pair(device)
+    with torch.no_grad():
+        ops.conv_bn_act(x, conv, bn)
+    cached = ops._packed_weight(conv.weight, x.dtype)
+    calls = []
+    real_pack = ops._pack_weight
+    monkeypatch.setattr(ops, "_pack_weight", lambda *a, **k: calls.append(1) or real_pack(*a, **k))
+    monkeypatch.setattr(ops, "_capturing", lambda weight: True)
+    with torch.no_grad():
+        ops.conv_bn_act(x, conv, bn)  # inference capture: cached
+    assert calls == [] and ops._packed_weight(conv.weight, x.dtype) is cached
+    ops.conv_bn_act(x, conv, bn)  # grads possible (frozen-BN fine-tuning): packed afresh
+    assert len(calls) == 1
+    bn.train()
+    with torch.no_grad():
+        ops.conv_bn_act(x, conv, bn)  # train-mode BN: packed afresh
+    assert len(calls) == 2 and ops._packed_weight(conv.weight, x.dtype) is cached
+
+
+def test_packed_weight_inference_mode(device: str) -> None:
+    conv, bn, x = _eval_pair(device)
+    with torch.inference_mode():
+        _check_fresh(conv, bn, x, "under inference_mode")  # the packed buffer is made here...
+    with torch.no_grad():
+        conv.weight.add_(1.0)
+    _check_fresh(conv, bn, x, "after inference_mode")  # ...and must stay writable outside it
+    with torch.inference_mode():
+        frozen = nn.Conv2d(4, 6, 3, 1, 1, bias=True).to(device)  # inference-tensor weights: never cached
+        _check_fresh(frozen, bn, x, "inference-tensor weights")
+        frozen.weight.add_(1.0)  # no version counter to bump
+        _check_fresh(frozen, bn, x, "inference-tensor weights after add_")
 
 
 # ------------------------------------------------------------------------------------------ GPU only

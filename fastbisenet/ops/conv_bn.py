@@ -11,8 +11,21 @@ Semantics follow the modules exactly: in train mode (or with ``track_running_sta
 output is normalised with the batch mean and biased variance, and the running statistics are updated
 in place with the unbiased variance (``momentum=None``: cumulative average with factor
 ``1 / num_batches_tracked``), ``num_batches_tracked += 1``; in eval mode BN is folded into a
-per-channel scale/shift from the *current* running statistics on every call. Outputs are
-``channels_last`` in the input's dtype.
+per-channel scale/shift from the *current* running statistics on every call, inside the conv kernel's
+epilogue: an eval-mode call is one kernel launch plus the output allocation, nothing else (the fold
+reads ``gamma``/``beta``/``running_mean``/``running_var`` directly). Outputs are ``channels_last`` in
+the input's dtype.
+
+Packed weights: the kernels read the weight as a ``(KH*KW*C_in, C_out)`` matrix in the activation
+dtype. :func:`_packed_weight` caches that copy per weight tensor and dtype/device and repacks (in
+place, into the same buffer) only when the weight changed: a different ``data_ptr`` /shape/strides
+(``.data`` replaced, ``.to()``), or a bumped version counter (every in-place write through the
+tensor or a view of it: ``optimizer.step()``, ``load_state_dict``, ``with torch.no_grad(): w.add_()``).
+In-place writes through ``w.data`` bypass version counters (as they bypass autograd's checks): call
+:func:`clear_packed_weights` after those. A CUDA graph replays the packed copy it captured; it sees new
+weight values only after an eager call has repacked them (see :mod:`fastbisenet.graphs`); captures of
+calls that can be followed by a backward (training steps) record the packing instead, so replays of a
+captured training step always read the current weights.
 
 Memory kept for backward (per call, besides the small per-channel vectors ``mean``/``invstd``):
 
@@ -20,20 +33,24 @@ Memory kept for backward (per call, besides the small per-channel vectors ``mean
   on (its mask; the output is usually kept alive by the next layer anyway). Eager PyTorch keeps the
   same ``x``/``y``/ReLU output, but also *writes* the BN output and (with a residual) the sum, and
   holds them at peak; here neither is ever materialised.
-* eval: ``x``, the weight and the output (ReLU mask) only. Eager also keeps the conv output for the
-  BN backward; here it is recomputed by one extra conv in backward, and only when the BN weight
-  needs a gradient.
+* eval: ``x``, the weight and the output (ReLU mask) only, plus fp32 copies of the running mean and
+  ``rsqrt(running_var + eps)``, computed only when autograd will need them (grad mode on and some
+  input requires grad; frozen-BN fine-tuning). Eager also keeps the conv output for the BN backward;
+  here it is recomputed by one extra conv in backward, and only when the BN weight needs a gradient.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
+from torch.utils.weak import WeakIdKeyDictionary
 
 from fastbisenet.kernels import conv_bn as K
 
-__all__ = ["ConvBNActFunction", "backward", "concat_conv_bn_act", "conv_bn_act", "forward"]
+__all__ = ["ConvBNActFunction", "backward", "clear_packed_weights", "concat_conv_bn_act", "conv_bn_act", "forward"]
 
 _STAT_M: int = K.STAT_M_DEFAULT
 """Rows per partial-statistics slot of the forward kernel (see :func:`K.bn_stats_kernel`)."""
@@ -42,10 +59,75 @@ _STAT_M: int = K.STAT_M_DEFAULT
 # ---------------------------------------------------------------------------------- tensor level
 
 
-def _pack_weight(weight: Tensor, dtype: torch.dtype) -> Tensor:
-    """(C_out, C_in, KH, KW) -> row-major (KH*KW*C_in, C_out) in ``dtype``: the kernels' B matrix."""
-    c_out = weight.shape[0]
-    return weight.detach().permute(2, 3, 1, 0).reshape(-1, c_out).to(dtype).contiguous()
+def _pack_weight(weight: Tensor, dtype: torch.dtype, out: Tensor | None = None) -> Tensor:
+    """(C_out, C_in, KH, KW) -> row-major (KH*KW*C_in, C_out) in ``dtype``: the kernels' B matrix.
+
+    One copy kernel (layout change and cast together), into ``out`` when given (same shape/dtype).
+    """
+    c_out, c_in, kh, kw = weight.shape
+    if out is None:
+        out = torch.empty((kh * kw * c_in, c_out), dtype=dtype, device=weight.device)
+    out.view(kh, kw, c_in, c_out).copy_(weight.detach().permute(2, 3, 1, 0))
+    return out
+
+
+@dataclass
+class _Packings:
+    """The cached packings of one weight tensor, valid for its data identified by ``ident``."""
+
+    ident: tuple  # (data_ptr, shape, strides, dtype) of the weight data the packings were made from
+    src: Tensor  # a detached alias of that data: keeps its storage (so its address) alive
+    by_key: dict  # (dtype, device) -> [version counter at packing, packed tensor]
+
+
+_PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""weight tensor (weakly, by identity) -> :class:`_Packings`; entries die with their weight."""
+
+
+def clear_packed_weights() -> None:
+    """Drop every cached packed weight (needed only after in-place writes through ``weight.data``)."""
+    _PACKED.clear()
+
+
+def _capturing(weight: Tensor) -> bool:
+    """True while a CUDA graph is being captured on the current stream of ``weight``'s device."""
+    return weight.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
+def _packed_weight(weight: Tensor, dtype: torch.dtype, *, record_in_graph: bool = False) -> Tensor:
+    """:func:`_pack_weight`, cached per weight tensor and ``(dtype, device)``: repacked only when stale.
+
+    Stale means different weight data (``data_ptr``/shape/strides/dtype: ``.data`` was replaced, e.g.
+    by ``.to()``; then every packing of the old data is dropped) or a different version counter (an
+    in-place write). The entry keeps a detached alias of the packed data, so that storage cannot be
+    freed and its address reused by a later ``.data`` while the entry lives. A repack of a changed
+    version reuses the packed buffer (allocated outside inference mode, so it stays writable): a buffer
+    a CUDA graph captured stays allocated for as long as the weight lives. Inference tensors have no
+    version counter: packed per call, never cached.
+
+    ``record_in_graph``: while a CUDA graph is being captured, pack afresh instead, so that the packing
+    is part of the graph and every replay reads the weight's current values. For calls that can be
+    followed by a backward (a captured training step, e.g. ``torch.compile(mode="reduce-overhead")``:
+    the optimizer changes the weights between replays). Inference captures use the cache, so their
+    replays see the weights as packed at capture (documented in :mod:`fastbisenet.graphs`).
+    """
+    if weight.is_inference() or (record_in_graph and _capturing(weight)):
+        return _pack_weight(weight, dtype)
+    ident = (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype)
+    version = weight._version
+    entry = _PACKED.get(weight)
+    if entry is None or entry.ident != ident:
+        entry = _PACKED[weight] = _Packings(ident, weight.detach(), {})
+    key = (dtype, weight.device)
+    slot = entry.by_key.get(key)
+    if slot is None:
+        with torch.inference_mode(False):
+            entry.by_key[key] = slot = [version, _pack_weight(weight, dtype)]
+    elif slot[0] != version:
+        with torch.inference_mode(False):
+            _pack_weight(weight, dtype, out=slot[1])
+        slot[0] = version
+    return slot[1]
 
 
 def forward(
@@ -66,33 +148,41 @@ def forward(
     has_bn: bool,
     batch_stats: bool,
     relu: bool,
+    need_stats: bool = True,
 ) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """``relu?(bn?(conv(cat?(x, x2)) + bias?) + residual?)``; returns ``(out, y, mean, invstd)``.
 
     ``y`` is the conv output (only with batch statistics, else ``None``); ``mean``/``invstd`` are the
     fp32 per-channel statistics the output was normalised with (batch or running; ``None`` without
-    BN). With ``batch_stats`` and running buffers given, the buffers are updated in place (train mode).
+    BN), as :func:`backward` needs them. With ``batch_stats`` and running buffers given, the buffers are
+    updated in place (train mode).
+
+    Eval (BN with running statistics): the conv kernel folds BN itself, so the call is one kernel
+    launch; ``mean``/``invstd`` (fp32 copies of the running mean and ``rsqrt(running_var + eps)`` at this
+    call, three small ops) are computed only with ``need_stats``, i.e. when a backward may follow; else
+    they are ``None``.
     """
     KH, KW = weight.shape[2], weight.shape[3]
     C = weight.shape[0]
-    w = _pack_weight(weight, x.dtype)
-    f32 = {"device": x.device, "dtype": torch.float32}
+    # a call that may be followed by a backward is training: its CUDA-graph captures record the packing
+    w = _packed_weight(weight, x.dtype, record_in_graph=(has_bn and batch_stats) or need_stats)
     if not has_bn:
         out, _ = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias, residual=residual, relu=relu)
         return out, None, None, None
-    beta = bn_bias.detach().float() if bn_bias is not None else torch.zeros(C, **f32)
-    if not batch_stats:  # eval: fold the current running statistics into one scale/shift epilogue
-        gamma = bn_weight.detach().float() if bn_weight is not None else torch.ones(C, **f32)
+    if not batch_stats:  # eval: the kernel folds the current running statistics into its epilogue
+        out, _ = K.conv_bn_fwd(
+            x, w, (KH, KW), stride, padding, x2=x2, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
+            running_mean=running_mean, running_var=running_var, eps=eps, residual=residual, relu=relu,
+        )
+        if not need_stats:
+            return out, None, None, None
+        # snapshots of this call's statistics for backward (the buffers may change before it runs)
         mean = running_mean.detach().to(torch.float32, copy=True)
         invstd = torch.rsqrt(running_var.detach().float() + eps)
-        scale = gamma * invstd
-        shift = beta - mean * scale
-        if bias is not None:
-            shift = shift + bias.detach().float() * scale
-        out, _ = K.conv_bn_fwd(
-            x, w, (KH, KW), stride, padding, x2=x2, scale=scale, shift=shift, residual=residual, relu=relu
-        )
         return out, None, mean, invstd
+
+    f32 = {"device": x.device, "dtype": torch.float32}
+    beta = bn_bias.detach().float() if bn_bias is not None else torch.zeros(C, **f32)
 
     y, part = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias, stats=True, stat_m=_STAT_M)
     M = y.numel() // C
@@ -155,8 +245,8 @@ def backward(
             sum_g = sum_gx = None
             if need_gamma or need_beta:
                 if need_gamma and y is None:
-                    y, _ = K.conv_bn_fwd(x, _pack_weight(weight, x.dtype), (KH, KW), stride, padding,
-                                         x2=x2, bias=bias)
+                    w = _packed_weight(weight, x.dtype, record_in_graph=True)
+                    y, _ = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias)
                 sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y if need_gamma else None, mean, invstd)
             y = None  # the element-wise pass needs no y in eval
         dgamma = sum_gx if need_gamma else None
@@ -205,15 +295,17 @@ class ConvBNActFunction(torch.autograd.Function):
     """Autograd Function over :func:`forward` / :func:`backward` (see the module docstring for what is saved).
 
     ``apply(x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
-    num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu)``.
+    num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu[, need_stats])``;
+    ``need_stats`` (default ``True``) as in :func:`forward`: pass ``False`` when no backward can follow
+    (``ctx.needs_input_grad`` cannot tell: it ignores grad mode).
     """
 
     @staticmethod
     def forward(ctx, x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
-                num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu):
+                num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats=True):
         out, y, mean, invstd = forward(
             x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
-            num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu,
+            num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats,
         )
         ctx.save_for_backward(x, x2, weight, bias, bn_weight, out if relu else None, y, mean, invstd)
         ctx.geometry = (stride, padding)
@@ -229,7 +321,7 @@ class ConvBNActFunction(torch.autograd.Function):
             grad_out, x, x2, weight, bias, bn_weight, out, y, mean, invstd, *ctx.geometry,
             has_bn, batch_stats, residual_dtype, tuple(ctx.needs_input_grad[:7]),
         )
-        return (*grads, *([None] * 10))
+        return (*grads, *([None] * 11))
 
 
 # ---------------------------------------------------------------------------------- torch.library
@@ -248,23 +340,30 @@ def conv_bn_act_op(
     x: Tensor, x2: Tensor | None, weight: Tensor, bias: Tensor | None, bn_weight: Tensor | None,
     bn_bias: Tensor | None, residual: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
     num_batches_tracked: Tensor | None, stride: list[int], padding: list[int], eps: float,
-    momentum: float | None, has_bn: bool, batch_stats: bool, relu: bool,
+    momentum: float | None, has_bn: bool, batch_stats: bool, relu: bool, need_stats: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Functional :func:`forward`: ``(out, y, mean, invstd, new_running_mean, new_running_var, new_nbt)``."""
+    """Functional :func:`forward`: ``(out, y, mean, invstd, new_running_mean, new_running_var, new_nbt)``.
+
+    In eval (``has_bn and not batch_stats``) ``mean``/``invstd`` are empty unless ``need_stats``.
+    """
     update = has_bn and batch_stats and running_mean is not None
     rm = running_mean.clone() if update else running_mean
     rv = running_var.clone() if update else running_var
     nbt = num_batches_tracked.clone() if update and num_batches_tracked is not None else None
     out, y, mean, invstd = forward(
         x, x2, weight, bias, bn_weight, bn_bias, residual, rm, rv, nbt,
-        tuple(stride), tuple(padding), eps, momentum, has_bn, batch_stats, relu,
+        tuple(stride), tuple(padding), eps, momentum, has_bn, batch_stats, relu, need_stats,
     )
+
     def empty(dtype: torch.dtype = torch.float32) -> Tensor:  # a fresh one each time: outputs must not alias
         return x.new_empty(0, dtype=dtype)
 
+    if invstd is not None and batch_stats:
+        invstd = invstd.clone()  # batch statistics: a view of the same buffer as ``mean``
+    # (eval: ``mean``/``invstd`` are fresh copies already, and ``out``/``y`` fresh kernel outputs)
     return (
         out, empty(x.dtype) if y is None else y, empty() if mean is None else mean,
-        empty() if invstd is None else invstd.clone(),  # a view of the same buffer as ``mean``
+        empty() if invstd is None else invstd,
         rm if update else empty(), rv if update else empty(),
         nbt if nbt is not None else empty(torch.long),
     )
@@ -272,19 +371,20 @@ def conv_bn_act_op(
 
 @conv_bn_act_op.register_fake
 def _(x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var, num_batches_tracked,
-      stride, padding, eps, momentum, has_bn, batch_stats, relu):
+      stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats=True):
     c_out, _, kh, kw = weight.shape
     ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
     wo = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
     out = x.new_empty((x.shape[0], c_out, ho, wo)).contiguous(memory_format=torch.channels_last)
     update = has_bn and batch_stats and running_mean is not None
+    n_stats = c_out if has_bn and (batch_stats or need_stats) else 0
 
     def vec(n, dtype=torch.float32):  # fresh tensors: outputs must not alias each other
         return x.new_empty(n, dtype=dtype)
 
     return (
         out, torch.empty_like(out) if has_bn and batch_stats else vec(0, x.dtype),
-        vec(c_out if has_bn else 0), vec(c_out if has_bn else 0),
+        vec(n_stats), vec(n_stats),
         torch.empty_like(running_mean) if update else vec(0), torch.empty_like(running_var) if update else vec(0),
         torch.empty_like(num_batches_tracked) if update and num_batches_tracked is not None else vec(0, torch.long),
     )
@@ -339,7 +439,7 @@ def _(grad_out, x, x2, weight, bias, bn_weight, out, y, mean, invstd, stride, pa
 
 def _conv_setup(ctx, inputs, output):
     (x, x2, weight, bias, bn_weight, _, residual, _, _, _, stride, padding, _, _, has_bn, batch_stats,
-     relu) = inputs
+     relu, *_) = inputs
     out, y, mean, invstd = output[:4]
     ctx.save_for_backward(x, x2, weight, bias, bn_weight, out if relu else None, y, mean, invstd)
     ctx.geometry = (list(stride), list(padding))
@@ -355,7 +455,7 @@ def _conv_backward(ctx, grad_out, *_):
         grad_out, x, x2, weight, bias, bn_weight, out, _none_if_empty(y), _none_if_empty(mean),
         _none_if_empty(invstd), *ctx.geometry, has_bn, batch_stats, residual_dtype, needs,
     )
-    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *([None] * 10))
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *([None] * 11))
 
 
 conv_bn_act_op.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -419,10 +519,12 @@ def _apply(
             raise ValueError(f"conv_bn_act: residual shape {tuple(residual.shape)} != conv output shape "
                              f"{(x.shape[0], conv.out_channels, ho, wo)}")
     args = (x, x2, conv.weight, conv.bias, bn_w, bn_b, residual, rm, rv, nbt)
+    # eval BN needs its statistics saved only if a backward can follow
+    need_stats = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
     if not torch.compiler.is_compiling():
-        return ConvBNActFunction.apply(*args, stride, padding, eps, momentum, has_bn, batch_stats, relu)
+        return ConvBNActFunction.apply(*args, stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats)
     out, _, _, _, new_rm, new_rv, new_nbt = torch.ops.fastbisenet.conv_bn_act(
-        *args, list(stride), list(padding), eps, momentum, has_bn, batch_stats, relu
+        *args, list(stride), list(padding), eps, momentum, has_bn, batch_stats, relu, need_stats
     )
     if has_bn and batch_stats and rm is not None:
         rm.copy_(new_rm)

@@ -1,0 +1,168 @@
+"""Eval-mode inference issues nothing but the fused kernels: no per-conv side ops (BN fold, weight packing).
+
+Under a CUDA graph every aten op is one more (tiny) kernel node, ~2 us each; the eval conv+BN path once
+ran 7 of them per conv (weight packing, ``rsqrt``, the scale/shift fold), ~217 per BiSeNet forward.
+
+How ops are counted: a ``TorchDispatchMode`` records every aten op, and Triton launches are wrapped
+(``KernelInterface.__getitem__``, through which every ``kernel[grid](...)`` launch, autotuned or not,
+goes) to count launches per kernel and to set a flag while a launch runs. Ops issued during a launch
+are the launcher's own: on CPU, Triton's interpreter moves every argument's storage to a host copy and
+back (``empty``, ``new_empty``, ``set_``, ``copy_``), on a GPU there are none. Those are left out; every
+other op is checked against an allowlist of allocation/view/metadata ops, which launch no GPU work.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+
+import pytest
+import torch
+import triton
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastbisenet import BiSeNet
+from fastbisenet.ops import conv_bn as ops
+
+# aten ops that allocate, alias or only touch metadata: no device work (and no CUDA-graph node).
+NO_WORK = frozenset({
+    "empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like", "view", "_unsafe_view",
+    "as_strided", "permute", "detach", "select", "slice", "alias", "set_", "expand", "t", "transpose",
+    "squeeze", "unsqueeze", "unbind", "split", "split_with_sizes", "promote_types", "result_type",
+    "is_same_size", "_reshape_alias", "lift_fresh",
+})
+
+MAX_POOL = "max_pool2d_with_indices"
+# The whole BiSeNet eval forward may run this many ops outside the Triton kernels: the backbone's
+# max-pool (not fused), with some slack for glue a future op may need. Old code: ~217.
+FORWARD_BUDGET = 3
+
+
+class _Counter(TorchDispatchMode):
+    def __init__(self, inside: list[int]) -> None:
+        super().__init__()
+        self.inside = inside
+        self.ops: collections.Counter[str] = collections.Counter()  # outside launches
+        self.launcher_ops: collections.Counter[str] = collections.Counter()  # issued by a launch itself
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        (self.launcher_ops if self.inside[0] else self.ops)[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    def work_ops(self) -> dict[str, int]:
+        """Ops outside launches that do device work (not in the allowlist)."""
+        return {k: v for k, v in self.ops.items() if k not in NO_WORK}
+
+
+@pytest.fixture
+def count(monkeypatch):
+    """``with count() as c:`` records ``c.ops`` / ``c.work_ops()`` and ``c.launches`` (per kernel name)."""
+    inside = [0]
+    launches: collections.Counter[str] = collections.Counter()
+    real_getitem = triton.runtime.KernelInterface.__getitem__
+
+    def getitem(kernel, grid):
+        launch = real_getitem(kernel, grid)
+        name = getattr(kernel, "__name__", None) or getattr(getattr(kernel, "fn", None), "__name__", "?")
+
+        def run(*args, **kwargs):
+            launches[name] += 1
+            inside[0] += 1
+            try:
+                return launch(*args, **kwargs)
+            finally:
+                inside[0] -= 1
+
+        return run
+
+    monkeypatch.setattr(triton.runtime.KernelInterface, "__getitem__", getitem)
+
+    @contextlib.contextmanager
+    def ctx():
+        launches.clear()
+        mode = _Counter(inside)
+        mode.launches = launches
+        with mode:
+            yield mode
+
+    return ctx
+
+
+def _n_conv_bn(model: nn.Module) -> int:
+    """Conv+BN pairs the eval forward runs as ``conv_bn_act``: every BatchNorm2d except the attention BNs."""
+    return sum(isinstance(m, nn.BatchNorm2d) for name, m in model.named_modules()
+               if not name.endswith(("bn_atten", "ffm.bn")))
+
+
+def test_bisenet_eval_forward_runs_no_side_ops(count, device: str) -> None:
+    model = BiSeNet(19, "pred", backend="triton").to(device).eval()
+    x = torch.randn(1, 3, 64, 64, device=device)
+    with torch.no_grad():
+        model(x)  # warm-up: autotuning, first packing of every weight
+        with count() as c:
+            model(x)
+    work = c.work_ops()
+    print(f"\naten ops per eval forward outside kernels: {sum(c.ops.values())} ({dict(c.ops)}); "
+          f"with device work: {sum(work.values())} ({work}); kernel launches: {sum(c.launches.values())} "
+          f"({dict(c.launches)}); issued by the interpreter inside launches: {dict(c.launcher_ops)}")
+    n_conv = _n_conv_bn(model)
+    assert n_conv == 31
+    assert c.launches["conv_bn_fwd_kernel"] == n_conv  # one launch per conv+BN(+res)(+ReLU), nothing else:
+    for name in ("bn_stats_kernel", "bn_act_kernel"):
+        assert c.launches[name] == 0, name
+    assert work.get(MAX_POOL, 0) <= 1
+    assert sum(work.values()) <= FORWARD_BUDGET, work
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("affine", [True, False])
+def test_eval_conv_bn_is_one_launch(count, bias: bool, affine: bool, device: str) -> None:
+    """One eval conv+BN+res+ReLU call: one kernel launch and the output allocation, no other op."""
+    conv = nn.Conv2d(5, 6, 3, 1, 1, bias=bias).to(device)
+    bn = nn.BatchNorm2d(6, affine=affine).to(device).eval()
+    x = torch.randn(1, 5, 6, 7, device=device)
+    res = torch.randn(1, 6, 6, 7, device=device)
+    ops.conv_bn_act(x, conv, bn, residual=res)  # packs the weight
+    with torch.no_grad(), count() as c:
+        ops.conv_bn_act(x, conv, bn, residual=res)
+    assert dict(c.launches) == {"conv_bn_fwd_kernel": 1}
+    assert c.work_ops() == {}, c.ops
+    # grad mode on, but nothing requires grad (a frozen model): no backward can follow either
+    conv.requires_grad_(False)
+    bn.requires_grad_(False)
+    with count() as c:
+        out = ops.conv_bn_act(x, conv, bn, residual=res)
+    assert out.grad_fn is None
+    assert dict(c.launches) == {"conv_bn_fwd_kernel": 1}
+    assert c.work_ops() == {}, c.ops
+
+
+def test_weight_repacked_only_when_changed(count, device: str) -> None:
+    conv = nn.Conv2d(5, 6, 3, 1, 1, bias=False).to(device)
+    bn = nn.BatchNorm2d(6).to(device).eval()
+    x = torch.randn(1, 5, 6, 7, device=device)
+    with torch.no_grad():
+        ops.conv_bn_act(x, conv, bn)
+        with count() as c:
+            ops.conv_bn_act(x, conv, bn)
+        assert c.work_ops() == {}
+        conv.weight.add_(1.0)
+        with count() as c:
+            ops.conv_bn_act(x, conv, bn)
+        assert c.work_ops() == {"copy_": 1}  # one repack (layout + cast in one copy), into the old buffer
+
+
+def test_frozen_bn_backward_saves_stats_only_when_needed(count, device: str) -> None:
+    """With a grad-requiring input the eval call snapshots the statistics (a few ops) for backward."""
+    conv = nn.Conv2d(5, 6, 3, 1, 1, bias=False).to(device)
+    bn = nn.BatchNorm2d(6).to(device).eval()
+    x = torch.randn(1, 5, 6, 7, device=device, requires_grad=True)
+    ops.conv_bn_act(x, conv, bn)
+    with count() as c:
+        out = ops.conv_bn_act(x, conv, bn)
+    assert dict(c.launches) == {"conv_bn_fwd_kernel": 1}
+    assert 0 < sum(c.work_ops().values()) <= 4, c.ops  # mean copy, rsqrt(var + eps)
+    out.sum().backward()
+    assert x.grad is not None and conv.weight.grad is not None and bn.weight.grad is not None
