@@ -233,3 +233,18 @@ def test_training_sync_batchnorm_runs_the_reference_op(monkeypatch):
     a = torch.randn(2, 4, 3, 3)
     fused.bn_attention(a, torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.SyncBatchNorm(4).train())
     assert calls == ["conv_bn_act", "bn_attention"]
+
+
+def test_autocast_fp16_gives_reference_dtypes(device):
+    """Under autocast the fused model returns the reference's dtypes and values within fp16 tolerance.
+
+    (bf16 is covered on GPU only: Triton's CPU interpreter has no bf16 arithmetic.)
+    """
+    ref, fused = pair("v1", "train", n_classes=3, seed=5)
+    ref, fused = ref.to(device).eval(), fused.to(device).eval()
+    x = torch.randn(1, 3, 32, 32, device=device)
+    with torch.no_grad(), torch.autocast(device, dtype=torch.float16):
+        want, got = ref(x), fused(x)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype == torch.float16
+        assert rel_err(g, w) < REL_TOL[torch.float16]
