@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"the dataset has {dataset.n_classes} classes but {args.weights} predicts "
                          f"{meta['n_classes']}")
     channels_last = device.type == "cuda"
-    mean, std = normalization_for(meta["preset"], args.mean, args.std)
+    mean, std = normalization_for(meta["preset"], args.mean or meta.get("mean"), args.std or meta.get("std"))
     cm = evaluate(model, dataset, meta["n_classes"], device=device, batch_size=args.batch_size,
                   scales=args.scales, flip=args.flip, channels_last=channels_last,
                   amp=resolve_amp(args.amp, device), workers=args.workers, progress=True, mean=mean,

@@ -168,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                              backbone=args.backbone)
     files = collect_images(args.inputs, args.recursive)
     palette = pick_palette(args.palette, meta, meta["n_classes"])
-    mean, std = normalization_for(meta["preset"], args.mean, args.std)
+    mean, std = normalization_for(meta["preset"], args.mean or meta.get("mean"), args.std or meta.get("std"))
     written = predict_files(model, files, args.out_dir, palette=palette, device=device,
                             batch_size=args.batch_size, scales=args.scales, flip=args.flip,
                             amp=resolve_amp(args.amp, device), channels_last=device.type == "cuda",

@@ -180,6 +180,9 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; a checkpoint is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -233,7 +236,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     """Run training as configured; returns ``{"iteration", "miou", "checkpoint", "seconds", "history"}``."""
     from fastbisenet import BiSeNet
     from fastbisenet.data import TrainAugment, build_dataset, collate
-    from fastbisenet.evaluate import evaluate, resolve_amp
+    from fastbisenet.evaluate import evaluate, normalization_for, resolve_amp
     from fastbisenet.losses import OhemCELoss, total_loss
     from fastbisenet.metrics import format_iou_table
     from fastbisenet.schedule import WarmupPolyLR, build_optimizer
@@ -258,11 +261,11 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     n_classes = train_set.n_classes
 
     model = BiSeNet(n_classes, "train", preset=cfg.preset, backbone=cfg.backbone, backend=cfg.backend)
-    if cfg.backbone_weights:
+    if cfg.backbone_weights and not cfg.resume:  # a resumed run takes every weight from its checkpoint
         from fastbisenet import load_backbone_weights
 
         load_backbone_weights(model, cfg.backbone_weights)
-    if cfg.weights:
+    if cfg.weights and not cfg.resume:
         from fastbisenet import load_pretrained
 
         load_pretrained(model, cfg.weights)
@@ -289,8 +292,21 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     if cfg.resume:
         ckpt = load_training_checkpoint(cfg.resume)
         raw_model.load_state_dict(ckpt["model"])
+        fresh_groups = [{k: g[k] for k in ("initial_lr", "momentum", "weight_decay")} for g in optimizer.param_groups]
+        fresh_schedule = {k: getattr(scheduler, k) for k in ("max_iter", "warmup_iters", "warmup_ratio", "warmup",
+                                                            "power")}
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
+        # This run's schedule options win over the checkpoint's (e.g. --iters to extend a finished run,
+        # a new --lr); unchanged options give back exactly the loaded values, so the run continues exactly.
+        for group, fresh in zip(optimizer.param_groups, fresh_groups, strict=True):
+            group.update(fresh)
+        for k, v in fresh_schedule.items():
+            setattr(scheduler, k, v)
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]
+        scheduler._last_lr = scheduler.get_lr()
+        for group, group_lr in zip(optimizer.param_groups, scheduler._last_lr, strict=True):
+            group["lr"] = group_lr
         if ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
         start_it = int(ckpt["iteration"])
@@ -315,10 +331,12 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=workers,
                         collate_fn=collate, pin_memory=device.type == "cuda", drop_last=True,
                         persistent_workers=workers > 0)
-    augment = TrainAugment(tuple(cfg.crop), (cfg.scale_min, cfg.scale_max), cfg.flip, cfg.jitter)
+    mean, std = normalization_for(cfg.preset)
+    augment = TrainAugment(tuple(cfg.crop), (cfg.scale_min, cfg.scale_max), cfg.flip, cfg.jitter, mean=mean, std=std)
     criterion = OhemCELoss(cfg.ohem_thresh)
     meta = {"classes": list(train_set.classes), "palette": [list(c) for c in train_set.palette],
-            "n_classes": n_classes, "preset": cfg.preset, "backbone": cfg.backbone}
+            "n_classes": n_classes, "preset": cfg.preset, "backbone": cfg.backbone,
+            "mean": list(mean), "std": list(std)}
 
     def checkpoint(it: int) -> Path:
         rngs = _gather_rng(dist_info)
@@ -340,7 +358,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
         last_cm = evaluate(raw_model, val_set, n_classes, device=device,
                            batch_size=cfg.eval_batch_size or cfg.batch_size, scales=cfg.eval_scales,
                            flip=cfg.eval_flip, channels_last=channels_last, amp=amp, rank=dist_info.rank,
-                           world=dist_info.world)
+                           world=dist_info.world, mean=mean, std=std)
         miou = last_cm.miou()
         history.append({"iteration": it, "miou": miou})
         log(f"eval @ {it}: mIoU {100 * miou:.2f}  pixel acc {100 * last_cm.pixel_accuracy():.2f}")

@@ -48,7 +48,9 @@ def pytest_collection_modifyitems(config, items):
 
 # (rtol, atol) relative to the largest reference magnitude: |a - ref|.max() <= atol + rtol * |ref|.max()
 TOL = {torch.float32: (2e-5, 1e-6), torch.float16: (4e-3, 1e-4), torch.bfloat16: (3e-2, 1e-3)}
-HYPO = settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# derandomize: the same examples every run, so CI cannot fail on a draw a local run never saw.
+HYPO = settings(max_examples=6, deadline=None, derandomize=True,
+                suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
 def close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> None:

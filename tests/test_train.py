@@ -173,6 +173,25 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, capsys, one_thread):
                            _state(tmp_path / "a" / "iter_0000003.pt")["model"]["conv_out.conv_out.weight"])
 
 
+def test_resume_takes_this_runs_schedule_and_no_initial_weights(tmp_path, capsys, one_thread):
+    """``--iters`` extends a finished run (the old schedule would train at lr 0); ``--weights`` of the
+    original run is not needed again; checkpoints are ordinary (umask) files."""
+    init = tmp_path / "init.pt"
+    torch.save(BiSeNet(8, "train").state_dict(), init)
+    train(tiny(tmp_path, out_dir=str(tmp_path / "a"), weights=str(init)))
+    init.unlink()
+    last = tmp_path / "a" / "last.pt"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (last.stat().st_mode & 0o777) == (0o666 & ~umask)
+    before = _state(last)["model"]
+    train(tiny(tmp_path, out_dir=str(tmp_path / "b"), resume=str(last), iters=9))
+    after = _state(tmp_path / "b" / "last.pt")
+    assert after["scheduler"]["max_iter"] == 9 and after["scheduler"]["last_epoch"] == 9
+    changed = [k for k in before if before[k].is_floating_point() and not torch.equal(before[k], after["model"][k])]
+    assert "conv_out.conv_out.weight" in changed
+
+
 def test_short_synthetic_run_learns(tmp_path, capsys, one_thread):
     cfg = tiny(tmp_path, iters=40, batch_size=8, synthetic_size=96, synthetic_length=400,
                synthetic_val_length=16, save_every=1000, eval_every=0)
@@ -213,3 +232,12 @@ def test_python_dash_m_help():
     proc = subprocess.run([sys.executable, "-m", "fastbisenet", "train", "--help"], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 0 and "--resume" in proc.stdout
+
+
+def test_face_parsing_trains_and_records_its_normalisation(tmp_path, capsys, one_thread):
+    """Training, the checkpoint's eval/predict and the public face-parsing weights share one normalisation."""
+    from fastbisenet.evaluate import IMAGENET_MEAN, IMAGENET_STD
+
+    train(tiny(tmp_path, preset="face-parsing", iters=2, save_every=100))
+    meta = _state(tmp_path / "run" / "last.pt")["meta"]
+    assert tuple(meta["mean"]) == tuple(IMAGENET_MEAN) and tuple(meta["std"]) == tuple(IMAGENET_STD)
