@@ -2,6 +2,7 @@
 
 - Timing: :func:`time_cuda` warms up, captures the work in a CUDA graph and replays it, timing
   each replay with CUDA events (plain launches + events when capture fails, recorded as such);
+  with ``l2_flush=True`` every iteration starts from a cold L2 (see :func:`time_cuda`);
   :func:`feed_benchmark` hands those per-iteration GPU times to pytest-benchmark unchanged.
 - Cost model: :func:`trace_ops` runs the model on the ``meta`` device and records every call that
   goes through :mod:`fastbisenet.ops`, so per-op shapes come from the model itself;
@@ -39,10 +40,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SCHEMA = "fastbisenet-bench/1"
+SCHEMA = "fastbisenet-bench/2"
 VARIANTS = ("fastbisenet", "eager", "compile", "max-autotune")
 """fastbisenet = Triton backend; eager = reference ops (cuDNN); compile / max-autotune = torch.compile
-of the reference (default mode / ``mode="max-autotune"``)."""
+of the reference (:data:`COMPILE_MODES`)."""
+COMPILE_MODES: dict[str, str] = {"compile": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+"""``torch.compile(mode=...)`` of each compile variant. max-autotune runs without Inductor's own
+CUDA graphs: the harness captures every step in its own CUDA graph, and Inductor's cudagraph trees
+inside that capture would either be captured twice or fall back; kernel selection is the same."""
+CACHE_MODES: dict[str, str] = {
+    "cold-l2-flush": "a write of an L2-flush buffer (>= 2x L2) before every iteration evicts the op's inputs "
+                     "and weights; the flush's own time, measured the same way, is subtracted",
+    "warm": "back-to-back iterations: what fits in L2 stays there between iterations (weights, as in a "
+            "deployed model running frame after frame)",
+}
+"""The ``cache`` field of a row's ``extra_info`` and what it means."""
+DEFAULT_FLUSH_BYTES = 128 << 20
+"""L2-flush buffer when the device does not report its L2 size."""
 DTYPES: dict[str, torch.dtype] = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 REPO_ROOT = Path(__file__).resolve().parents[1]
 IGNORE_INDEX = 255
@@ -114,6 +128,14 @@ class Timing:
     iters_per_sample: int = 1
     note: str = ""
     """Why graph capture was not used, when it was requested and failed."""
+    cache: str = "warm"
+    """:data:`CACHE_MODES` key: ``"warm"`` or ``"cold-l2-flush"``."""
+    flush_bytes: int | None = None
+    """Size of the L2-flush buffer written before each iteration (cold-L2 timing)."""
+    flush_ms: float | None = None
+    """Median time of one flush, measured the same way and subtracted from every sample."""
+    l2_bytes: int | None = None
+    """The device's L2 size as reported by ``torch.cuda.get_device_properties`` (None if unknown)."""
 
     @property
     def median_ms(self) -> float:
@@ -125,21 +147,71 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:300]
 
 
+def l2_flush_bytes(l2_bytes: int | None) -> int:
+    """Size of the L2-flush buffer: twice the L2 (rounded up to MiB), or :data:`DEFAULT_FLUSH_BYTES`
+    when the L2 size is unknown. Twice, because L2 replacement is not strict LRU and H100-class parts
+    split L2 in two partitions that may each hold a copy of a line."""
+    if not l2_bytes or l2_bytes <= 0:
+        return DEFAULT_FLUSH_BYTES
+    mib = 1 << 20
+    return -(-2 * int(l2_bytes) // mib) * mib
+
+
+def device_l2_bytes(device: Any = None) -> int | None:
+    """``L2_cache_size`` of the CUDA device (None when torch does not report it)."""
+    size = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", None)
+    return int(size) if size else None
+
+
+def cold_samples(with_flush_ms: Sequence[float], flush_only_ms: Sequence[float], iters: int) -> list[float]:
+    """Per-iteration op times from paired replays: (flush+op replay - flush-only replay) / iters,
+    floored at 0 (only possible through timer noise on an op far shorter than the flush)."""
+    if len(with_flush_ms) != len(flush_only_ms):
+        raise ValueError("paired samples expected")
+    return [max(t - f, 0.0) / iters for t, f in zip(with_flush_ms, flush_only_ms, strict=True)]
+
+
 def time_cuda(fn: Callable[[], Any], *, rounds: int = 20, warmup: int = 3, sample_ms: float = 2.0,
-              max_iters: int = 200, use_graph: bool = True) -> Timing:
+              max_iters: int = 200, use_graph: bool = True, l2_flush: bool = False) -> Timing:
     """Device-side time per call of ``fn`` (which must only launch work on the current device).
 
     Warm-up on a side stream (as CUDA-graph capture requires), then ``iters`` calls are captured in
     one graph, ``iters`` chosen so one replay lasts about ``sample_ms``; each sample is one replay
     timed with CUDA events, divided by ``iters``. If capture fails the same loop runs as plain
     launches between the events and the result says so.
+
+    ``l2_flush`` (cold L2): back to back, a small op would re-read inputs and weights that the
+    previous iteration left in L2 (50 MB on an H100), and beat a DRAM floor that it never pays.
+    So every iteration first writes a flush buffer of >= 2x L2 (:func:`l2_flush_bytes`), which
+    evicts everything the op touched. The flush's own time is measured the same way -- a second
+    graph of ``iters`` flushes alone -- and the two graphs are replayed in pairs, each sample being
+    (flush+op - flush) / iters (:func:`cold_samples`); pairing cancels clock and thermal drift. The
+    dirty flush lines that the op evicts are written back during the op, but the flush-only graph
+    pays the same write-backs in its next flush, so the difference is the op's cold cost. Cost: a
+    flush is ~bytes / write bandwidth (about 30 us for 100 MB on an H100) per iteration and a second
+    replay per sample, so a row takes about twice the replay time of a warm one plus one more capture.
     """
     torch.cuda.synchronize()
+    flush_buf: Tensor | None = None
+    l2 = device_l2_bytes() if l2_flush else None
+    nflush = l2_flush_bytes(l2) if l2_flush else None
+    if nflush:
+        flush_buf = torch.empty(nflush // 4, dtype=torch.int32, device="cuda")
+
+    def flush() -> None:
+        assert flush_buf is not None
+        flush_buf.fill_(1)  # a write: evicts every line, and is an SM kernel (not a copy-engine memset)
+
+    def body() -> None:
+        if flush_buf is not None:
+            flush()
+        fn()
+
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         for _ in range(max(warmup, 1)):
-            fn()
+            body()
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
 
@@ -152,32 +224,47 @@ def time_cuda(fn: Callable[[], Any], *, rounds: int = 20, warmup: int = 3, sampl
         end.synchronize()
         return start.elapsed_time(end)
 
-    estimate = min(elapsed(fn) for _ in range(3))
+    estimate = min(elapsed(body) for _ in range(3))
     iters = max(1, min(max_iters, math.ceil(sample_ms / max(estimate, 1e-3))))
 
-    def plain() -> None:
-        for _ in range(iters):
-            fn()
+    def loop(call: Callable[[], Any]) -> Callable[[], None]:
+        def run_loop() -> None:
+            for _ in range(iters):
+                call()
+        return run_loop
 
-    run: Callable[[], Any] = plain
+    run: Callable[[], Any] = loop(body)
+    run_flush: Callable[[], Any] | None = loop(flush) if flush_buf is not None else None
     method, note = "events", ""
-    graph = None
+    graphs: list[Any] = []
     if use_graph:
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
-                plain()
-            graph.replay()
-            torch.cuda.synchronize()
-            run, method = graph.replay, "cuda-graph"
+            for target in [run, run_flush] if run_flush else [run]:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    target()
+                graph.replay()
+                torch.cuda.synchronize()
+                graphs.append(graph)
+            run, method = graphs[0].replay, "cuda-graph"
+            if run_flush:
+                run_flush = graphs[1].replay
         except Exception as exc:  # capture is best effort: anything that syncs or allocs on host fails
             note = "graph capture failed: " + _first_line(exc)
-            graph = None
+            graphs = []
             with contextlib.suppress(Exception):
                 torch.cuda.synchronize()
-    samples = [elapsed(run) / iters for _ in range(rounds)]
-    del graph
-    return Timing(samples, method, iters, note)
+    if run_flush is None:
+        samples = [elapsed(run) / iters for _ in range(rounds)]
+        timing = Timing(samples, method, iters, note)
+    else:
+        pairs = [(elapsed(run), elapsed(run_flush)) for _ in range(rounds)]
+        samples = cold_samples([p[0] for p in pairs], [p[1] for p in pairs], iters)
+        flush_ms = statistics.median(p[1] for p in pairs) / iters
+        timing = Timing(samples, method, iters, note, cache="cold-l2-flush", flush_bytes=nflush,
+                        flush_ms=flush_ms, l2_bytes=l2)
+    del graphs  # the flush buffer goes with this frame
+    return timing
 
 
 def time_cpu(fn: Callable[[], Any], *, rounds: int = 10, warmup: int = 1) -> Timing:
@@ -532,9 +619,13 @@ def op_cost(case: OpCase, dtype: torch.dtype, *, backward: bool) -> tuple[int, i
 
 def model_cost(input_shape: Sequence[int], dtype: torch.dtype, *, aux_mode: str, n_classes: int = 19,
                preset: str = "v1", backbone: str = "resnet18") -> tuple[int, int]:
-    """(FLOPs, bytes) of a forward (``aux_mode`` "pred"/"eval") or a training step (``"train"``:
-    forward + backward) of the whole model: input, labels, parameters and buffers read once, outputs
-    (and parameter gradients) written once."""
+    """(FLOPs, bytes) of a forward (``aux_mode`` "pred"/"eval") or a training step (``"train"``) of the
+    whole model: input, labels, parameters and buffers read once, outputs written once.
+
+    Inference runs in ``dtype`` throughout. A training step is what :func:`model_workload` runs (the
+    recipe of ``fastbisenet train``): fp32 input and master weights read, activations and outputs in
+    ``dtype`` (autocast), fp32 parameter gradients written, then the SGD step reading the gradients
+    and reading + writing the parameters and momentum buffers."""
     from fastbisenet.model import BiSeNet
 
     with torch.device("meta"):
@@ -551,11 +642,15 @@ def model_cost(input_shape: Sequence[int], dtype: torch.dtype, *, aux_mode: str,
 
     with torch.set_grad_enabled(train):
         flops, out = count_flops(work)
-    state = [*model.parameters(), *model.buffers()]
-    nbytes = _nbytes(x) + _nbytes(state) + _nbytes(out)
-    if train:
-        n, _, h, w = input_shape
-        nbytes += n * h * w * 8 + _nbytes(list(model.parameters()))
+    if not train:
+        return flops, _nbytes(x) + _nbytes([*model.parameters(), *model.buffers()]) + _nbytes(out)
+    n, _, h, w = input_shape
+    n_params = sum(p.numel() for p in model.parameters())
+    buffers = sum(b.numel() * (4 if b.is_floating_point() else b.element_size()) for b in model.buffers())
+    fp32 = 4
+    nbytes = (x.numel() * fp32 + n * h * w * 8 + n_params * fp32 + buffers + _nbytes(out)  # forward
+              + n_params * fp32  # parameter gradients written
+              + n_params * fp32 * 5)  # SGD: gradients read, parameters and momentum read + written
     return flops, nbytes
 
 
@@ -578,11 +673,18 @@ def resolve_op(op: str, variant: str) -> Callable[..., Any]:
 
 
 def compile_fn(fn: Any, variant: str) -> Any:
-    """``torch.compile`` for the ``compile`` / ``max-autotune`` variants (static shapes)."""
-    if variant not in ("compile", "max-autotune"):
+    """``torch.compile`` for the ``compile`` / ``max-autotune`` variants (static shapes, the modes of
+    :data:`COMPILE_MODES`)."""
+    if variant not in COMPILE_MODES:
         raise ValueError(f"not a torch.compile variant: {variant!r}")
     torch._dynamo.reset()
-    return torch.compile(fn, dynamic=False, mode="max-autotune" if variant == "max-autotune" else None)
+    mode = COMPILE_MODES[variant]
+    return torch.compile(fn, dynamic=False, mode=None if mode == "default" else mode)
+
+
+def variant_info(variant: str) -> dict[str, Any]:
+    """``extra_info`` fields that pin down a variant: the exact ``torch.compile`` mode."""
+    return {"compile_mode": COMPILE_MODES.get(variant)}
 
 
 def op_workload(case: OpCase, variant: str, dtype: torch.dtype, *, backward: bool,
@@ -642,12 +744,42 @@ class ModelWorkload:
     info: dict[str, Any] = field(default_factory=dict)
 
 
+def _train_settings() -> dict[str, Any]:
+    """SGD settings of ``fastbisenet train`` (its defaults, lr for the benchmark's batch irrelevant)."""
+    try:
+        from fastbisenet.config import TrainConfig
+
+        d = TrainConfig()
+        return {"momentum": d.momentum, "weight_decay": d.weight_decay, "lr_mult": d.lr_mult}
+    except Exception:  # pragma: no cover - the config module is part of the package
+        return {"momentum": 0.9, "weight_decay": 5e-4, "lr_mult": 10.0}
+
+
+def _capturing(device_type: str) -> bool:
+    """Whether the current CUDA stream is being captured into a graph."""
+    return device_type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype, *, aux_mode: str,
                    device: str = "cuda", n_classes: int = 19, preset: str = "v1",
-                   backbone: str = "resnet18") -> ModelWorkload:
-    """End-to-end step: inference (``aux_mode`` "pred"/"eval", eval mode, no grad) or a training step
-    (``"train"``: forward + OHEM CE on the three outputs + backward). ``dtype`` parameters and
-    activations, channels_last on CUDA. Variant ``fastbisenet`` uses backend "triton", the others "torch"."""
+                   backbone: str = "resnet18", optimizer_step: bool = True) -> ModelWorkload:
+    """End-to-end step. Variant ``fastbisenet`` uses backend "triton", the others "torch";
+    channels_last on CUDA.
+
+    Inference (``aux_mode`` "pred"/"eval"): eval mode, no grad, ``dtype`` weights and activations.
+
+    Training (``"train"``): what one iteration of ``fastbisenet train`` runs on the device -- fp32
+    master weights and fp32 input; forward under ``torch.autocast(dtype)`` (none for fp32); OHEM CE
+    on the three outputs (main + out16 + out32, in fp32 as ``total_loss`` takes them); backward; the
+    SGD step of ``fastbisenet.schedule.build_optimizer`` (momentum, weight decay, foreach: no host
+    syncs, so it is captured in the CUDA graph with the rest). fp16 adds the ``GradScaler``: scale,
+    backward, ``unscale_`` (the inf check is a device kernel), step, ``update``. Only the scaler's
+    skip-on-inf decision (``found_inf.item()``, a host sync) cannot be captured: outside capture
+    (warm-up, plain launches) the step is ``scaler.step`` exactly; inside it the step is always taken.
+    Autocast runs with ``cache_enabled=False`` (required around CUDA-graph capture; BiSeNet uses
+    each weight once per forward, so the casts are the same). Not included: data loading and
+    augmentation, the host-side lr schedule, the loss ``isfinite`` check (a host sync).
+    """
     from fastbisenet.model import BiSeNet
 
     torch.manual_seed(0)
@@ -655,27 +787,58 @@ def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype,
     model = BiSeNet(n_classes, aux_mode, preset=preset, backbone=backbone, backend=backend)
     # channels_last is the fast layout on GPUs (and the kernels'); on CPU it is much slower here
     fmt = torch.channels_last if torch.device(device).type == "cuda" else torch.contiguous_format
-    model = model.to(device=device, dtype=dtype, memory_format=fmt)
     train = aux_mode == "train"
+    model = model.to(device=device, dtype=torch.float32 if train else dtype, memory_format=fmt)
     model.train(train)
-    runner: Any = compile_fn(model, variant) if variant in ("compile", "max-autotune") else model
-    x = torch.randn(*input_shape).to(device=device, dtype=dtype, memory_format=fmt)
-    info: dict[str, Any] = {"backend": backend}
+    runner: Any = compile_fn(model, variant) if variant in COMPILE_MODES else model
+    info: dict[str, Any] = {"backend": backend, **variant_info(variant)}
     if not train:
+        x = torch.randn(*input_shape).to(device=device, dtype=dtype, memory_format=fmt)
+        info["precision"] = f"{dtype_name(dtype)} weights and activations"
+
         def infer() -> Any:
             with torch.no_grad():
                 return runner(x)
         return ModelWorkload(infer, info)
+
+    from fastbisenet.schedule import build_optimizer
+
+    x = torch.randn(*input_shape).to(device=device, dtype=torch.float32, memory_format=fmt)
     labels = random_labels(input_shape, n_classes, device)
     criterion, info["loss"] = make_criterion(labels)
+    amp = None if dtype == torch.float32 else dtype
+    dev_type = torch.device(device).type
+    settings = _train_settings()
+    batch = int(input_shape[0])
+    optimizer = build_optimizer(model, 1e-2 * batch / 16, settings["momentum"], settings["weight_decay"],
+                                settings["lr_mult"]) if optimizer_step else None
+    scaler = torch.amp.GradScaler(dev_type, enabled=amp == torch.float16)
     params = list(model.parameters())
+    info.update(precision="fp32 master weights" + (f", autocast {dtype_name(amp)}" if amp else ", no autocast"),
+                autocast=dtype_name(amp) if amp else None, includes_optimizer_step=optimizer is not None,
+                optimizer=(f"SGD(momentum={settings['momentum']}, weight_decay={settings['weight_decay']}; "
+                           "foreach on CUDA) from fastbisenet.schedule.build_optimizer") if optimizer else None,
+                grad_scaler=("GradScaler: scale, unscale_, step, update; the step is not skipped on inf "
+                             "inside the CUDA graph (that check is a host sync)") if scaler.is_enabled() else None)
 
     def train_step() -> None:
-        for p in params:
-            p.grad = None
-        outs = runner(x)
-        loss = sum(criterion(o, labels) for o in outs)
-        loss.backward()
+        if optimizer is not None:
+            optimizer.zero_grad(set_to_none=True)
+        else:
+            for p in params:
+                p.grad = None
+        with torch.autocast(dev_type, dtype=amp, enabled=amp is not None, cache_enabled=False):
+            outs = runner(x)
+        loss = sum(criterion(o.float(), labels) for o in outs)
+        scaler.scale(loss).backward()
+        if optimizer is None:
+            return
+        if scaler.is_enabled() and _capturing(dev_type):
+            scaler.unscale_(optimizer)
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+        scaler.update()
 
     return ModelWorkload(train_step, info)
 
@@ -699,7 +862,12 @@ def extra_info(*, op: str, case: str, variant: str, pass_: str, dtype: torch.dty
         "timing_note": timing.note if timing else "",
         "floor_matmul_tflops": (floors or {}).get("matmul_tflops"),
         "floor_copy_gbps": (floors or {}).get("copy_gbps"),
+        "cache": timing.cache if timing else None,
+        "l2_flush_bytes": timing.flush_bytes if timing else None,
+        "l2_flush_ms": timing.flush_ms if timing else None,
+        "l2_bytes": timing.l2_bytes if timing else None,
         "peak_mem_bytes": peak_mem,
+        **variant_info(variant),
         **env,
     }
     info.update(more)
@@ -788,6 +956,7 @@ def render_markdown(rows: Sequence[Row], meta: dict[str, Any] | None = None) -> 
     if first.get("floor_matmul_tflops"):
         lines.append(f"- measured floors: bf16 matmul {first['floor_matmul_tflops']:.1f} TFLOP/s, "
                      f"copy {first.get('floor_copy_gbps') or 0:.0f} GB/s (read + write)")
+    lines += cache_lines(rows)
     lines += ["", "Times are medians of per-iteration device time. Speedup = peer time / fastbisenet time. "
               "floor = max(FLOPs / matmul rate, bytes / copy bandwidth); % of floor = floor / time.", ""]
     if not rows:
@@ -855,7 +1024,27 @@ def _group_table(group: str, rows: Sequence[Row], sp: dict[str, float]) -> list[
 
 def _timing(r: Row) -> str:
     t = r.info.get("timing") or ""
-    return t + (" (graph capture failed)" if r.info.get("timing_note") else "")
+    t += " (graph capture failed)" if r.info.get("timing_note") else ""
+    return f"{t}, {r.info['cache']}" if r.info.get("cache") else t
+
+
+def cache_lines(rows: Sequence[Row]) -> list[str]:
+    """Report lines saying in which L2 state each kind of row was timed (``extra_info["cache"]``)."""
+    kinds: dict[str, dict[str, list[Row]]] = {}
+    for r in rows:
+        kind = "end-to-end rows" if r.info.get("op") == "end_to_end" else "per-op rows"
+        kinds.setdefault(kind, {}).setdefault(r.info.get("cache") or "unknown", []).append(r)
+    lines = []
+    for kind in sorted(kinds, key=lambda k: k != "per-op rows"):
+        for mode, rs in sorted(kinds[kind].items()):
+            text = CACHE_MODES.get(mode, "not recorded (rows from an older schema)")
+            flush = [r.info["l2_flush_bytes"] for r in rs if r.info.get("l2_flush_bytes")]
+            if flush:
+                l2 = next((r.info["l2_bytes"] for r in rs if r.info.get("l2_bytes")), None)
+                text += (f" (flush {max(flush) / 2**20:.0f} MiB; L2 "
+                         + (f"{l2 / 2**20:.0f} MiB" if l2 else "size not reported") + ")")
+            lines.append(f"- L2 cache, {kind}: `{mode}` — {text}")
+    return lines
 
 
 def _op_table(groups: Sequence[Sequence[Row]], sp: dict[str, dict[str, float]]) -> list[str]:
@@ -917,22 +1106,27 @@ def plot_end_to_end(rows: Sequence[Row], path: str | Path) -> bool:
     return True
 
 
-def report(json_path: str | Path, out_dir: str | Path) -> dict[str, Path | None]:
-    """Write ``report.md`` and (with matplotlib) ``end_to_end.png`` into ``out_dir``."""
+def report(json_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
+    """Write ``report.md`` and (with matplotlib) ``end_to_end.png`` into ``out_dir``.
+
+    Returns ``markdown`` and ``plot`` (paths; ``plot`` None when not written), ``plot_skipped`` (why
+    not, else None) and ``rows`` (number of benchmark rows)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, meta = load_rows(json_path)
     md = out / "report.md"
     md.write_text(render_markdown(rows, meta))
     png: Path | None = out / "end_to_end.png"
+    reason = None
     try:
         if not plot_end_to_end(rows, png):
-            print("no end-to-end inference rows: plot skipped", file=sys.stderr)
-            png = None
+            reason = "no end-to-end inference rows: plot skipped"
     except ImportError:
-        print("matplotlib is not installed: plot skipped (pip install matplotlib)", file=sys.stderr)
+        reason = "matplotlib is not installed: plot skipped (pip install matplotlib)"
+    if reason:
+        print(reason, file=sys.stderr)
         png = None
-    return {"markdown": md, "plot": png}
+    return {"markdown": md, "plot": png, "plot_skipped": reason, "rows": len(rows)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -955,12 +1149,15 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--aux-mode", choices=("pred", "eval", "train"), default="pred",
-                   help="pred/eval: inference; train: a training step (forward + OHEM CE + backward)")
+                   help="pred/eval: inference; train: a training step as `fastbisenet train` runs it (fp32 "
+                        "master weights, autocast forward, OHEM CE on 3 heads, backward, SGD step)")
     p.add_argument("--iters", type=int, default=None, help="timed samples (default 30 on CUDA, 5 on CPU)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5 on CUDA, 2 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile of the reference (default: on for CUDA, off for CPU)")
-    p.add_argument("--max-autotune", action="store_true", help="also time torch.compile(mode='max-autotune')")
+    p.add_argument("--max-autotune", action="store_true",
+                   help="also time torch.compile(mode='max-autotune-no-cudagraphs'): the timing loop is "
+                        "already one CUDA graph")
     p.add_argument("--no-graph", action="store_true", help="CUDA: time plain launches, no CUDA graph")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--preset", default="v1", help="model preset (default v1)")

@@ -57,6 +57,10 @@ class GraphedModel:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_output = self._run()
+        # the replays read these buffers: keep them alive even if the weights' data is replaced later
+        from fastbisenet.ops.conv_bn import packed_weights_of
+
+        self._packed_weights = packed_weights_of(model)
 
     def _run(self):
         amp = (

@@ -70,7 +70,7 @@ class BiSeNet(nn.Module):
         if not isinstance(n_classes, int) or n_classes < 1:
             raise ValueError(f"n_classes must be a positive int, got {n_classes!r}")
         self.n_classes = n_classes
-        self.aux_mode = aux_mode
+        self._aux_mode = aux_mode
         self.preset = preset
         self.backbone = backbone
         cfg = PRESETS[preset]
@@ -92,6 +92,21 @@ class BiSeNet(nn.Module):
             self.conv_out16 = SegmentationHead(128, 64, n_classes, **head)
             self.conv_out32 = SegmentationHead(128, 64, n_classes, **head)
         self.backend = backend
+        self.register_load_state_dict_pre_hook(_drop_missing_aux_head_keys)
+
+    @property
+    def aux_mode(self) -> str:
+        """``"train"``, ``"eval"`` or ``"pred"``; a model built without aux heads cannot switch to ``"train"``."""
+        return self._aux_mode
+
+    @aux_mode.setter
+    def aux_mode(self, value: str) -> None:
+        if value not in AUX_MODES:
+            raise ValueError(f"aux_mode must be one of {AUX_MODES}, got {value!r}")
+        if value == "train" and not self.has_aux_heads:
+            raise ValueError("aux_mode='train' needs the auxiliary heads: this model was built without them "
+                             "(construct it with aux_mode='train')")
+        self._aux_mode = value
 
     @property
     def backend(self) -> str:
@@ -108,7 +123,8 @@ class BiSeNet(nn.Module):
 
     @property
     def has_aux_heads(self) -> bool:
-        return self.aux_mode == "train"
+        """Whether ``conv_out16``/``conv_out32`` exist (built with ``aux_mode="train"``)."""
+        return "conv_out16" in self._modules
 
     def extra_repr(self) -> str:
         return f"n_classes={self.n_classes}, aux_mode={self.aux_mode!r}, preset={self.preset!r}, " \
@@ -126,6 +142,17 @@ class BiSeNet(nn.Module):
         if self.aux_mode == "eval":
             return (out,)
         return out, self.conv_out16(feat_cp8, size), self.conv_out32(feat_cp16, size)
+
+
+def _drop_missing_aux_head_keys(module: BiSeNet, state_dict: dict, prefix: str, *_) -> None:
+    """``load_state_dict`` pre-hook: a model without aux heads accepts a training checkpoint by dropping
+    exactly the ``conv_out16.*``/``conv_out32.*`` keys (the caller's dict is not modified: PyTorch hands
+    hooks its own copy)."""
+    if module.has_aux_heads:
+        return
+    heads = tuple(f"{prefix}{h}." for h in AUX_HEADS)
+    for key in [k for k in state_dict if k.startswith(heads)]:
+        del state_dict[key]
 
 
 def check_input(x: Tensor) -> None:

@@ -252,6 +252,7 @@ def _bn_attention_fwd_kernel(
     beta_ptr,  # BN bias (C_OUT,) (unused unless AFFINE)
     rmean_ptr,  # BN running_mean (C_OUT,): read in eval, updated in place when UPDATE
     rvar_ptr,  # BN running_var (C_OUT,): read in eval, updated in place when UPDATE
+    nbt_ptr,  # int64 num_batches_tracked, already counted for this call (read only when CUMULATIVE)
     a_ptr,  # out: attention (N, C_OUT) in the output dtype
     y_ptr,  # out: fp32 (N, C_OUT) pre-BN conv output, saved for backward
     mean_ptr,  # out: fp32 (N, C_IN) finished mean, saved for backward (written by program 0)
@@ -263,11 +264,12 @@ def _bn_attention_fwd_kernel(
     SPLIT,  # number of partials
     inv_hw,  # 1 / (H * W)
     eps,  # BN eps
-    momentum,  # running-average factor (already resolved for momentum=None)
+    momentum,  # running-average factor (unused when CUMULATIVE)
     stride_wo,  # weight element stride along C_OUT
     stride_wi,  # weight element stride along C_IN
     BATCH_STATS: tl.constexpr,  # normalise with batch statistics (train, or no running stats)
     UPDATE: tl.constexpr,  # update running_mean / running_var in place
+    CUMULATIVE: tl.constexpr,  # momentum=None: factor 1 / num_batches_tracked, read on the device (no sync)
     AFFINE: tl.constexpr,  # BN has weight and bias
     BLOCK_N: tl.constexpr,  # >= N, power of two
     BLOCK_O: tl.constexpr,  # output channels per program
@@ -295,8 +297,12 @@ def _bn_attention_fwd_kernel(
         if UPDATE:
             rm = tl.load(rmean_ptr + offs_o, mask=omask, other=0.0)
             rv = tl.load(rvar_ptr + offs_o, mask=omask, other=0.0)
-            rm_new = (1.0 - momentum) * rm.to(tl.float32) + momentum * mu
-            rv_new = (1.0 - momentum) * rv.to(tl.float32) + momentum * (var * N / (N - 1))
+            if CUMULATIVE:
+                f = 1.0 / tl.load(nbt_ptr).to(tl.float32)
+            else:
+                f = momentum
+            rm_new = (1.0 - f) * rm.to(tl.float32) + f * mu
+            rv_new = (1.0 - f) * rv.to(tl.float32) + f * (var * N / (N - 1))
             tl.store(rmean_ptr + offs_o, rm_new.to(rm.dtype), mask=omask)
             tl.store(rvar_ptr + offs_o, rv_new.to(rv.dtype), mask=omask)
     else:
@@ -438,11 +444,18 @@ def bn_attention_fwd(
     running_var: torch.Tensor | None,
     batch_stats: bool,
     update: bool,
-    momentum: float,
+    momentum: float | None,
     eps: float,
     out_dtype: torch.dtype,
+    num_batches_tracked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the BN-attention forward; returns ``(a (N, C_OUT), y, mean, smean, sinvstd)``."""
+    """Launch the BN-attention forward; returns ``(a (N, C_OUT), y, mean, smean, sinvstd)``.
+
+    ``momentum=None`` with ``update``: cumulative average, factor ``1 / num_batches_tracked`` read on the
+    device (the caller has already counted this call), so no host sync."""
+    cumulative = update and momentum is None
+    if cumulative and num_batches_tracked is None:
+        raise ValueError("momentum=None needs num_batches_tracked")
     _, n, c_in = part.shape
     c_out = weight.shape[0]
     dev = part.device
@@ -456,9 +469,10 @@ def bn_attention_fwd(
     _bn_attention_fwd_kernel[(triton.cdiv(c_out, block_o),)](
         part, weight, gamma if gamma is not None else dummy, beta if beta is not None else dummy,
         running_mean if running_mean is not None else dummy, running_var if running_var is not None else dummy,
-        a, y, mean, smean, sinvstd, n, c_in, c_out, split, 1.0 / hw, eps, momentum,
+        num_batches_tracked if cumulative else dummy,
+        a, y, mean, smean, sinvstd, n, c_in, c_out, split, 1.0 / hw, eps, float(momentum or 0.0),
         weight.stride(0), weight.stride(1),
-        BATCH_STATS=batch_stats, UPDATE=update, AFFINE=gamma is not None,
+        BATCH_STATS=batch_stats, UPDATE=update, CUMULATIVE=cumulative, AFFINE=gamma is not None,
         BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_I=block_i,
     )
     return a, y, mean, smean, sinvstd

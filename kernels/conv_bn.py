@@ -432,6 +432,18 @@ def _elt_block_c(C: int) -> int:
     return max(16, min(64, triton.next_power_of_2(C)))
 
 
+def _conv_allows_tf32() -> bool:
+    """PyTorch's fp32 conv precision: ``cudnn.conv.fp32_precision`` (newer API) or ``cudnn.allow_tf32``.
+
+    Once the newer API has been used, reading the legacy flag raises, so the new one is asked first.
+    """
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    precision = getattr(conv, "fp32_precision", None)
+    if precision in ("tf32", "ieee"):
+        return precision == "tf32"
+    return bool(torch.backends.cudnn.allow_tf32)
+
+
 def conv_bn_fwd(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -496,8 +508,8 @@ def conv_bn_fwd(
     else:
         part = None
     dummy = out  # never dereferenced: the matching constexpr flag is off
-    # fp32 follows PyTorch's conv setting (cudnn.allow_tf32); the value is unused for fp16/bf16.
-    precision = "ieee" if x.dtype == torch.float32 and not (x.is_cuda and torch.backends.cudnn.allow_tf32) else "tf32"
+    # fp32 follows PyTorch's conv setting; the value is unused for fp16/bf16.
+    precision = "ieee" if x.dtype == torch.float32 and not (x.is_cuda and _conv_allows_tf32()) else "tf32"
 
     def grid(meta: dict) -> tuple[int]:
         assert meta["BLOCK_M"] % stat_m == 0

@@ -1,12 +1,15 @@
 """Benchmark infrastructure on CPU: report numbers, plot, the ``bench`` CLI, the pytest-benchmark
-hand-off, the traced shape table and cost model, and ``pytest bench/`` skipping cleanly without CUDA."""
+hand-off, the traced shape table and cost model, cold-L2 timing arithmetic, the training-step recipe,
+bench/gpu_suite.sh's control flow, and ``pytest bench/`` skipping cleanly without CUDA."""
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -40,9 +43,10 @@ def _bench(group: str, variant: str, median_s: float, **info: Any) -> dict[str, 
 
 def _write_json(path: Path) -> Path:
     # floor of the conv group: max(4e11 / 500e12, 3e9 / 3000e9) = max(0.8 ms, 1.0 ms) = 1 ms
-    conv = dict(op="conv_bn_act", pass_="fwd", dtype="bfloat16", flops=4e11, bytes=3e9, shape=[1, 64, 256, 512])
+    conv = dict(op="conv_bn_act", pass_="fwd", dtype="bfloat16", flops=4e11, bytes=3e9, shape=[1, 64, 256, 512],
+                timing="cuda-graph", cache="cold-l2-flush", l2_flush_bytes=100 << 20, l2_bytes=50 << 20)
     conv = {("pass" if k == "pass_" else k): v for k, v in conv.items()}
-    e2e = dict(op="end_to_end", dtype="bfloat16", flops=2.4e11, bytes=5e7)
+    e2e = dict(op="end_to_end", dtype="bfloat16", flops=2.4e11, bytes=5e7, timing="cuda-graph", cache="warm")
     e2e_rows = []
     for shape, t_fast, t_eager in (([1, 3, 512, 1024], 1e-3, 3e-3), ([1, 3, 1024, 2048], 3e-3, 9e-3)):
         g = f"end_to_end pred {fb.shape_str(shape)} bf16"
@@ -89,6 +93,11 @@ def test_report_numbers(tmp_path: Path) -> None:
     assert f"{math.sqrt(10):.2f}x (2)" in md
     assert md.index("## end_to_end") < md.index("## conv_bn_act")
     assert "Fake GPU" in md
+    # the L2 state of each kind of row is stated at the top and in the timing column
+    assert "- L2 cache, per-op rows: `cold-l2-flush` — " in md and "(flush 100 MiB; L2 50 MiB)" in md
+    assert "- L2 cache, end-to-end rows: `warm` — " in md
+    assert "| 50.0% | cuda-graph, cold-l2-flush |" in md
+    assert "| 48.0% | 3 | cuda-graph, warm |" in md
 
 
 def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
@@ -260,6 +269,9 @@ def test_benchmark_rows_pipeline_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
 
     def fake_time_cuda(step: Any, **kw: Any) -> fb.Timing:
         step()
+        if kw.get("l2_flush"):
+            return fb.Timing(list(samples), "cuda-graph", 4, cache="cold-l2-flush", flush_bytes=1 << 27,
+                             flush_ms=0.03)
         return fb.Timing(list(samples), "cuda-graph", 4)
 
     monkeypatch.setattr(common, "DEVICE", "cpu")
@@ -285,7 +297,13 @@ def test_benchmark_rows_pipeline_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
         assert info["dtype"] == "float32" and info["bytes"] > 0 and info["floor_copy_gbps"] == 10.0
         assert json.loads(json.dumps(info)) == info
     assert benches[0].extra_info["flops"] > 0 and benches[0].extra_info["pass"] == "fwd+bwd"
-    assert benches[-1].extra_info["loss"].startswith("ohem_ce")
+    # per-op rows are timed with a cold L2, end-to-end rows warm
+    assert [b.extra_info["cache"] for b in benches] == ["cold-l2-flush"] * 4 + ["warm"]
+    assert benches[0].extra_info["l2_flush_bytes"] == 1 << 27 and benches[-1].extra_info["l2_flush_bytes"] is None
+    train = benches[-1].extra_info
+    assert train["loss"].startswith("ohem_ce")
+    assert train["includes_optimizer_step"] is True and train["precision"] == "fp32 master weights, no autocast"
+    assert train["compile_mode"] is None and train["autocast"] is None
     assert benches[-1].extra_info["flops"] > 0 and benches[-1].group == "end_to_end train 2x3x32x64 fp32"
     data = {"benchmarks": [{"group": b.group, "name": b.group + b.extra_info["variant"], "extra_info": b.extra_info,
                             "stats": {"median": sorted(b.durations)[1]}} for b in benches]}
@@ -293,3 +311,212 @@ def test_benchmark_rows_pipeline_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
     md = fb.report(tmp_path / "b.json", tmp_path / "out")["markdown"].read_text()
     assert "| 2.5000 | 2.5000 | 1.00x |" in md  # per-op: fastbisenet and eager times, speedup
     assert "| eager | 2.5000 | — |" in md  # end to end: no fastbisenet row, no speedup
+    assert "L2 cache, per-op rows: `cold-l2-flush`" in md and "L2 cache, end-to-end rows: `warm`" in md
+
+
+# ----------------------------------------------------------------------------------------------
+# cold-L2 timing, compile modes, training recipe
+# ----------------------------------------------------------------------------------------------
+
+
+def test_l2_flush_size_and_cold_samples() -> None:
+    mib = 1 << 20
+    assert fb.l2_flush_bytes(50 * mib) == 100 * mib  # 2x L2
+    assert fb.l2_flush_bytes(50_000_000) == 96 * mib  # 2 x 47.7 MiB, rounded up to whole MiB
+    assert fb.l2_flush_bytes(None) == fb.l2_flush_bytes(0) == fb.DEFAULT_FLUSH_BYTES == 128 * mib
+    # (flush+op replay - flush-only replay) / iters, paired; timer noise cannot go negative
+    assert fb.cold_samples([2.0, 2.2], [1.8, 2.3], 10) == pytest.approx([0.02, 0.0])
+    with pytest.raises(ValueError):
+        fb.cold_samples([1.0], [], 1)
+    assert set(fb.CACHE_MODES) == {"cold-l2-flush", "warm"}
+
+
+def test_timing_fields_reach_extra_info() -> None:
+    t = fb.Timing([1.0], "cuda-graph", 7, cache="cold-l2-flush", flush_bytes=100 << 20, flush_ms=0.03,
+                  l2_bytes=50 << 20)
+    info = fb.extra_info(op="x", case="c", variant="max-autotune", pass_="fwd", dtype=torch.bfloat16, shape=[1],
+                         flops=1, nbytes=2, timing=t, floors=None, env={})
+    assert info["cache"] == "cold-l2-flush" and info["l2_flush_bytes"] == 100 << 20
+    assert info["l2_flush_ms"] == 0.03 and info["l2_bytes"] == 50 << 20
+    assert info["compile_mode"] == "max-autotune-no-cudagraphs"
+    warm = fb.extra_info(op="x", case="c", variant="eager", pass_="fwd", dtype=torch.bfloat16, shape=[1],
+                         flops=1, nbytes=2, timing=fb.Timing([1.0], "cuda-graph"), floors=None, env={})
+    assert warm["cache"] == "warm" and warm["l2_flush_bytes"] is None and warm["compile_mode"] is None
+
+
+def test_compile_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """max-autotune runs without Inductor's cudagraphs: the harness's own graph capture wraps it."""
+    seen: list[Any] = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(kw) or fn)
+    for variant in ("compile", "max-autotune"):
+        assert fb.compile_fn(len, variant) is len
+    assert seen == [{"dynamic": False, "mode": None}, {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}]
+    assert fb.variant_info("max-autotune") == {"compile_mode": "max-autotune-no-cudagraphs"}
+    assert fb.variant_info("compile") == {"compile_mode": "default"}
+    with pytest.raises(ValueError):
+        fb.compile_fn(len, "eager")
+
+
+def _train_workload(dtype: torch.dtype, **kw: Any) -> tuple[fb.ModelWorkload, list[torch.Tensor]]:
+    wl = fb.model_workload("eager", (2, 3, 32, 64), dtype, aux_mode="train", device="cpu", **kw)
+    model = next(c.cell_contents for c in wl.step.__closure__ or () if isinstance(c.cell_contents, torch.nn.Module))
+    return wl, list(model.parameters())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_train_step_is_the_training_recipe(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 master weights, autocast forward, OHEM on three heads, backward, SGD step (fp16: GradScaler)."""
+    wl, params = _train_workload(dtype)
+    info = wl.info
+    assert info["precision"] == f"fp32 master weights, autocast {fb.dtype_name(dtype)}"
+    assert info["autocast"] == fb.dtype_name(dtype) and info["includes_optimizer_step"] is True
+    assert info["optimizer"].startswith("SGD(momentum=0.9, weight_decay=0.0005")
+    assert (info["grad_scaler"] is not None) == (dtype == torch.float16)
+    assert all(p.dtype == torch.float32 for p in params)
+    scaler = next(c.cell_contents for c in wl.step.__closure__ or ()
+                  if isinstance(c.cell_contents, torch.amp.GradScaler))
+    before = [p.detach().clone() for p in params]
+    wl.step()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    changed = sum(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    if dtype == torch.bfloat16:
+        assert not scaler.is_enabled()
+        assert changed > len(params) // 2
+        return
+    # fp16 outside capture: exactly GradScaler.step -- a step that overflows (here the first, at the
+    # initial scale 65536) is skipped and the scale backs off, as in `fastbisenet train`
+    assert scaler.is_enabled()
+    skipped = scaler.get_scale() < 65536.0
+    assert (changed == 0) if skipped else (changed > 0)
+    # inside capture: unscale_, step always taken (even on inf), update -- no host sync
+    monkeypatch.setattr(fb, "_capturing", lambda device_type: True)
+    before = [p.detach().clone() for p in params]
+    wl.step()
+    assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
+
+
+def test_train_step_without_optimizer() -> None:
+    wl, params = _train_workload(torch.float32, optimizer_step=False)
+    assert wl.info["includes_optimizer_step"] is False and wl.info["autocast"] is None
+    before = [p.detach().clone() for p in params]
+    wl.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, params, strict=True))
+    assert all(p.grad is not None for p in params)
+
+
+def test_model_cost_train_counts_master_weights_and_optimizer() -> None:
+    from fastbisenet.model import BiSeNet
+
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in BiSeNet(19, "train").parameters())
+    shape = (8, 3, 1024, 1024)
+    flops, nbytes = fb.model_cost(shape, torch.bfloat16, aux_mode="train")
+    assert flops > 3 * fb.model_cost(shape, torch.bfloat16, aux_mode="eval")[0] * 0.9  # fwd + bwd
+    # fp32 weights read, fp32 gradients written, SGD: gradients read, weights + momentum read and written
+    assert nbytes > 7 * 4 * n_params + 8 * 3 * 1024 * 1024 * 4
+
+
+# ----------------------------------------------------------------------------------------------
+# bench/report.py and bench/gpu_suite.sh
+# ----------------------------------------------------------------------------------------------
+
+
+def _report_main() -> Any:
+    sys.path.insert(0, str(ROOT))
+    try:
+        from bench import report as report_script
+    finally:
+        sys.path.remove(str(ROOT))
+    return report_script.main
+
+
+def test_report_script_fails_without_png(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    main = _report_main()
+    js = _write_json(tmp_path / "b.json")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main([str(js), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "matplotlib is not installed" in err and "no end_to_end.png" in err
+    assert (tmp_path / "out" / "report.md").exists()
+    # an empty JSON has nothing to plot: not a failure
+    (tmp_path / "empty.json").write_text(json.dumps({"benchmarks": []}))
+    assert main([str(tmp_path / "empty.json"), str(tmp_path / "out2")]) == 0
+
+
+def test_report_script_fails_without_end_to_end_rows(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    data = json.loads(_write_json(tmp_path / "b.json").read_text())
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"]["op"] != "end_to_end"]
+    (tmp_path / "ops.json").write_text(json.dumps(data))
+    assert _report_main()([str(tmp_path / "ops.json"), str(tmp_path / "out")]) == 1
+    assert _report_main()([str(_write_json(tmp_path / "b.json")), str(tmp_path / "out")]) == 0
+
+
+SUITE = ROOT / "bench" / "gpu_suite.sh"
+needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not available")
+
+
+def _suite(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("FASTBISENET_BENCH", "SUITE_"))}
+    return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True, timeout=timeout,
+                          env={**base, **(env or {})})
+
+
+@needs_bash
+def test_gpu_suite_results_dir_suffix(tmp_path: Path) -> None:
+    """--results: <device>_<date>/, then _2, _3, ... when it exists (bench/results/README.md)."""
+    env = {"RESULTS_ROOT": str(tmp_path), "SUITE_DRY_RUN": "1"}
+    if shutil.which("nvidia-smi"):
+        pytest.skip("device name comes from nvidia-smi here")
+    days = {dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d")}
+
+    def outdir() -> str:
+        out = _suite("--results", env=env)
+        days.add(dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"))
+        assert out.returncode == 0, out.stderr
+        return out.stdout.strip().removeprefix("outdir: ")
+
+    first = outdir()
+    assert first in {str(tmp_path / f"unknown-device_{d}") for d in days}
+    assert not Path(first).exists()  # a dry run creates nothing
+    Path(first).mkdir()
+    assert outdir() == first + "_2"
+    Path(first + "_2").mkdir()
+    assert outdir() == first + "_3"
+    assert _suite("/some/dir", env={"SUITE_DRY_RUN": "1"}).stdout.strip() == "outdir: /some/dir"
+
+
+@needs_bash
+def test_gpu_suite_stops_when_fastbisenet_does_not_import(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text("#!/bin/sh\n"
+                    'case "$*" in *"import fastbisenet.kernels"*) echo "ImportError: simulated" >&2; exit 1;; esac\n'
+                    f'exec "{sys.executable}" "$@"\n')
+    fake.chmod(0o755)
+    out = _suite(str(tmp_path / "run"), env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SKIP_INSTALL": "1"})
+    assert out.returncode != 0
+    summary = (tmp_path / "run" / "summary.txt").read_text()
+    assert "stopping: fastbisenet does not import" in summary
+    assert summary.rstrip().endswith("failed steps: import(rc=1)")
+    assert "ImportError: simulated" in (tmp_path / "run" / "import.log").read_text()
+    assert not (tmp_path / "run" / "tests.log").exists() and not (tmp_path / "run" / "bench.log").exists()
+
+
+@needs_bash
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the benchmarks")
+def test_gpu_suite_flow_on_cpu(tmp_path: Path) -> None:
+    """Without CUDA: env (all versions), import check, benchmarks all skipped (rc 0), and the report
+    step failing because no row ran."""
+    out = _suite(str(tmp_path / "run"), env={"SKIP_INSTALL": "1", "SKIP_TESTS": "1"}, timeout=300)
+    run = tmp_path / "run"
+    summary = (run / "summary.txt").read_text()
+    assert out.returncode == 1, summary
+    assert "[import] rc=0" in summary and "[bench] rc=0" in summary
+    assert summary.rstrip().endswith("failed steps: report(no json)")
+    env_log = (run / "env.log").read_text()
+    for dist in ("triton", "pytest", "pytest-benchmark", "hypothesis", "matplotlib", "numpy"):
+        assert f"\n{dist} " in env_log, dist
+    assert "no CUDA device" in (run / "bench.log").read_text()

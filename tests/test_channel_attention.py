@@ -180,3 +180,19 @@ def test_attention_half_dtypes(dtype, device):
     a = CA.mlp_attention(feat, conv1, conv2)
     close(a, R.mlp_attention(f64(feat), copy.deepcopy(conv1).cpu().double(), copy.deepcopy(conv2).cpu().double()),
           dtype)
+
+
+def test_mismatched_widths_raise_instead_of_reading_past_weights():
+    """The kernels take widths from the tensors: a module of another width must fail like PyTorch, not
+    read out of bounds."""
+    from fastbisenet.ops import head_upsample as H
+
+    feat = torch.randn(2, 6, 5, 7)
+    with pytest.raises(RuntimeError):
+        CA.bn_attention(feat, nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+    with pytest.raises(RuntimeError):
+        CA.mlp_attention(feat, nn.Conv2d(6, 3, 1, bias=False), nn.Conv2d(4, 6, 1, bias=False))
+    with pytest.raises(RuntimeError):
+        H.head_logits(feat, nn.Conv2d(5, 3, 1), (10, 14), False)
+    with pytest.raises(RuntimeError):
+        H.head_argmax(feat, nn.Conv2d(7, 3, 1), (10, 14), False)

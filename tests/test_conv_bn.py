@@ -496,8 +496,8 @@ def test_packed_weight_never_stale_data_replacement(device: str) -> None:
 
 
 def test_packed_weight_under_graph_capture(device: str, monkeypatch) -> None:
-    """While a CUDA graph is captured, training calls pack afresh (recorded in the graph, so replays read the
-    current weights); inference calls use the cached packing (replays use the weights as packed at capture)."""
+    """While a CUDA graph is captured, inference calls use a valid cached packing (replays read it); a stale
+    one is packed afresh inside the graph and the cache is left alone. Training calls always pack afresh."""
     conv, bn, x = _eval_pair(device)
     with torch.no_grad():
         ops.conv_bn_act(x, conv, bn)
@@ -507,14 +507,39 @@ def test_packed_weight_under_graph_capture(device: str, monkeypatch) -> None:
     monkeypatch.setattr(ops, "_pack_weight", lambda *a, **k: calls.append(1) or real_pack(*a, **k))
     monkeypatch.setattr(ops, "_capturing", lambda weight: True)
     with torch.no_grad():
-        ops.conv_bn_act(x, conv, bn)  # inference capture: cached
+        ops.conv_bn_act(x, conv, bn)  # inference capture, valid cache: no packing
     assert calls == [] and ops._packed_weight(conv.weight, x.dtype) is cached
-    ops.conv_bn_act(x, conv, bn)  # grads possible (frozen-BN fine-tuning): packed afresh
+    with torch.no_grad():
+        conv.weight.add_(1.0)
+        ops.conv_bn_act(x, conv, bn)  # stale: packed inside the "graph", cache untouched
     assert len(calls) == 1
+    ops.conv_bn_act(x, conv, bn)  # grads possible (frozen-BN fine-tuning): packed afresh
+    assert len(calls) == 2
     bn.train()
     with torch.no_grad():
         ops.conv_bn_act(x, conv, bn)  # train-mode BN: packed afresh
-    assert len(calls) == 2 and ops._packed_weight(conv.weight, x.dtype) is cached
+    assert len(calls) == 3
+    monkeypatch.setattr(ops, "_capturing", lambda weight: False)
+    bn.eval()
+    with torch.no_grad():
+        ops.conv_bn_act(x, conv, bn)  # eager again: the stale entry is repacked in place
+    assert len(calls) == 4 and ops._packed_weight(conv.weight, x.dtype) is cached
+
+
+def test_training_never_uses_a_stale_packing(device: str) -> None:
+    """Writes through ``.data`` bypass the version counter; training calls pack afresh, so they still see them."""
+    conv, bn, x = _eval_pair(device)
+    bn.train()
+    ops.conv_bn_act(x, conv, bn)
+    with torch.no_grad():
+        conv.weight.data.mul_(-1.0)
+    bn.eval()
+    x = x.detach().requires_grad_()  # a backward may follow: packed afresh
+    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    got = ops.conv_bn_act(x, conv, bn, relu=False)
+    with torch.no_grad():
+        check(got.detach(), ref_forward(x.detach().double(), conv64, bn64, None, False), torch.float32,
+              "after .data.mul_ with autograd recording")
 
 
 def test_packed_weight_inference_mode(device: str) -> None:
@@ -551,3 +576,43 @@ def test_half_precision(name: str, dtype: torch.dtype, device: str) -> None:
 ], ids=["3x3-64", "3x3s2-64-128", "1x1-2048", "stem"])
 def test_gpu_realistic_shapes(case: Case, device: str) -> None:
     run_case(case, device)
+
+
+def test_tf32_setting_read_through_the_new_api() -> None:
+    """After ``torch.backends.fp32_precision = "ieee"`` the legacy ``cudnn.allow_tf32`` getter raises; the
+    launcher asks the new per-op setting first."""
+    from fastbisenet.kernels import conv_bn as kernels
+
+    if not hasattr(torch.backends, "fp32_precision"):
+        pytest.skip("this torch has only the legacy TF32 flags")
+    flags = [(torch.backends, "fp32_precision"), (torch.backends.cudnn.conv, "fp32_precision"),
+             (torch.backends.cudnn.rnn, "fp32_precision"), (torch.backends.cuda.matmul, "fp32_precision")]
+    saved = [getattr(obj, name) for obj, name in flags]
+    try:
+        torch.backends.fp32_precision = "ieee"
+        assert kernels._conv_allows_tf32() is False
+    finally:
+        for (obj, name), value in zip(flags, saved, strict=True):
+            setattr(obj, name, value)
+    assert isinstance(torch.backends.cudnn.allow_tf32, bool)  # the legacy getter works again
+
+
+def test_track_running_stats_turned_off_after_construction(device: str) -> None:
+    """nn.BatchNorm2d keeps its buffers but neither updates nor reads them in training then."""
+    conv = nn.Conv2d(3, 4, 3, 1, 1, bias=False).to(device)
+    bn = nn.BatchNorm2d(4).to(device).train()
+    bn.track_running_stats = False
+    twin_conv, twin_bn = copy.deepcopy(conv), copy.deepcopy(bn)
+    x = torch.randn(2, 3, 5, 6, device=device)
+    got = ops.conv_bn_act(x, conv, bn)
+    want = torch.relu(twin_bn(twin_conv(x)))
+    check(got.detach().double(), want.detach().double(), torch.float32, "output")
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(bn, name), getattr(twin_bn, name)), name
+
+
+def test_residual_of_another_dtype_is_refused(device: str) -> None:
+    conv, bn = nn.Conv2d(3, 4, 1, bias=False).to(device), nn.BatchNorm2d(4).to(device).eval()
+    x = torch.randn(1, 3, 4, 4, device=device)
+    with pytest.raises(ValueError, match="residual dtype"):
+        ops.conv_bn_act(x, conv, bn, residual=torch.randn(1, 4, 4, 4, device=device, dtype=torch.float64))

@@ -114,3 +114,29 @@ def test_backbone_weights_of_the_wrong_depth_are_refused(tmp_path):
     torch.save(build_backbone("resnet34").state_dict(), path)
     with pytest.raises(ValueError, match="unexpected"):
         load_backbone_weights(BiSeNet(19, "eval"), path)
+
+
+@pytest.mark.parametrize("mode", ["eval", "pred"])
+def test_plain_load_state_dict_of_a_train_checkpoint(mode):
+    """SPEC: an eval/pred model accepts a train-mode state_dict by dropping exactly the aux-head keys."""
+    src = randomize_(BiSeNet(4, "train"))
+    state = src.state_dict()
+    dst = BiSeNet(4, mode)
+    dst.load_state_dict(state)
+    assert len(state) == 222  # the caller's dict is untouched
+    _same_state(dst, src)
+    state["conv_out16_extra.weight"] = torch.zeros(1)
+    with pytest.raises(RuntimeError, match="conv_out16_extra"):
+        dst.load_state_dict(state)
+
+
+def test_aux_mode_switching():
+    m = BiSeNet(3, "train")
+    m.aux_mode = "eval"
+    assert m.has_aux_heads
+    m.aux_mode = "train"
+    e = BiSeNet(3, "pred")
+    with pytest.raises(ValueError, match="auxiliary heads"):
+        e.aux_mode = "train"
+    with pytest.raises(ValueError, match="aux_mode"):
+        e.aux_mode = "logits"

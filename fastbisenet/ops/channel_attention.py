@@ -54,6 +54,17 @@ def is_plain_1x1(conv: nn.Conv2d) -> bool:
     )
 
 
+def _widths_chain(x: Tensor, *convs: nn.Conv2d) -> bool:
+    """``x``'s channels feed ``convs[0]``, whose outputs feed ``convs[1]``, ...: else the kernels, which
+    take widths from the tensors, would read past a weight; the reference op raises instead."""
+    width = x.shape[1] if x.dim() == 4 else -1
+    for conv in convs:
+        if conv.in_channels != width:
+            return False
+        width = conv.out_channels
+    return True
+
+
 # -------------------------------------------------------------------------------------- mean_hw
 
 
@@ -144,12 +155,12 @@ def bn_attention_fwd(
     """
     check_map(feat, "feat")
     n, _, h, w = feat.shape
-    if momentum is None:
-        momentum = 1.0 / float(num_batches_tracked) if update and num_batches_tracked is not None else 0.0
+    if momentum is None and (not update or num_batches_tracked is None):
+        momentum = 0.0  # nothing cumulative to update (as nn.BatchNorm2d: factor 0 without a counter)
     part, split = K.mean_partials(feat)
     a, y, mean, smean, sinvstd = K.bn_attention_fwd(
         part, split, h * w, weight, gamma, beta, running_mean, running_var, batch_stats, update, momentum, eps,
-        feat.dtype,
+        feat.dtype, num_batches_tracked,
     )
     return a.view(n, -1, 1, 1), y, mean, smean, sinvstd
 
@@ -308,8 +319,8 @@ def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
     statistics), running statistics otherwise; in training the running statistics and
     ``num_batches_tracked`` are updated (``momentum=None``: cumulative average).
     """
-    if not is_plain_1x1(conv):
-        return reference.bn_attention(feat, conv, bn)
+    if not is_plain_1x1(conv) or not _widths_chain(feat, conv) or bn.num_features != conv.out_channels:
+        return reference.bn_attention(feat, conv, bn)  # also raises PyTorch's own error for mismatched widths
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     if batch_stats and feat.shape[0] == 1:
         raise ValueError(
@@ -433,6 +444,7 @@ mlp_attention_op.register_autograd(_mlp_attention_backward, setup_context=_mlp_a
 
 def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d) -> Tensor:
     """``sigmoid(conv2(relu(conv1(mean_hw(feat)))))``: face-parsing FFM attention, shape (N, C, 1, 1)."""
-    if not (is_plain_1x1(conv1) and is_plain_1x1(conv2)) or conv1.out_channels > K.MAX_MLP_HIDDEN:
-        return reference.mlp_attention(feat, conv1, conv2)
+    if (not (is_plain_1x1(conv1) and is_plain_1x1(conv2)) or conv1.out_channels > K.MAX_MLP_HIDDEN
+            or not _widths_chain(feat, conv1, conv2)):
+        return reference.mlp_attention(feat, conv1, conv2)  # also raises PyTorch's error for mismatched widths
     return call(MLPAttentionFunction.apply, torch.ops.fastbisenet.mlp_attention, feat, conv1.weight, conv2.weight)

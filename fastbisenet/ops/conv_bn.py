@@ -94,40 +94,49 @@ def _capturing(weight: Tensor) -> bool:
     return weight.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
-def _packed_weight(weight: Tensor, dtype: torch.dtype, *, record_in_graph: bool = False) -> Tensor:
-    """:func:`_pack_weight`, cached per weight tensor and ``(dtype, device)``: repacked only when stale.
+def _packed_weight(weight: Tensor, dtype: torch.dtype, *, may_backward: bool = False) -> Tensor:
+    """:func:`_pack_weight`, cached for inference per weight tensor and ``(dtype, device)``.
 
-    Stale means different weight data (``data_ptr``/shape/strides/dtype: ``.data`` was replaced, e.g.
-    by ``.to()``; then every packing of the old data is dropped) or a different version counter (an
-    in-place write). The entry keeps a detached alias of the packed data, so that storage cannot be
-    freed and its address reused by a later ``.data`` while the entry lives. A repack of a changed
-    version reuses the packed buffer (allocated outside inference mode, so it stays writable): a buffer
-    a CUDA graph captured stays allocated for as long as the weight lives. Inference tensors have no
-    version counter: packed per call, never cached.
+    ``may_backward`` (training, or autograd recording): packed afresh on every call, never cached, so
+    no weight write of any kind (optimizer steps, ``.data`` updates, fused optimizers writing raw
+    memory) can leave the forward stale; one copy per call is noise next to a training step.
 
-    ``record_in_graph``: while a CUDA graph is being captured, pack afresh instead, so that the packing
-    is part of the graph and every replay reads the weight's current values. For calls that can be
-    followed by a backward (a captured training step, e.g. ``torch.compile(mode="reduce-overhead")``:
-    the optimizer changes the weights between replays). Inference captures use the cache, so their
-    replays see the weights as packed at capture (documented in :mod:`fastbisenet.graphs`).
+    Inference: cached, repacked when stale: different weight data (``data_ptr``/shape/strides/dtype:
+    ``.data`` was replaced, e.g. by ``.to()``; every packing of the old data is dropped) or a different
+    version counter (any in-place write through autograd-visible tensors). Writes through ``weight.data``
+    do not bump the version counter: after such writes call :func:`clear_packed_weights`. A repack of a
+    changed version reuses the packed buffer, so a CUDA graph captured on it sees the new values once an
+    eager call has repacked. The entry keeps a detached alias of the weight data, so its address cannot be
+    reused by a later ``.data`` while the entry lives. Inference tensors have no version counter: packed
+    per call. While a CUDA graph is being captured, a stale or missing entry is packed afresh inside the
+    graph and the cache is left alone (work recorded in a graph is not executed at capture).
     """
-    if weight.is_inference() or (record_in_graph and _capturing(weight)):
+    if may_backward or weight.is_inference():
         return _pack_weight(weight, dtype)
     ident = (weight.data_ptr(), weight.shape, weight.stride(), weight.dtype)
     version = weight._version
-    entry = _PACKED.get(weight)
-    if entry is None or entry.ident != ident:
-        entry = _PACKED[weight] = _Packings(ident, weight.detach(), {})
     key = (dtype, weight.device)
-    slot = entry.by_key.get(key)
-    if slot is None:
-        with torch.inference_mode(False):
-            entry.by_key[key] = slot = [version, _pack_weight(weight, dtype)]
-    elif slot[0] != version:
-        with torch.inference_mode(False):
+    entry = _PACKED.get(weight)
+    slot = entry.by_key.get(key) if entry is not None and entry.ident == ident else None
+    if slot is not None and slot[0] == version:
+        return slot[1]
+    if _capturing(weight):
+        return _pack_weight(weight, dtype)
+    with torch.inference_mode(False):
+        if slot is not None:
             _pack_weight(weight, dtype, out=slot[1])
-        slot[0] = version
+            slot[0] = version
+            return slot[1]
+        if entry is None or entry.ident != ident:
+            entry = _PACKED[weight] = _Packings(ident, weight.detach(), {})
+        entry.by_key[key] = slot = [version, _pack_weight(weight, dtype)]
     return slot[1]
+
+
+def packed_weights_of(module: torch.nn.Module) -> list[Tensor]:
+    """The cached packed weights of ``module``'s parameters (a CUDA graph keeps them alive with these)."""
+    return [slot[1] for p in module.parameters() if (entry := _PACKED.get(p)) is not None
+            for slot in entry.by_key.values()]
 
 
 def forward(
@@ -164,8 +173,8 @@ def forward(
     """
     KH, KW = weight.shape[2], weight.shape[3]
     C = weight.shape[0]
-    # a call that may be followed by a backward is training: its CUDA-graph captures record the packing
-    w = _packed_weight(weight, x.dtype, record_in_graph=(has_bn and batch_stats) or need_stats)
+    # a call that may be followed by a backward packs afresh (training), inference uses the cache
+    w = _packed_weight(weight, x.dtype, may_backward=(has_bn and batch_stats) or need_stats)
     if not has_bn:
         out, _ = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias, residual=residual, relu=relu)
         return out, None, None, None
@@ -245,7 +254,7 @@ def backward(
             sum_g = sum_gx = None
             if need_gamma or need_beta:
                 if need_gamma and y is None:
-                    w = _packed_weight(weight, x.dtype, record_in_graph=True)
+                    w = _packed_weight(weight, x.dtype, may_backward=True)
                     y, _ = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias)
                 sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y if need_gamma else None, mean, invstd)
             y = None  # the element-wise pass needs no y in eval
@@ -496,6 +505,12 @@ def _apply(
 ) -> Tensor:
     stride, padding = _check_conv(conv)
     x, x2, residual = _autocast(x, x2, residual)
+    if x.is_cuda and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"conv_bn_act: the Triton kernels take float32/float16/bfloat16 on GPU, got {x.dtype} "
+                         "(use backend='torch' for other dtypes)")
+    if residual is not None and residual.dtype != x.dtype:
+        raise ValueError(f"conv_bn_act: residual dtype {residual.dtype} differs from the input's {x.dtype} "
+                         "(the fused output keeps the input's dtype; cast one of them)")
     c_in = x.shape[1] + (0 if x2 is None else x2.shape[1])
     if x.dim() != 4 or c_in != conv.in_channels:
         raise ValueError(f"conv_bn_act: expected (N, {conv.in_channels}, H, W) input, got {tuple(x.shape)}")
@@ -506,10 +521,14 @@ def _apply(
         if bn.num_features != conv.out_channels:
             raise ValueError(f"conv_bn_act: bn has {bn.num_features} features, conv {conv.out_channels} channels")
         has_bn = True
-        batch_stats = bn.training or bn.running_mean is None
+        # exactly nn.BatchNorm2d.forward: batch statistics in training or without buffers; the buffers are
+        # read in eval and updated in training only while track_running_stats is on (it can be turned
+        # off after construction, leaving the buffers in place)
+        batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
         bn_w, bn_b, eps, momentum = bn.weight, bn.bias, float(bn.eps), bn.momentum
-        # updated in place iff batch_stats and the buffers exist (train mode with track_running_stats)
-        rm, rv, nbt = bn.running_mean, bn.running_var, bn.num_batches_tracked
+        use_buffers = not bn.training or bn.track_running_stats
+        rm, rv = (bn.running_mean, bn.running_var) if use_buffers else (None, None)
+        nbt = bn.num_batches_tracked if bn.training and bn.track_running_stats else None
     if residual is not None:
         H, W = x.shape[2], x.shape[3]
         kh, kw = conv.kernel_size

@@ -125,8 +125,8 @@ def _(x, weight, bias, size, align_corners):
 
 def head_logits(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
     """``upsample_bilinear(conv_out(x), size)``: a segmentation head's classifier and resize."""
-    if not is_classifier(conv_out):
-        return reference.head_logits(x, conv_out, size, align_corners)
+    if not is_classifier(conv_out) or x.dim() != 4 or x.shape[1] != conv_out.in_channels:
+        return reference.head_logits(x, conv_out, size, align_corners)  # raises PyTorch's error on a width mismatch
     return call(
         HeadLogitsFunction.apply, torch.ops.fastbisenet.head_logits,
         x, conv_out.weight, conv_out.bias, check_size(size), bool(align_corners),
@@ -135,8 +135,8 @@ def head_logits(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_cor
 
 def head_argmax(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
     """``argmax_c(head_logits(...))`` as int32 (N, H, W); ties go to the lowest class index."""
-    if not is_classifier(conv_out):
-        return reference.head_argmax(x, conv_out, size, align_corners)
+    if not is_classifier(conv_out) or x.dim() != 4 or x.shape[1] != conv_out.in_channels:
+        return reference.head_argmax(x, conv_out, size, align_corners)  # raises PyTorch's error on a width mismatch
     with torch.no_grad():
         return call(
             head_argmax_fwd, torch.ops.fastbisenet.head_argmax,
