@@ -48,7 +48,7 @@ def bench_env() -> dict[str, Any]:
     """Device name, versions, commit and the suite's settings (same for every row)."""
     info = fb.env_info("cuda")
     info.update(cudnn_benchmark=torch.backends.cudnn.benchmark, bench_mode=common.MODE,
-                rounds=common.ROUNDS, precision="pure dtype weights and activations, channels_last")
+                rounds=common.ROUNDS, precision="dtype weights and activations, channels_last")
     return info
 
 

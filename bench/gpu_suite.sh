@@ -1,16 +1,22 @@
 #!/usr/bin/env bash
 # Full GPU check of fastbisenet in one go (fits one 10-minute device call by default):
-#   env info -> editable install (no network) -> test suite with compiled Triton (no interpreter)
+#   env info -> editable install (no network) -> import check (stops here if fastbisenet does not
+#   import) -> test suite with compiled Triton (no interpreter)
 #   -> pytest bench/ --benchmark-only --benchmark-json OUTDIR/bench.json -> OUTDIR/report.md + PNG.
-# Every step's log is tee'd into OUTDIR; later steps run even when earlier ones fail; the exit
-# status is non-zero when any step failed (OUTDIR/summary.txt says which).
+# Every step's log is tee'd into OUTDIR; later steps run even when earlier ones fail (except the
+# import check); the exit status is non-zero when any step failed (OUTDIR/summary.txt says which).
+# A run with benchmark rows but no end_to_end.png (e.g. matplotlib missing) fails the report step.
 #
 # Usage: bench/gpu_suite.sh OUTDIR [extra pytest args for the benchmark step, e.g. -k end_to_end]
-#        bench/gpu_suite.sh --results [...]   writes to bench/results/<device>_<date>/
+#        bench/gpu_suite.sh --results [...]   writes to bench/results/<device>_<date>/, or
+#                                             <device>_<date>_2/, _3/, ... when that exists
 # Environment:
 #   SUITE_BUDGET_S    total wall-clock budget in seconds (default 530)
 #   TESTS_TIMEOUT_S   limit of the test-suite step (default 200)
 #   SKIP_TESTS=1      skip the test-suite step (benchmarks only); SKIP_INSTALL=1 skips the install
+#   RESULTS_ROOT      parent directory for --results (default bench/results)
+#   SUITE_DRY_RUN=1   print the output directory that would be used and exit (creates nothing)
+#   FASTBISENET_GIT_COMMIT  commit to record when there is no .git (e.g. on a remote device)
 #   FASTBISENET_BENCH_MODE=quick|full and the other FASTBISENET_BENCH_* knobs (bench/common.py);
 #   this script defaults FASTBISENET_BENCH_MODE to quick. FASTBISENET_BENCH_BUDGET_S is derived
 #   from what is left of SUITE_BUDGET_S unless set.
@@ -20,16 +26,27 @@ if [[ $# -lt 1 ]]; then
     echo "usage: $0 OUTDIR|--results [pytest args...]" >&2
     exit 2
 fi
+HERE=$(cd "$(dirname "$0")" && pwd)
 OUT=$1
 shift
-if [[ "$OUT" == --results ]]; then  # bench/results/<device>_<date>/ (see bench/results/README.md)
+if [[ "$OUT" == --results ]]; then  # <device>_<date>[_N]/ (see bench/results/README.md)
     GPU=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
     SLUG=$(echo "${GPU:-unknown-device}" | tr '[:upper:]' '[:lower:]' | sed -E 's/[^a-z0-9]+/-/g; s/^-|-$//g')
-    OUT="$(dirname "$0")/results/${SLUG}_$(date -u +%Y-%m-%d)"
+    BASE="${RESULTS_ROOT:-$HERE/results}/${SLUG:-unknown-device}_$(date -u +%Y-%m-%d)"
+    OUT=$BASE
+    N=2
+    while [[ -e "$OUT" ]]; do  # a second run on the same day and device: _2, _3, ...
+        OUT="${BASE}_$N"
+        N=$((N + 1))
+    done
+fi
+if [[ "${SUITE_DRY_RUN:-0}" == 1 ]]; then
+    echo "outdir: $OUT"
+    exit 0
 fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.."
+cd "$HERE/.."
 
 START=$(date +%s)
 BUDGET=${SUITE_BUDGET_S:-530}
@@ -40,43 +57,64 @@ FAILED=()
 
 elapsed() { echo $(( $(date +%s) - START )); }
 
-step() {  # step NAME COMMAND... : run, tee into OUTDIR/NAME.log, record the status
+note() { echo "=== $*" | tee -a "$OUT/summary.txt"; }
+
+finish() {
+    note "total $(elapsed) s; failed steps: ${FAILED[*]:-none}"
+    [[ ${#FAILED[@]} -eq 0 ]]
+    exit $?
+}
+
+step() {  # step NAME COMMAND... : run, tee into OUTDIR/NAME.log, record the status; returns it
     local name=$1
     shift
     local t0
     t0=$(date +%s)
-    echo "=== [$name] $* ($(elapsed) s elapsed)" | tee -a "$OUT/summary.txt"
+    note "[$name] $* ($(elapsed) s elapsed)"
     "$@" 2>&1 | tee "$OUT/$name.log"
     local rc=${PIPESTATUS[0]}
-    echo "=== [$name] rc=$rc in $(( $(date +%s) - t0 )) s" | tee -a "$OUT/summary.txt"
+    note "[$name] rc=$rc in $(( $(date +%s) - t0 )) s"
     if [[ $rc -ne 0 ]]; then
         FAILED+=("$name(rc=$rc)")
     fi
-    return 0
+    return "$rc"
 }
 
 env_info() {
     date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo "${FASTBISENET_GIT_COMMIT:-unknown}")"
+    # FASTBISENET_GIT_COMMIT when given (as fastbisenet.benchmark.git_commit does), else git; a
+    # device copy has no .git, so pass the commit there
+    echo "commit: ${FASTBISENET_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git; set FASTBISENET_GIT_COMMIT)")}"
     git status --short 2>/dev/null | head -50
     nvidia-smi || true
     python - <<'PY'
-import platform, torch
+import platform
+from importlib import metadata
+
+import torch
+
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
-try:
-    import triton
-    print("triton", triton.__version__)
-except ImportError as exc:
-    print("triton missing:", exc)
+for dist in ("triton", "pytest", "pytest-benchmark", "hypothesis", "matplotlib", "numpy"):
+    try:
+        print(dist, metadata.version(dist))
+    except metadata.PackageNotFoundError:
+        print(dist, "MISSING")
 print("cuda available", torch.cuda.is_available(),
       torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+if torch.cuda.is_available():
+    props = torch.cuda.get_device_properties()
+    print("L2 cache bytes", getattr(props, "L2_cache_size", "unknown"))
 PY
 }
 
 step env env_info
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     step install python -m pip install --no-deps --no-build-isolation -e .
+fi
+if ! step import python -c "import fastbisenet.kernels, fastbisenet; print('fastbisenet imports from', fastbisenet.__file__)"; then
+    note "stopping: fastbisenet does not import (see import.log); tests and benchmarks would only fail"
+    finish
 fi
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
@@ -86,7 +124,7 @@ fi
 
 LEFT=$(( BUDGET - $(elapsed) - 20 ))  # 20 s for the report
 if [[ $LEFT -lt 30 ]]; then
-    echo "=== [bench] skipped: only $LEFT s left of SUITE_BUDGET_S=$BUDGET" | tee -a "$OUT/summary.txt"
+    note "[bench] skipped: only $LEFT s left of SUITE_BUDGET_S=$BUDGET"
     FAILED+=("bench(no time left)")
 else
     # in-process budget stops starting new rows in time; the hard timeout (SIGINT: pytest still
@@ -98,11 +136,18 @@ else
 fi
 
 if [[ -s "$OUT/bench.json" ]]; then
-    step report python bench/report.py "$OUT/bench.json" "$OUT"
+    # report.py exits 1 when there are rows but no PNG (matplotlib missing, no end-to-end rows)
+    if step report python bench/report.py "$OUT/bench.json" "$OUT"; then
+        ROWS=$(python -c "import json, sys; print(len(json.load(open(sys.argv[1])).get('benchmarks', [])))" \
+               "$OUT/bench.json" 2>/dev/null || echo 0)
+        if [[ "$ROWS" != 0 && ! -s "$OUT/end_to_end.png" ]]; then
+            note "[report] $ROWS benchmark rows but no end_to_end.png"
+            FAILED+=("report(no end_to_end.png)")
+        fi
+    fi
 else
-    echo "=== [report] skipped: no $OUT/bench.json" | tee -a "$OUT/summary.txt"
+    note "[report] skipped: $OUT/bench.json is missing or empty (no benchmark row ran)"
     FAILED+=("report(no json)")
 fi
 
-echo "=== total $(elapsed) s; failed steps: ${FAILED[*]:-none}" | tee -a "$OUT/summary.txt"
-[[ ${#FAILED[@]} -eq 0 ]]
+finish

@@ -1,7 +1,11 @@
 #!/usr/bin/env python
-"""Render a pytest-benchmark JSON into OUTDIR/report.md (+ OUTDIR/end_to_end.png with matplotlib).
+"""Render a pytest-benchmark JSON into OUTDIR/report.md and OUTDIR/end_to_end.png (matplotlib).
 
-Usage: python bench/report.py BENCH_JSON OUTDIR   (same as ``fastbisenet.benchmark.report``)
+Usage: python bench/report.py BENCH_JSON OUTDIR   (the files of ``fastbisenet.benchmark.report``)
+
+Exit status 1 when the JSON has benchmark rows but no PNG could be made (matplotlib missing, or no
+end-to-end inference rows to plot): the report of a suite run is incomplete then. The markdown is
+still written.
 """
 
 from __future__ import annotations
@@ -17,6 +21,10 @@ def main(argv: list[str]) -> int:
         return 2
     paths = report(argv[0], argv[1])
     print(f"wrote {paths['markdown']}" + (f" and {paths['plot']}" if paths["plot"] else ""))
+    if paths["rows"] and paths["plot"] is None:
+        print(f"error: {paths['rows']} benchmark rows but no end_to_end.png: {paths['plot_skipped']}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -496,27 +496,61 @@ def test_gpu_suite_stops_when_fastbisenet_does_not_import(tmp_path: Path) -> Non
                     'case "$*" in *"import fastbisenet.kernels"*) echo "ImportError: simulated" >&2; exit 1;; esac\n'
                     f'exec "{sys.executable}" "$@"\n')
     fake.chmod(0o755)
-    out = _suite(str(tmp_path / "run"), env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SKIP_INSTALL": "1"})
+    out = _suite(str(tmp_path / "run"), env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SKIP_INSTALL": "1",
+                                             "FASTBISENET_GIT_COMMIT": "feedbeef"})
     assert out.returncode != 0
     summary = (tmp_path / "run" / "summary.txt").read_text()
     assert "stopping: fastbisenet does not import" in summary
     assert summary.rstrip().endswith("failed steps: import(rc=1)")
     assert "ImportError: simulated" in (tmp_path / "run" / "import.log").read_text()
+    assert "\ncommit: feedbeef\n" in (tmp_path / "run" / "env.log").read_text()  # as on a device without .git
     assert not (tmp_path / "run" / "tests.log").exists() and not (tmp_path / "run" / "bench.log").exists()
+
+
+FAKE_E2E_BENCH = """
+from fastbisenet.benchmark import feed_benchmark
+
+
+def test_fake_end_to_end(benchmark):
+    benchmark.group = "end_to_end pred 1x3x64x64 bf16"
+    feed_benchmark(benchmark, [1.0, 2.0, 3.0])
+    benchmark.extra_info.update({"op": "end_to_end", "pass": "pred", "variant": "eager", "dtype": "bfloat16",
+                                 "shape": [1, 3, 64, 64], "timing": "cuda-graph", "cache": "warm"})
+"""
 
 
 @needs_bash
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the benchmarks")
-def test_gpu_suite_flow_on_cpu(tmp_path: Path) -> None:
-    """Without CUDA: env (all versions), import check, benchmarks all skipped (rc 0), and the report
-    step failing because no row ran."""
-    out = _suite(str(tmp_path / "run"), env={"SKIP_INSTALL": "1", "SKIP_TESTS": "1"}, timeout=300)
+@pytest.mark.parametrize("case", ["no-rows", "rows", "rows-no-matplotlib"])
+def test_gpu_suite_flow_on_cpu(case: str, tmp_path: Path) -> None:
+    """Without CUDA: env (all versions), import check, the bench/ rows all skipped (rc 0), then the
+    report step: no rows -> failed (nothing ran); a stand-in end-to-end row -> report.md + PNG, success;
+    the same without matplotlib -> the report step fails."""
+    env = {"SKIP_INSTALL": "1", "SKIP_TESTS": "1"}
+    extra: list[str] = []
+    if case != "no-rows":
+        (tmp_path / "fake").mkdir()
+        (tmp_path / "fake" / "test_fake_bench.py").write_text(FAKE_E2E_BENCH)
+        extra = [str(tmp_path / "fake")]
+    if case == "rows-no-matplotlib":
+        (tmp_path / "mods" / "matplotlib").mkdir(parents=True)
+        (tmp_path / "mods" / "matplotlib" / "__init__.py").write_text("raise ImportError('simulated')\n")
+        env["PYTHONPATH"] = str(tmp_path / "mods")
+    out = _suite(str(tmp_path / "run"), *extra, env=env, timeout=300)
     run = tmp_path / "run"
     summary = (run / "summary.txt").read_text()
-    assert out.returncode == 1, summary
-    assert "[import] rc=0" in summary and "[bench] rc=0" in summary
-    assert summary.rstrip().endswith("failed steps: report(no json)")
+    assert "[import] rc=0" in summary and "[bench] rc=0" in summary, summary
     env_log = (run / "env.log").read_text()
     for dist in ("triton", "pytest", "pytest-benchmark", "hypothesis", "matplotlib", "numpy"):
         assert f"\n{dist} " in env_log, dist
     assert "no CUDA device" in (run / "bench.log").read_text()
+    if case == "no-rows":
+        assert out.returncode == 1 and summary.rstrip().endswith("failed steps: report(no json)"), summary
+    elif case == "rows":
+        assert out.returncode == 0 and summary.rstrip().endswith("failed steps: none"), summary
+        assert (run / "end_to_end.png").read_bytes()[:4] == b"\x89PNG"
+        assert "L2 cache, end-to-end rows: `warm`" in (run / "report.md").read_text()
+    else:
+        assert out.returncode == 1 and summary.rstrip().endswith("failed steps: report(rc=1)"), summary
+        assert "matplotlib is not installed" in (run / "report.log").read_text()
+        assert (run / "report.md").exists() and not (run / "end_to_end.png").exists()
