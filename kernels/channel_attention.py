@@ -72,15 +72,17 @@ def map_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 # ------------------------------------------------------------------------------------------ mean
 
 
-@triton.autotune(
-    configs=configs([
+def _pixel_tile_configs() -> list[triton.Config]:
+    """(pixels x channels) tiles of the map-streaming kernels (mean partials, broadcast); a fresh list each."""
+    return configs([
         triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
         triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=4),
         triton.Config({"BLOCK_P": 64, "BLOCK_C": 128}, num_warps=8),
-    ]),
-    key=["C", "CHUNK"],
-)
+    ])
+
+
+@triton.autotune(configs=_pixel_tile_configs(), key=["C", "CHUNK"])
 @triton.jit
 def _mean_partial_kernel(
     x_ptr,  # (N, C, H, W) map, any float dtype, addressed by the three strides below
@@ -150,15 +152,7 @@ def finish_partials(part: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) 
     return out
 
 
-@triton.autotune(
-    configs=configs([
-        triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
-        triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=4),
-        triton.Config({"BLOCK_P": 64, "BLOCK_C": 128}, num_warps=8),
-    ]),
-    key=["C", "CHUNK"],
-)
+@triton.autotune(configs=_pixel_tile_configs(), key=["C", "CHUNK"])
 @triton.jit
 def _broadcast_kernel(
     g_ptr,  # fp32 (N, C) values to broadcast
