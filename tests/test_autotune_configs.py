@@ -1,0 +1,182 @@
+"""Every autotune config of every kernel gives the reference's result, not only the one autotuning picks.
+
+Autotuning keeps the fastest config per shape, so the other tests exercise one config per kernel; a config
+that miscompiles (e.g. ``num_warps=8`` around a flattened-K loop, pytorch issue 173068) would wait for
+another shape or GPU. Here each config is forced in turn (``Autotuner.configs = [config]``) and the ops
+that launch the kernel are checked against float64 references. Under the interpreter each kernel has one
+config, so this checks the harness; on a GPU it checks every config, compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from fastbisenet.kernels import attend_add_upsample as k_up
+from fastbisenet.kernels import attend_residual as k_res
+from fastbisenet.kernels import channel_attention as k_att
+from fastbisenet.kernels import conv_bn as k_conv
+from fastbisenet.kernels import head_upsample as k_head
+from torch import nn
+from triton.runtime.autotuner import Autotuner
+
+from fastbisenet import kernels, reference
+from fastbisenet.ops import attend_add_upsample as o_up
+from fastbisenet.ops import attend_residual as o_res
+from fastbisenet.ops import channel_attention as o_att
+from fastbisenet.ops import conv_bn as o_conv
+from fastbisenet.ops import head_upsample as o_head
+
+# fp32 on a GPU runs tf32 dots (PyTorch's default for convs); the interpreter's dots are exact fp32.
+REL_TOL = 1e-4 if kernels.INTERPRET else 1e-2
+
+
+def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.double(), want.double()
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
+def fwd_bwd(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor, params: tuple = ()) -> list[torch.Tensor]:
+    """Output and the gradients of every input and parameter for a fixed random output gradient."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out)
+    grads = torch.autograd.grad(out, [*inputs, *params], g)
+    return [out.detach(), *grads]
+
+
+def compare(got: list[torch.Tensor], want: list[torch.Tensor], what: str) -> None:
+    for i, (a, b) in enumerate(zip(got, want, strict=True)):
+        assert a.shape == b.shape, (what, i)
+        assert rel_err(a, b) < REL_TOL, (what, i, rel_err(a, b))
+
+
+def _conv_fwd_bwd(op, conv: nn.Conv2d, bn: nn.BatchNorm2d, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    return fwd_bwd(lambda x, *res: op(x, conv, bn, residual=res[0] if res else None), *inputs,
+                   params=(conv.weight, bn.weight, bn.bias))
+
+
+def conv_case(device: str) -> None:
+    for cin, k, stride, train, res in [(3, 7, 2, True, False), (40, 3, 1, True, True), (20, 3, 2, False, True),
+                                       (24, 1, 1, False, False)]:
+        conv = nn.Conv2d(cin, 24, k, stride, k // 2, bias=False).to(device)
+        bn = nn.BatchNorm2d(24).to(device).train(train)
+        with torch.no_grad():
+            bn.running_mean.uniform_(-0.2, 0.2)
+            bn.running_var.uniform_(0.5, 1.5)
+        conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+        x = torch.randn(2, cin, 13, 11, device=device)
+        ho = (13 + 2 * (k // 2) - k) // stride + 1
+        wo = (11 + 2 * (k // 2) - k) // stride + 1
+        r = torch.randn(2, 24, ho, wo, device=device) if res else None
+        inputs = [x, r] if res else [x]
+        got = _conv_fwd_bwd(o_conv.conv_bn_act, conv, bn, *inputs)
+        want = _conv_fwd_bwd(reference.conv_bn_act, conv64, bn64, *(t.double() for t in inputs))
+        compare(got, want, f"conv cin={cin} k={k} s={stride} train={train} res={res}")
+
+
+def attention_case(device: str) -> None:
+    feat = torch.randn(3, 40, 9, 13, device=device).to(memory_format=torch.channels_last)
+    conv, bn = nn.Conv2d(40, 40, 1, bias=False).to(device), nn.BatchNorm2d(40).to(device).train()
+    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
+    compare(fwd_bwd(lambda f: o_att.bn_attention(f, conv, bn), feat, params=(conv.weight, bn.weight)),
+            fwd_bwd(lambda f: reference.bn_attention(f, conv64, bn64), feat.double(),
+                    params=(conv64.weight, bn64.weight)), "bn_attention")
+    compare(fwd_bwd(o_att.mean_hw, feat), fwd_bwd(reference.mean_hw, feat.double()), "mean_hw")
+
+
+def upsample_case(device: str) -> None:
+    x = torch.randn(2, 24, 7, 9, device=device).to(memory_format=torch.channels_last)
+    a = torch.rand(2, 24, 1, 1, device=device)
+    for mode, ac, other_shape in [("nearest", None, (2, 24, 1, 1)), ("bilinear", False, (2, 24, 7, 9)),
+                                  ("bilinear", True, (2, 24, 1, 1))]:
+        other = torch.randn(other_shape, device=device)
+        got = fwd_bwd(functools.partial(o_up.attend_add_upsample, size=(13, 18), mode=mode, align_corners=ac),
+                      x, a, other)
+        want = fwd_bwd(functools.partial(reference.attend_add_upsample, size=(13, 18), mode=mode, align_corners=ac),
+                       x.double(), a.double(), other.double())
+        compare(got, want, f"attend_add_upsample {mode} {ac}")
+
+
+def residual_case(device: str) -> None:
+    f = torch.randn(2, 40, 9, 13, device=device).to(memory_format=torch.channels_last)
+    a = torch.rand(2, 40, 1, 1, device=device)
+    compare(fwd_bwd(o_res.attend_residual, f, a), fwd_bwd(reference.attend_residual, f.double(), a.double()),
+            "attend_residual")
+
+
+def head_case(device: str) -> None:
+    x = torch.randn(2, 24, 6, 7, device=device).to(memory_format=torch.channels_last)
+    conv = nn.Conv2d(24, 5, 1).to(device)
+    conv64 = copy.deepcopy(conv).double()
+    for ac in (False, True):
+        got = fwd_bwd(functools.partial(o_head.head_logits, conv_out=conv, size=(48, 56), align_corners=ac), x,
+                      params=(conv.weight, conv.bias))
+        want = fwd_bwd(functools.partial(reference.head_logits, conv_out=conv64, size=(48, 56), align_corners=ac),
+                       x.double(), params=(conv64.weight, conv64.bias))
+        compare(got, want, f"head_logits {ac}")
+        with torch.no_grad():
+            labels = o_head.head_argmax(x, conv, (48, 56), ac)
+            logits = reference.head_logits(x.double(), conv64, (48, 56), ac)
+        picked = logits.gather(1, labels.long().unsqueeze(1)).squeeze(1)
+        assert (logits.max(1).values - picked).max() <= 1e-3 * logits.abs().max(), f"head_argmax {ac}"
+
+
+CASES: dict[str, tuple[object, Callable[[str], None]]] = {
+    "conv_bn": (k_conv, conv_case),
+    "channel_attention": (k_att, attention_case),
+    "attend_add_upsample": (k_up, upsample_case),
+    "attend_residual": (k_res, residual_case),
+    "head_upsample": (k_head, head_case),
+}
+
+
+def kernel_configs() -> Iterator[tuple[str, str, Autotuner, int]]:
+    for module_name, (module, _) in CASES.items():
+        for name in sorted(vars(module)):
+            obj = getattr(module, name)
+            if isinstance(obj, Autotuner):
+                for i in range(len(obj.configs)):
+                    yield module_name, name, obj, i
+
+
+PARAMS = list(kernel_configs())
+
+
+@contextlib.contextmanager
+def forced(kernel: Autotuner, index: int) -> Iterator[list[int]]:
+    """Run ``kernel`` with its config ``index`` only (a one-config autotuner does not benchmark); yields a
+    list that counts the kernel's launches, so a case that never reaches the kernel is caught."""
+    configs, cache = kernel.configs, kernel.cache
+    launches: list[int] = []
+    real_run = kernel.run
+
+    def counting_run(*args, **kwargs):
+        launches.append(1)
+        return real_run(*args, **kwargs)
+
+    kernel.configs, kernel.cache, kernel.run = [configs[index]], {}, counting_run
+    try:
+        yield launches
+    finally:
+        kernel.configs, kernel.cache = configs, cache
+        del kernel.run  # back to the class's method
+
+
+def test_every_kernel_module_has_autotuned_kernels():
+    assert {p[0] for p in PARAMS} == set(CASES)
+
+
+@pytest.mark.parametrize(("module_name", "kernel_name", "kernel", "index"), PARAMS,
+                         ids=[f"{m}.{k}[{i}]" for m, k, _, i in PARAMS])
+def test_forced_config_matches_reference(module_name, kernel_name, kernel, index, device):
+    torch.manual_seed(index)
+    with forced(kernel, index) as launches:
+        CASES[module_name][1](device)
+    if not launches and kernels.INTERPRET:
+        pytest.skip(f"{kernel_name} is GPU-only: under the interpreter its launcher uses fixed blocks")
+    assert launches, f"{kernel_name} was never launched by the {module_name} case"
