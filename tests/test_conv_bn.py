@@ -257,13 +257,8 @@ def test_rejects_unsupported_convs(device: str) -> None:
         ops.conv_bn_act(x, nn.Conv2d(4, 4, 1).to(device), bn, residual=torch.randn(1, 4, 3, 3, device=device))
 
 
-@pytest.mark.parametrize("variant", ["affine_false", "no_running_stats_eval", "no_running_stats_train"])
-def test_bn_variants(variant: str, device: str) -> None:
-    affine = variant != "affine_false"
-    track = variant == "affine_false"
-    bn = nn.BatchNorm2d(6, affine=affine, track_running_stats=track).to(device)
-    bn.train(variant != "no_running_stats_eval")
-    conv = nn.Conv2d(5, 6, 3, 1, 1, bias=False).to(device)
+def _check_fwd_bwd(conv: nn.Conv2d, bn: nn.BatchNorm2d, device: str) -> tuple[nn.Conv2d, nn.BatchNorm2d]:
+    """Output, dx and dweight against float64 copies (ReLU on, non-zero-mean input); returns the copies."""
     conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
     x = (torch.randn(2, 5, 6, 7, device=device) + 1).requires_grad_()
     x64 = x.detach().double().requires_grad_()
@@ -274,6 +269,17 @@ def test_bn_variants(variant: str, device: str) -> None:
     ref.backward(go)
     check(x.grad, x64.grad, torch.float32, "dx")
     check(conv.weight.grad, conv64.weight.grad, torch.float32, "dweight")
+    return conv64, bn64
+
+
+@pytest.mark.parametrize("variant", ["affine_false", "no_running_stats_eval", "no_running_stats_train"])
+def test_bn_variants(variant: str, device: str) -> None:
+    affine = variant != "affine_false"
+    track = variant == "affine_false"
+    bn = nn.BatchNorm2d(6, affine=affine, track_running_stats=track).to(device)
+    bn.train(variant != "no_running_stats_eval")
+    conv = nn.Conv2d(5, 6, 3, 1, 1, bias=False).to(device)
+    _, bn64 = _check_fwd_bwd(conv, bn, device)
     if track:
         check(bn.running_var, bn64.running_var, torch.float32, "running_var")
 
@@ -371,16 +377,7 @@ def test_eval_affine_backward(affine: bool, device: str) -> None:
     with torch.no_grad():
         bn.running_mean.uniform_(-1, 1)
         bn.running_var.uniform_(0.5, 2)
-    conv64, bn64 = copy.deepcopy(conv).double(), copy.deepcopy(bn).double()
-    x = (torch.randn(2, 5, 6, 7, device=device) + 1).requires_grad_()
-    x64 = x.detach().double().requires_grad_()
-    out, ref = ops.conv_bn_act(x, conv, bn), ref_forward(x64, conv64, bn64, None, True)
-    check(out, ref, torch.float32, "out")
-    go = torch.randn(ref.shape, device=device, dtype=torch.float64)
-    out.backward(go.float())
-    ref.backward(go)
-    check(x.grad, x64.grad, torch.float32, "dx")
-    check(conv.weight.grad, conv64.weight.grad, torch.float32, "dweight")
+    conv64, _ = _check_fwd_bwd(conv, bn, device)
     check(conv.bias.grad, conv64.bias.grad, torch.float32, "dbias")
 
 
