@@ -423,9 +423,14 @@ def _nchw_strides(t: torch.Tensor | None) -> tuple[int, int, int, int]:
 
 
 def _check_image_numel(*ts: torch.Tensor | None) -> None:
+    """In-image offsets (``c * s_c + h * s_h + w * s_w``) are int32: the largest one, taken from the strides
+    (a strided view of a huge tensor can address far more than its own element count), must fit."""
     for t in ts:
-        if t is not None and t.dim() == 4 and t[0].numel() >= 2**31:
-            raise ValueError("one image of a conv_bn tensor must have fewer than 2**31 elements")
+        if t is not None and t.dim() == 4:
+            extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:], strict=True))
+            if extent >= 2**31:
+                raise ValueError("one image of a conv_bn tensor must span fewer than 2**31 elements "
+                                 f"(shape {tuple(t.shape)}, strides {t.stride()})")
 
 
 def _elt_block_c(C: int) -> int:

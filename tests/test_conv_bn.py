@@ -613,3 +613,12 @@ def test_residual_of_another_dtype_is_refused(device: str) -> None:
     x = torch.randn(1, 3, 4, 4, device=device)
     with pytest.raises(ValueError, match="residual dtype"):
         ops.conv_bn_act(x, conv, bn, residual=torch.randn(1, 4, 4, 4, device=device, dtype=torch.float64))
+
+
+def test_in_image_offsets_that_overflow_int32_are_refused() -> None:
+    """A strided view can address past 2**31 within one image while holding few elements (meta: no memory)."""
+    storage = torch.empty(2**31 + 16, dtype=torch.int8, device="meta")
+    view = storage.as_strided((1, 2, 3, 3), (0, 2**31, 1, 3))
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        K._check_image_numel(view)
+    K._check_image_numel(torch.empty(2, 3, 4, 5, device="meta"))
