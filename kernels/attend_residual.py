@@ -12,17 +12,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .channel_attention import configs, map_strides, split_plan
-
-_CONFIGS = [
-    triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
-    triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
-    triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=4),
-    triton.Config({"BLOCK_P": 64, "BLOCK_C": 128}, num_warps=8),
-]
+from .channel_attention import chunk_tile, map_strides, pixel_tile_configs, split_plan
 
 
-@triton.autotune(configs=configs(_CONFIGS), key=["C", "CHUNK"])
+@triton.autotune(configs=pixel_tile_configs(), key=["C", "CHUNK"])
 @triton.jit
 def _attend_residual_kernel(
     f_ptr,  # (N, C, H, W) feat, flat-pixel strides below
@@ -39,16 +32,10 @@ def _attend_residual_kernel(
     BLOCK_P: tl.constexpr,  # pixels per tile
     BLOCK_C: tl.constexpr,  # channels per program
 ):
-    pid = tl.program_id(0)
-    n = pid // SPLIT
-    s = pid % SPLIT
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
+    n, _, offs_c, cmask, start, end = chunk_tile(C, HW, CHUNK, SPLIT, BLOCK_C)
     n64 = n.to(tl.int64)
     c64 = offs_c.to(tl.int64)[None, :]
     a1 = tl.load(a_ptr + n64 * sa_n + offs_c.to(tl.int64) * sa_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
-    start = s * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
     for p0 in range(start, end, BLOCK_P):
         offs_p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
         mask = (offs_p < end) & cmask[None, :]
@@ -56,7 +43,7 @@ def _attend_residual_kernel(
         tl.store(y_ptr + n64 * sy_n + c64 * sy_c + offs_p * sy_p, (f * a1 + f).to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=configs(_CONFIGS), key=["C", "CHUNK"])
+@triton.autotune(configs=pixel_tile_configs(), key=["C", "CHUNK"])
 @triton.jit
 def _attend_residual_bwd_kernel(
     g_ptr,  # (N, C, H, W) output gradient, flat-pixel strides below
@@ -76,17 +63,11 @@ def _attend_residual_bwd_kernel(
     BLOCK_P: tl.constexpr,  # pixels per tile
     BLOCK_C: tl.constexpr,  # channels per program
 ):
-    pid = tl.program_id(0)
-    n = pid // SPLIT
-    s = pid % SPLIT
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
+    n, s, offs_c, cmask, start, end = chunk_tile(C, HW, CHUNK, SPLIT, BLOCK_C)
     n64 = n.to(tl.int64)
     c64 = offs_c.to(tl.int64)[None, :]
     a1 = tl.load(a_ptr + n64 * sa_n + offs_c.to(tl.int64) * sa_c, mask=cmask, other=0.0).to(tl.float32)[None, :]
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
-    start = s * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
     for p0 in range(start, end, BLOCK_P):
         offs_p = (p0 + tl.arange(0, BLOCK_P)).to(tl.int64)[:, None]
         mask = (offs_p < end) & cmask[None, :]

@@ -72,8 +72,9 @@ def map_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 # ------------------------------------------------------------------------------------------ mean
 
 
-def _pixel_tile_configs() -> list[triton.Config]:
-    """(pixels x channels) tiles of the map-streaming kernels (mean partials, broadcast); a fresh list each."""
+def pixel_tile_configs() -> list[triton.Config]:
+    """(pixels x channels) tiles of the map-streaming kernels (mean partials, broadcast, attend_residual);
+    a fresh list each."""
     return configs([
         triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
         triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
@@ -82,7 +83,22 @@ def _pixel_tile_configs() -> list[triton.Config]:
     ])
 
 
-@triton.autotune(configs=_pixel_tile_configs(), key=["C", "CHUNK"])
+@triton.jit
+def chunk_tile(C, HW, CHUNK, SPLIT, BLOCK_C: tl.constexpr):
+    """This program's share of a map streamed in chunks: grid ``(N * SPLIT, cdiv(C, BLOCK_C))``.
+
+    Returns ``(n, s, offs_c, cmask, start, end)``: sample ``n``, chunk ``s`` covering flat pixels
+    ``[start, end)``, and the program's channel block ``offs_c`` with its mask.
+    """
+    pid = tl.program_id(0)
+    n = pid // SPLIT
+    s = pid % SPLIT
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    start = s * CHUNK
+    return n, s, offs_c, offs_c < C, start, tl.minimum(start + CHUNK, HW)
+
+
+@triton.autotune(configs=pixel_tile_configs(), key=["C", "CHUNK"])
 @triton.jit
 def _mean_partial_kernel(
     x_ptr,  # (N, C, H, W) map, any float dtype, addressed by the three strides below
@@ -98,14 +114,8 @@ def _mean_partial_kernel(
     BLOCK_P: tl.constexpr,  # pixels per tile
     BLOCK_C: tl.constexpr,  # channels per tile (the program's channel block)
 ):
-    pid = tl.program_id(0)
-    n = pid // SPLIT
-    s = pid % SPLIT
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
+    n, s, offs_c, cmask, start, end = chunk_tile(C, HW, CHUNK, SPLIT, BLOCK_C)
     base = x_ptr + n.to(tl.int64) * stride_n + offs_c.to(tl.int64)[None, :] * stride_c
-    start = s * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
     acc = tl.zeros((BLOCK_P, BLOCK_C), tl.float32)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
@@ -152,7 +162,7 @@ def finish_partials(part: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) 
     return out
 
 
-@triton.autotune(configs=_pixel_tile_configs(), key=["C", "CHUNK"])
+@triton.autotune(configs=pixel_tile_configs(), key=["C", "CHUNK"])
 @triton.jit
 def _broadcast_kernel(
     g_ptr,  # fp32 (N, C) values to broadcast
@@ -169,17 +179,11 @@ def _broadcast_kernel(
     BLOCK_P: tl.constexpr,  # pixels per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    pid = tl.program_id(0)
-    n = pid // SPLIT
-    s = pid % SPLIT
-    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = offs_c < C
+    n, _, offs_c, cmask, start, end = chunk_tile(C, HW, CHUNK, SPLIT, BLOCK_C)
     g = tl.load(g_ptr + n * C + offs_c, mask=cmask, other=0.0) * scale
     tile = tl.zeros((BLOCK_P, BLOCK_C), tl.float32) + g[None, :]
     tile = tile.to(out_ptr.dtype.element_ty)
     base = out_ptr + n.to(tl.int64) * stride_n + offs_c.to(tl.int64)[None, :] * stride_c
-    start = s * CHUNK
-    end = tl.minimum(start + CHUNK, HW)
     for p0 in range(start, end, BLOCK_P):
         offs_p = p0 + tl.arange(0, BLOCK_P)
         mask = (offs_p < end)[:, None] & cmask[None, :]
