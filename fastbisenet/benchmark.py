@@ -573,6 +573,12 @@ def _leaves(args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
     return list(out.values())
 
 
+def _outputs(out: Any) -> list[Tensor]:
+    """The tensors an op returned (``conv_bn_act(pool=True)`` returns ``(out, sums)``; the reference's
+    ``sums`` is ``None``)."""
+    return [t for t in (out if isinstance(out, (list, tuple)) else [out]) if isinstance(t, Tensor)]
+
+
 def _nbytes(tensors: Any) -> int:
     if isinstance(tensors, Tensor):
         return tensors.numel() * tensors.element_size()
@@ -600,10 +606,11 @@ def op_cost(case: OpCase, dtype: torch.dtype, *, backward: bool) -> tuple[int, i
     fn = getattr(reference, case.op)
     leaves = _leaves(args, kwargs)
 
-    def work() -> Tensor:
+    def work() -> Any:
         out = fn(*args, **kwargs)
         if backward:
-            torch.autograd.backward(out, torch.ones_like(out))
+            outs = _outputs(out)
+            torch.autograd.backward(outs, [torch.ones_like(o) for o in outs])
         return out
 
     if backward:
@@ -699,14 +706,12 @@ def op_workload(case: OpCase, variant: str, dtype: torch.dtype, *, backward: boo
                 return fn(*args, **kwargs)
         return forward
     leaves = [t for t in _leaves(args, kwargs) if t.requires_grad]
-    probe = fn(*args, **kwargs)
-    grad = torch.randn_like(probe)
-    del probe
+    grads = [torch.randn_like(o) for o in _outputs(fn(*args, **kwargs))]
 
     def train_step() -> None:
         for t in leaves:
             t.grad = None
-        torch.autograd.backward(fn(*args, **kwargs), grad)
+        torch.autograd.backward(_outputs(fn(*args, **kwargs)), grads)
 
     return train_step
 

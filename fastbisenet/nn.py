@@ -38,6 +38,9 @@ class AttentionRefinement(nn.Module):
 
     :meth:`forward` returns ``(feat, a)`` rather than ``feat * a``, so that the consumer applies the
     channel multiply in its own pass (:meth:`ContextPath.forward`); :meth:`refine` gives ``feat * a``.
+    The fused backend gathers the spatial mean of ``feat`` in the conv's own epilogue (``pool=True``),
+    so the attention never re-reads ``feat``; ``self.conv`` is therefore run through its parts, not
+    called (forward hooks on it do not fire).
     """
 
     backend: str = "auto"
@@ -50,8 +53,9 @@ class AttentionRefinement(nn.Module):
         init_conv(self.conv_atten)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        feat = self.conv(x)
-        return feat, ops.impl(self.backend, feat).bn_attention(feat, self.conv_atten, self.bn_atten)
+        op = ops.impl(self.backend, x)
+        feat, pooled = op.conv_bn_act(x, self.conv.conv, self.conv.bn, pool=True)
+        return feat, op.bn_attention(feat, self.conv_atten, self.bn_atten, pooled=pooled)
 
     def refine(self, x: Tensor) -> Tensor:
         """The public module's output ``feat * a``."""
@@ -65,6 +69,9 @@ class FeatureFusion(nn.Module):
     ``attention="bn"`` (v1): ``a = sigmoid(BN(1x1(mean_hw(f))))`` with keys ``conv``, ``bn``.
     ``attention="mlp"`` (face-parsing): ``a = sigmoid(1x1(ReLU(1x1(mean_hw(f)))))``, reduction 4,
     keys ``conv1``, ``conv2``.
+
+    The concat is never materialised and, in the fused backend, the spatial mean of ``f`` is gathered in
+    the ``convblk`` epilogue (``pool=True``) and handed to the attention op.
     """
 
     backend: str = "auto"
@@ -87,11 +94,11 @@ class FeatureFusion(nn.Module):
 
     def forward(self, sp: Tensor, cp: Tensor) -> Tensor:
         op = ops.impl(self.backend, sp)
-        f = op.concat_conv_bn_act([sp, cp], self.convblk.conv, self.convblk.bn)
+        f, pooled = op.concat_conv_bn_act([sp, cp], self.convblk.conv, self.convblk.bn, pool=True)
         if self.attention == "bn":
-            a = op.bn_attention(f, self.conv, self.bn)
+            a = op.bn_attention(f, self.conv, self.bn, pooled=pooled)
         else:
-            a = op.mlp_attention(f, self.conv1, self.conv2)
+            a = op.mlp_attention(f, self.conv1, self.conv2, pooled=pooled)
         return op.attend_residual(f, a)
 
 

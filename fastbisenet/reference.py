@@ -21,19 +21,31 @@ def conv_bn_act(
     *,
     residual: Tensor | None = None,
     relu: bool = True,
-) -> Tensor:
-    """``relu?(bn?(conv(x)) + residual?)`` with the modules' own train/eval semantics."""
+    pool: bool = False,
+) -> Tensor | tuple[Tensor, Tensor | None]:
+    """``relu?(bn?(conv(x)) + residual?)`` with the modules' own train/eval semantics.
+
+    ``pool=True`` returns ``(out, pooled)`` where ``pooled`` is what the fused backend gathers for the
+    attention ops (``out``'s pixel sums); the reference gathers nothing and returns ``(out, None)``, and
+    its attention ops take the mean of the map themselves.
+    """
     y = conv(x)
     if bn is not None:
         y = bn(y)
     if residual is not None:
         y = y + residual
-    return F.relu(y) if relu else y
+    out = F.relu(y) if relu else y
+    return (out, None) if pool else out
 
 
-def concat_conv_bn_act(xs: list[Tensor], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
-    """``relu(bn(conv(cat(xs, dim=1))))``: the FFM's ``convblk`` over the spatial and context features."""
-    return conv_bn_act(torch.cat(xs, dim=1), conv, bn)
+def concat_conv_bn_act(
+    xs: list[Tensor], conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pool: bool = False
+) -> Tensor | tuple[Tensor, Tensor | None]:
+    """``relu(bn(conv(cat(xs, dim=1))))``: the FFM's ``convblk`` over the spatial and context features.
+
+    ``pool`` as in :func:`conv_bn_act`.
+    """
+    return conv_bn_act(torch.cat(xs, dim=1), conv, bn, pool=pool)
 
 
 def mean_hw(x: Tensor) -> Tensor:
@@ -41,13 +53,20 @@ def mean_hw(x: Tensor) -> Tensor:
     return torch.mean(x, dim=(2, 3), keepdim=True)
 
 
-def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
-    """``sigmoid(bn(conv(mean_hw(feat))))``: ARM and v1 FFM attention, shape (N, C, 1, 1)."""
+def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pooled: Tensor | None = None) -> Tensor:
+    """``sigmoid(bn(conv(mean_hw(feat))))``: ARM and v1 FFM attention, shape (N, C, 1, 1).
+
+    ``pooled`` (pixel sums gathered by a fused producer, see :func:`conv_bn_act`) is ignored here: the
+    mean is always taken from ``feat``, as the public code does.
+    """
     return torch.sigmoid(bn(conv(mean_hw(feat))))
 
 
-def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d) -> Tensor:
-    """``sigmoid(conv2(relu(conv1(mean_hw(feat)))))``: face-parsing FFM attention, shape (N, C, 1, 1)."""
+def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d, *, pooled: Tensor | None = None) -> Tensor:
+    """``sigmoid(conv2(relu(conv1(mean_hw(feat)))))``: face-parsing FFM attention, shape (N, C, 1, 1).
+
+    ``pooled`` is ignored, as in :func:`bn_attention`.
+    """
     return torch.sigmoid(conv2(F.relu(conv1(mean_hw(feat)))))
 
 

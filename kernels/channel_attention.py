@@ -1,16 +1,23 @@
-"""Channel attention: a parallel spatial mean and the tiny 1x1(+BN)+sigmoid / MLP attention kernels.
+"""Channel attention: parallel pixel sums, the tiny 1x1(+BN)+sigmoid / MLP attention kernels, and broadcasts.
 
-Forward of ``bn_attention``/``mlp_attention`` is two launches:
+The attention ops read the feature map only through its fp32 partial pixel sums ``(SPLIT, N, C)``:
+chunk ``s`` of sample ``n`` sums the flat pixels ``p = h * W + w`` in ``[s * CHUNK, (s + 1) * CHUNK)``
+(the last chunk may be shorter). Whoever produces the map may gather them (a conv epilogue does);
+otherwise :func:`mean_partials` streams the map once for them. Nothing is reduced with atomics, so
+every result here is deterministic.
 
-1. :func:`mean_partials` — the (N, C, H, W) map is cut into ``N * SPLIT`` pixel chunks x channel
-   blocks, so even at batch 1 hundreds of programs stream the map (one program per channel would
-   idle the GPU). Each writes fp32 partial sums (SPLIT, N, C); nothing is reduced with atomics, so
-   the result is deterministic.
-2. one small kernel per attention kind that finishes the mean (sums the SPLIT partials), does the
-   per-sample matvec(s), BN (batch or running statistics, running update in place) and the sigmoid.
+1. :func:`mean_partials` -- the (N, C, H, W) map is cut into ``N * SPLIT`` pixel chunks x channel
+   blocks (:func:`split_plan`), so even at batch 1 hundreds of programs stream the map (one program
+   per channel would idle the GPU); each writes one partial sum vector.
+2. one small kernel per attention kind finishes the mean (``sums.sum(0) / HW``, vectorised over
+   ``BLOCK_S`` partials at a time, so thousands of partials from a conv epilogue cost a few loop
+   trips), then does the per-sample matvec(s), BN (batch or running statistics, running update in
+   place) and the sigmoid.
 
-The backward kernels work on (N, C)-sized vectors except :func:`broadcast_hw`, which writes the
-gradient of the mean, ``g / HW`` broadcast over the map, in the map's own layout.
+The backward kernels work on (N, C)-sized vectors except :func:`broadcast_hw`, which writes a
+per-chunk vector over the map in the map's own layout: ``g[p // CHUNK, n, c]`` gathered through a
+split stride, which is 0 for a plain broadcast (the mean's gradient ``g / HW``) and ``N * C`` for the
+gradient of the partial sums themselves.
 
 Vectors passed between these kernels are fp32 and contiguous; maps are addressed through
 ``(stride_n, stride_c, stride_p)`` where ``p = h * W + w`` (NCHW-contiguous and channels_last both
@@ -142,7 +149,7 @@ def _finish_partials_kernel(
 
 
 def mean_partials(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """fp32 partial spatial sums (SPLIT, N, C) of an (N, C, H, W) map, and SPLIT."""
+    """fp32 partial pixel sums (SPLIT, N, C) of an (N, C, H, W) map, chunked by :func:`split_plan`, and SPLIT."""
     x, sn, sc, sp = map_strides(x)
     n, c, h, w = x.shape
     split, chunk = split_plan(n, h * w, c, x.device)
@@ -165,22 +172,23 @@ def finish_partials(part: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) 
 @triton.autotune(configs=pixel_tile_configs(), key=["C", "CHUNK"])
 @triton.jit
 def _broadcast_kernel(
-    g_ptr,  # fp32 (N, C) values to broadcast
+    g_ptr,  # fp32 (SPLIT, N, C) per-chunk values, each (N, C) slice contiguous, chunks stride_gs apart
     out_ptr,  # out: (N, C, H, W) map in its own dtype, addressed by the strides below
     N,  # batch size
     C,  # channels
     HW,  # pixels per sample
-    CHUNK,  # pixels per program
+    CHUNK,  # pixels per program: chunk s of a sample covers flat pixels [s * CHUNK, (s + 1) * CHUNK)
     SPLIT,  # chunks per sample
     scale,  # fp32 factor (1 / HW for the mean's gradient)
+    stride_gs,  # element stride of g between chunks (0: the same (N, C) vector for every chunk)
     stride_n,  # element strides of out: sample,
     stride_c,  # channel,
     stride_p,  # flat pixel
     BLOCK_P: tl.constexpr,  # pixels per tile
     BLOCK_C: tl.constexpr,  # channels per tile
 ):
-    n, _, offs_c, cmask, start, end = chunk_tile(C, HW, CHUNK, SPLIT, BLOCK_C)
-    g = tl.load(g_ptr + n * C + offs_c, mask=cmask, other=0.0) * scale
+    n, s, offs_c, cmask, start, end = chunk_tile(C, HW, CHUNK, SPLIT, BLOCK_C)
+    g = tl.load(g_ptr + s.to(tl.int64) * stride_gs + n * C + offs_c, mask=cmask, other=0.0) * scale
     tile = tl.zeros((BLOCK_P, BLOCK_C), tl.float32) + g[None, :]
     tile = tile.to(out_ptr.dtype.element_ty)
     base = out_ptr + n.to(tl.int64) * stride_n + offs_c.to(tl.int64)[None, :] * stride_c
@@ -190,13 +198,26 @@ def _broadcast_kernel(
         tl.store(base + offs_p.to(tl.int64)[:, None] * stride_p, tile, mask=mask)
 
 
-def broadcast_hw(g: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tensor:
-    """Write ``scale * g`` (fp32 (N, C)) broadcast over the map ``out`` (NCHW or channels_last); return it."""
+def broadcast_hw(g: torch.Tensor, out: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Write ``scale * g`` over the map ``out`` (NCHW or channels_last); return it.
+
+    ``g`` is fp32 (N, C), broadcast over every pixel, or fp32 (SPLIT, N, C) laid out as
+    :func:`mean_partials` writes its sums (SPLIT and the chunking from :func:`split_plan` for ``out``'s
+    shape): pixel ``p`` gets ``g[p // CHUNK]``, the gradient of the partial sums. Only each (N, C)
+    slice must be contiguous: a ``g`` expanded along SPLIT (stride 0) is read as a plain broadcast.
+    """
     out, sn, sc, sp = map_strides(out)
     n, c, h, w = out.shape
     split, chunk = split_plan(n, h * w, c, out.device)
+    if g.dim() == 2:
+        g = g.expand(split, n, c)
+    if g.shape != (split, n, c):
+        raise ValueError(f"broadcast_hw: g must be ({n}, {c}) or ({split}, {n}, {c}) for a map of shape "
+                         f"{tuple(out.shape)}, got {tuple(g.shape)}")
+    if not g[0].is_contiguous():
+        g = g.contiguous()
     grid = lambda meta: (n * split, triton.cdiv(c, meta["BLOCK_C"]))
-    _broadcast_kernel[grid](g, out, n, c, h * w, chunk, split, scale, sn, sc, sp)
+    _broadcast_kernel[grid](g, out, n, c, h * w, chunk, split, scale, g.stride(0), sn, sc, sp)
     return out
 
 
@@ -205,20 +226,23 @@ def broadcast_hw(g: torch.Tensor, out: torch.Tensor, scale: float) -> torch.Tens
 
 @triton.jit
 def _load_mean(
-    part_ptr,  # fp32 (SPLIT, N, C) partial sums
+    part_ptr,  # fp32 (SPLIT, N, C) partial sums, contiguous
     offs_n,  # [BLOCK_N] sample indices
     offs_i,  # [BLOCK_I] channel indices
     N,  # batch size
     C,  # channels
     SPLIT,  # number of partials
     inv_hw,  # 1 / HW
+    BLOCK_S: tl.constexpr,  # partials summed per loop step ([BLOCK_S, BLOCK_N, BLOCK_I] tiles)
 ):
-    """Finished mean tile [BLOCK_N, BLOCK_I] (fp32, zero outside the tensor)."""
+    """Finished mean tile [BLOCK_N, BLOCK_I] (fp32, zero outside the tensor): ``sum_s part[s] * inv_hw``."""
     idx = offs_n[:, None] * C + offs_i[None, :]
     mask = (offs_n < N)[:, None] & (offs_i < C)[None, :]
-    m = tl.load(part_ptr + idx, mask=mask, other=0.0)
-    for s in range(1, SPLIT):
-        m += tl.load(part_ptr + s * N * C + idx, mask=mask, other=0.0)
+    m = tl.zeros(idx.shape, tl.float32)
+    for s0 in range(0, SPLIT, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        ptrs = part_ptr + offs_s.to(tl.int64)[:, None, None] * (N * C) + idx[None, :, :]
+        m += tl.sum(tl.load(ptrs, mask=(offs_s < SPLIT)[:, None, None] & mask[None, :, :], other=0.0), axis=0)
     return m * inv_hw
 
 
@@ -244,7 +268,7 @@ def _matvec_tile(
 
 @triton.jit
 def _bn_attention_fwd_kernel(
-    part_ptr,  # fp32 (SPLIT, N, C_IN) partial spatial sums of feat
+    part_ptr,  # fp32 (SPLIT, N, C_IN) partial pixel sums of feat, contiguous
     w_ptr,  # 1x1 conv weight (C_OUT, C_IN), strides below
     gamma_ptr,  # BN weight (C_OUT,) (unused unless AFFINE)
     beta_ptr,  # BN bias (C_OUT,) (unused unless AFFINE)
@@ -272,6 +296,7 @@ def _bn_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,  # >= N, power of two
     BLOCK_O: tl.constexpr,  # output channels per program
     BLOCK_I: tl.constexpr,  # input channels per loop step
+    BLOCK_S: tl.constexpr,  # partials summed per step when finishing the mean
 ):
     pid = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N)
@@ -281,7 +306,7 @@ def _bn_attention_fwd_kernel(
     y = tl.zeros((BLOCK_N, BLOCK_O), tl.float32)
     for i0 in range(0, C_IN, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
-        m = _load_mean(part_ptr, offs_n, offs_i, N, C_IN, SPLIT, inv_hw)
+        m = _load_mean(part_ptr, offs_n, offs_i, N, C_IN, SPLIT, inv_hw, BLOCK_S)
         if pid == 0:
             tl.store(mean_ptr + offs_n[:, None] * C_IN + offs_i[None, :], m,
                      mask=nmask[:, None] & (offs_i < C_IN)[None, :])
@@ -421,6 +446,11 @@ def _blocks(n: int, outer: int, inner: int, budget: int = 8192) -> tuple[int, in
     return block_n, block_o, block_i
 
 
+def split_block(split: int, block_n: int, block_i: int, budget: int = 8192) -> int:
+    """``BLOCK_S`` for finishing the mean: [BLOCK_S, BLOCK_N, BLOCK_I] fp32 tiles of at most ``budget`` elements."""
+    return max(1, min(triton.next_power_of_2(split), budget // (block_n * block_i)))
+
+
 def vecmat(v: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wc: int, c: int) -> torch.Tensor:
     """fp32 ``v @ W`` for fp32 (N, K) ``v`` and a weight read through ``(stride_wk, stride_wc)``."""
     n, k = v.shape
@@ -433,7 +463,6 @@ def vecmat(v: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wc: int, c: 
 
 def bn_attention_fwd(
     part: torch.Tensor,
-    split: int,
     hw: int,
     weight: torch.Tensor,
     gamma: torch.Tensor | None,
@@ -447,14 +476,15 @@ def bn_attention_fwd(
     out_dtype: torch.dtype,
     num_batches_tracked: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the BN-attention forward; returns ``(a (N, C_OUT), y, mean, smean, sinvstd)``.
+    """Launch the BN-attention forward on fp32 contiguous pixel sums ``part`` (SPLIT, N, C_IN) of maps of
+    ``hw`` pixels; returns ``(a (N, C_OUT), y, mean, smean, sinvstd)``.
 
     ``momentum=None`` with ``update``: cumulative average, factor ``1 / num_batches_tracked`` read on the
     device (the caller has already counted this call), so no host sync."""
     cumulative = update and momentum is None
     if cumulative and num_batches_tracked is None:
         raise ValueError("momentum=None needs num_batches_tracked")
-    _, n, c_in = part.shape
+    split, n, c_in = part.shape
     c_out = weight.shape[0]
     dev = part.device
     a = torch.empty((n, c_out), device=dev, dtype=out_dtype)
@@ -471,7 +501,7 @@ def bn_attention_fwd(
         a, y, mean, smean, sinvstd, n, c_in, c_out, split, 1.0 / hw, eps, float(momentum or 0.0),
         weight.stride(0), weight.stride(1),
         BATCH_STATS=batch_stats, UPDATE=update, CUMULATIVE=cumulative, AFFINE=gamma is not None,
-        BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_I=block_i,
+        BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_S=split_block(split, block_n, block_i),
     )
     return a, y, mean, smean, sinvstd
 
@@ -511,7 +541,7 @@ def bn_attention_bwd(
 
 @triton.jit
 def _mlp_attention_fwd_kernel(
-    part_ptr,  # fp32 (SPLIT, N, C_IN) partial spatial sums of feat
+    part_ptr,  # fp32 (SPLIT, N, C_IN) partial pixel sums of feat, contiguous
     w1_ptr,  # first 1x1 weight (C_MID, C_IN), strides below
     w2_ptr,  # second 1x1 weight (C_OUT, C_MID), strides below
     a_ptr,  # out: attention (N, C_OUT) in the output dtype
@@ -532,6 +562,7 @@ def _mlp_attention_fwd_kernel(
     BLOCK_H: tl.constexpr,  # >= C_MID, power of two: the whole hidden vector is held per program
     BLOCK_I: tl.constexpr,  # input channels per loop step
     BLOCK_O: tl.constexpr,  # output channels per program
+    BLOCK_S: tl.constexpr,  # partials summed per step when finishing the mean
 ):
     pid = tl.program_id(0)
     offs_n = tl.arange(0, BLOCK_N)
@@ -541,7 +572,7 @@ def _mlp_attention_fwd_kernel(
     u = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
     for i0 in range(0, C_IN, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)
-        m = _load_mean(part_ptr, offs_n, offs_i, N, C_IN, SPLIT, inv_hw)
+        m = _load_mean(part_ptr, offs_n, offs_i, N, C_IN, SPLIT, inv_hw, BLOCK_S)
         if pid == 0:
             tl.store(mean_ptr + offs_n[:, None] * C_IN + offs_i[None, :], m,
                      mask=nmask[:, None] & (offs_i < C_IN)[None, :])
@@ -614,10 +645,11 @@ MAX_MLP_HIDDEN = 1024
 
 
 def mlp_attention_fwd(
-    part: torch.Tensor, split: int, hw: int, w1: torch.Tensor, w2: torch.Tensor, out_dtype: torch.dtype
+    part: torch.Tensor, hw: int, w1: torch.Tensor, w2: torch.Tensor, out_dtype: torch.dtype
 ) -> tuple[torch.Tensor, ...]:
-    """Launch the MLP-attention forward; returns ``(a (N, C_OUT), u, z, mean)``."""
-    _, n, c_in = part.shape
+    """Launch the MLP-attention forward on fp32 contiguous pixel sums ``part`` (SPLIT, N, C_IN) of maps of
+    ``hw`` pixels; returns ``(a (N, C_OUT), u, z, mean)``."""
+    split, n, c_in = part.shape
     c_mid, c_out = w1.shape[0], w2.shape[0]
     if c_mid > MAX_MLP_HIDDEN:
         raise ValueError(f"mlp_attention supports at most {MAX_MLP_HIDDEN} hidden channels, got {c_mid}")
@@ -634,6 +666,7 @@ def mlp_attention_fwd(
         part, w1, w2, a, u, z, mean, n, c_in, c_mid, c_out, split, 1.0 / hw,
         w1.stride(0), w1.stride(1), w2.stride(0), w2.stride(1),
         BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_I=block_i, BLOCK_O=block_o,
+        BLOCK_S=split_block(split, block_n, block_i),
     )
     return a, u, z, mean
 

@@ -21,11 +21,17 @@ Kernels:
                                  folded from the raw BN parameters and running statistics, residual,
                                  ReLU), all optional through constexpr flags. An eval-mode conv+BN is
                                  this one launch and nothing else: no host-side fold, no side ops.
+                                 POOL also writes per-image pixel sums of the output (the spatial mean
+                                 a channel attention needs, gathered here instead of re-reading the map).
     :func:`bn_stats_kernel`      batch mean/invstd from the forward's partial statistics, running-stat update.
-    :func:`bn_act_kernel`        ``relu((y - mean) * scale + shift + residual)``: train-mode second pass.
+    :func:`bn_act_kernel`        ``relu((y - mean) * scale + shift + residual)``: train-mode second pass
+                                 (POOL: pixel sums of its output, as the forward kernel's).
     :func:`bn_act_bwd_reduce_kernel`  per-tile partial sums of ``g`` and ``g * xhat`` (``g`` = masked
                                  upstream gradient), the two BN backward reductions in one pass.
     :func:`bn_act_bwd_kernel`    ``dy = a * g + b * (y - mean) + c`` and ``dres = g`` in one pass.
+
+The backward kernels take the pixel sums' gradient as an optional extra input, gathered per slot
+and added to the output's gradient before the ReLU mask.
 
 Offsets: the batch index and every ``(M, C)`` row offset are computed in int64; offsets inside one
 image (``c * s_c + h * s_h + w * s_w``) stay int32, which the launchers check (one image < 2**31
@@ -140,14 +146,33 @@ def _accumulate(
     return acc
 
 
+@triton.jit
+def _store_pixel_sums(
+    pool_ptr, stored, mask, n, row0, offs_c, c_mask, N, C, n_slot,
+    SLOT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Pixel sums of an output tile of one image, one per SLOT_M rows: ``pool[slot, n, c]`` (fp32).
+
+    stored: the (BLOCK_M, BLOCK_C) tile as written (in the output dtype: the sums are those of the
+    tensor the consumer sees); mask: its valid elements; n: the image; row0: the tile's first row inside
+    the image (a multiple of SLOT_M); pool_ptr fp32 (n_slot, N, C).
+    """
+    S: tl.constexpr = BLOCK_M // SLOT_M
+    v = tl.reshape(tl.where(mask, stored.to(tl.float32), 0.0), (S, SLOT_M, BLOCK_C))
+    sums = tl.sum(v, axis=1)
+    slot = row0 // SLOT_M + tl.arange(0, S)
+    off = (slot.to(tl.int64)[:, None] * N + n) * C + offs_c[None, :]
+    tl.store(pool_ptr + off, sums, mask=(slot < n_slot)[:, None] & c_mask[None, :])
+
+
 # ------------------------------------------------------------------------------------------ forward
 
 
 @triton.autotune(configs=_fwd_configs(), key=["M", "C_in", "C_in2", "C_out", "KH", "KW", "STRIDE_H", "FLAT_K"])
 @triton.jit
 def conv_bn_fwd_kernel(
-    x_ptr, x2_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr, out_ptr, part_ptr,
-    M, H, W, Ho, Wo, C_in, C_in2, C_out, K_in, n_part, eps,
+    x_ptr, x2_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr, out_ptr, part_ptr, pool_ptr,
+    M, SEG, H, W, Ho, Wo, C_in, C_in2, C_out, K_in, n_part, n_slot, eps,
     sx_n, sx_c, sx_h, sx_w,
     sx2_n, sx2_c, sx2_h, sx2_w,
     sr_n, sr_c, sr_h, sr_w,
@@ -155,11 +180,11 @@ def conv_bn_fwd_kernel(
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
     BN_EVAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr,
-    RELU: tl.constexpr, FLAT_K: tl.constexpr, STAT_M: tl.constexpr,
+    RELU: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, STAT_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    """``out = relu?(bn_eval?(conv(x) + bias?) + res?)``; optional per-tile channel statistics.
+    """``out = relu?(bn_eval?(conv(x) + bias?) + res?)``; optional channel statistics or pixel sums.
 
     Pointers: x_ptr input (N, C_in, H, W), any strides; x2_ptr second input (N, C_in2, H, W) when
     HAS_X2 (a channel-concat that is never materialised; 1x1 convs only, weight rows C_in..); w_ptr
@@ -168,12 +193,16 @@ def conv_bn_fwd_kernel(
     ``affine=False``) and rmean_ptr/rvar_ptr (C_out,) BN running statistics (BN_EVAL), any float
     dtype, read and folded in fp32; res_ptr residual (N, C_out, Ho, Wo), any strides (HAS_RES); out_ptr
     (M, C_out) contiguous output, its dtype is the output dtype; part_ptr fp32 (2, n_part, C_out)
-    per-slot mean and centred sum of squares of ``conv + bias`` (STATS).
-    Sizes: M = N*Ho*Wo; H/W input, Ho/Wo output spatial size; K_in = KH*KW*C_in;
-    n_part = cdiv(M, STAT_M). eps: fp32 BN epsilon (BN_EVAL).
+    per-slot mean and centred sum of squares of ``conv + bias`` (STATS); pool_ptr fp32 (n_slot, N, C_out)
+    pixel sums of the output as stored (POOL): slot ``s`` of image ``n`` sums its output pixels
+    ``[s * STAT_M, (s + 1) * STAT_M)`` (flat ``oh * Wo + ow``), for the channel attention that follows.
+    Sizes: M = N*Ho*Wo; SEG rows per tiling segment: ``Ho*Wo`` with POOL (tiles never straddle two
+    images), else ``M``; H/W input, Ho/Wo output spatial size; K_in = KH*KW*C_in; n_part = cdiv(M, STAT_M);
+    n_slot = cdiv(Ho*Wo, STAT_M). eps: fp32 BN epsilon (BN_EVAL).
     Strides: sx_* of x, sx2_* of x2, sr_* of the residual (element units, NCHW order).
     Constexprs: KH/KW kernel size, STRIDE_*/PAD_* conv stride and zero padding; the flags select the
-    epilogue stages (applied in this order: bias, statistics, eval BN, residual, ReLU). BN_EVAL folds
+    epilogue stages (applied in this order: bias, statistics, eval BN, residual, ReLU, pixel sums;
+    STATS needs SEG == M, POOL needs SEG == Ho*Wo, so the two are exclusive). BN_EVAL folds
     BN per channel in the epilogue, ``scale = gamma * rsqrt(running_var + eps)``,
     ``shift = beta + (bias - running_mean) * scale`` (the conv bias folded into the shift), then
     ``acc * scale + shift``: one FMA per element; STATS and BN_EVAL are exclusive. FLAT_K picks
@@ -181,7 +210,8 @@ def conv_bn_fwd_kernel(
     BLOCK_M); DOT_PRECISION ``"ieee"``/``"tf32"`` for fp32 inputs; BLOCK_*/GROUP_M tiling.
     """
     pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
+    tiles_per_seg = tl.cdiv(SEG, BLOCK_M)
+    num_pid_m = (M // SEG) * tiles_per_seg
     num_pid_n = tl.cdiv(C_out, BLOCK_N)
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
@@ -189,9 +219,12 @@ def conv_bn_fwd_kernel(
     pid_m = first_m + (pid % group) % group_size
     pid_n = (pid % group) // group_size
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    seg = pid_m // tiles_per_seg
+    seg_row0 = (pid_m % tiles_per_seg) * BLOCK_M  # first row of the tile inside its segment
+    local_m = seg_row0 + tl.arange(0, BLOCK_M)
+    offs_m = seg * SEG + local_m
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = offs_m < M
+    m_mask = local_m < SEG
     n_mask = offs_n < C_out
     HWo = Ho * Wo
     n_img = offs_m // HWo
@@ -249,25 +282,36 @@ def conv_bn_fwd_kernel(
     if RELU:
         acc = tl.maximum(acc, 0.0)
     out_off = offs_m.to(tl.int64)[:, None] * C_out + offs_n[None, :]
-    tl.store(out_ptr + out_off, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    stored = acc.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + out_off, stored, mask=mask)
+    if POOL:
+        _store_pixel_sums(pool_ptr, stored, mask, seg, seg_row0, offs_n, n_mask, M // SEG, C_out, n_slot,
+                          STAT_M, BLOCK_M, BLOCK_N)
 
 
 @triton.jit
 def bn_act_kernel(
-    y_ptr, mean_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr,
-    M, C, HW, W, sr_n, sr_c, sr_h, sr_w,
-    HAS_RES: tl.constexpr, RELU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    y_ptr, mean_ptr, scale_ptr, shift_ptr, res_ptr, out_ptr, pool_ptr,
+    M, SEG, C, HW, W, n_slot, sr_n, sr_c, sr_h, sr_w,
+    HAS_RES: tl.constexpr, RELU: tl.constexpr, POOL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``out = relu?((y - mean) * scale + shift + res?)``: BN normalisation pass of train mode.
 
     y_ptr (M, C) contiguous conv output; mean_ptr/scale_ptr/shift_ptr (C,) fp32 batch mean,
     ``gamma * invstd`` and ``beta``; res_ptr residual (N, C, H, W), any strides sr_* (HAS_RES); out_ptr
-    (M, C) contiguous output. HW/W: output spatial size for the residual's addressing.
+    (M, C) contiguous output. HW/W: output spatial size for the residual's addressing. Rows are tiled
+    in segments of SEG (``HW`` with POOL, else ``M``); grid ``((M // SEG) * cdiv(SEG, BLOCK_M), cdiv(C, BLOCK_C))``.
+    POOL: pool_ptr fp32 (n_slot, N, C) pixel sums of the output as stored, one slot per BLOCK_M rows of
+    an image (n_slot = cdiv(HW, BLOCK_M)), as :func:`conv_bn_fwd_kernel` writes them.
     """
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    tiles_per_seg = tl.cdiv(SEG, BLOCK_M)
+    seg = tl.program_id(0) // tiles_per_seg
+    row0 = (tl.program_id(0) % tiles_per_seg) * BLOCK_M
+    local_m = row0 + tl.arange(0, BLOCK_M)
+    offs_m = seg * SEG + local_m
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    mask = (offs_m < M)[:, None] & c_mask[None, :]
+    mask = (local_m < SEG)[:, None] & c_mask[None, :]
     off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
     y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
@@ -279,7 +323,11 @@ def bn_act_kernel(
         v += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
         v = tl.maximum(v, 0.0)
-    tl.store(out_ptr + off, v.to(out_ptr.dtype.element_ty), mask=mask)
+    stored = v.to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + off, stored, mask=mask)
+    if POOL:
+        _store_pixel_sums(pool_ptr, stored, mask, seg, row0, offs_c, c_mask, M // SEG, C, n_slot,
+                          BLOCK_M, BLOCK_M, BLOCK_C)
 
 
 @triton.jit
@@ -345,10 +393,23 @@ def bn_stats_kernel(
 
 
 @triton.jit
-def _masked_grad(go_ptr, out_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg_h, sg_w, RELU: tl.constexpr):
-    """fp32 upstream gradient (strided go_ptr) with the ReLU mask ``out > 0`` (contiguous out_ptr)."""
+def _masked_grad(
+    go_ptr, out_ptr, gs_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg_h, sg_w, gs_s, gs_n, gs_c, pool_m,
+    RELU: tl.constexpr, HAS_GSUM: tl.constexpr,
+):
+    """fp32 gradient of the op output, masked by ReLU ``out > 0`` (contiguous out_ptr).
+
+    go_ptr: upstream gradient of the output (strides sg_*). HAS_GSUM adds the gradient of the pixel
+    sums output: gs_ptr fp32 (n_slot, N, C) with element strides gs_s/gs_n/gs_c (gs_s = 0 for a
+    gradient broadcast over slots); output pixel ``p`` of image ``n`` fed slot ``p // pool_m``.
+    """
     g = tl.load(go_ptr + _nhwc_offsets(offs_m, offs_c, HW, W, sg_n, sg_c, sg_h, sg_w), mask=mask, other=0.0)
     g = g.to(tl.float32)
+    if HAS_GSUM:
+        n = offs_m // HW
+        slot = (offs_m % HW) // pool_m
+        row = slot.to(tl.int64) * gs_s + n.to(tl.int64) * gs_n
+        g += tl.load(gs_ptr + row[:, None] + offs_c[None, :] * gs_c, mask=mask, other=0.0)
     if RELU:
         o = tl.load(out_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
         g = tl.where(o > 0, g, 0.0)
@@ -357,22 +418,24 @@ def _masked_grad(go_ptr, out_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg
 
 @triton.jit
 def bn_act_bwd_reduce_kernel(
-    go_ptr, out_ptr, y_ptr, mean_ptr, invstd_ptr, part_ptr,
-    M, C, HW, W, n_part, sg_n, sg_c, sg_h, sg_w,
-    RELU: tl.constexpr, HAS_Y: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+    go_ptr, out_ptr, y_ptr, mean_ptr, invstd_ptr, part_ptr, gs_ptr,
+    M, C, HW, W, n_part, sg_n, sg_c, sg_h, sg_w, gs_s, gs_n, gs_c, pool_m,
+    RELU: tl.constexpr, HAS_Y: tl.constexpr, HAS_GSUM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Per-tile partial sums ``sum(g)`` and ``sum(g * xhat)`` of the BN backward, one read of each input.
 
     go_ptr upstream gradient (N, C, H, W), any strides sg_*; out_ptr (M, C) op output (ReLU mask,
     RELU); y_ptr (M, C) BN input, mean_ptr/invstd_ptr (C,) fp32, ``xhat = (y - mean) * invstd``
     (HAS_Y, else only ``sum(g)``); part_ptr fp32 (2, n_part, C) with n_part = cdiv(M, BLOCK_M).
+    gs_ptr/gs_*/pool_m/HAS_GSUM: the pixel sums' gradient, see :func:`_masked_grad`.
     """
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     mask = (offs_m < M)[:, None] & c_mask[None, :]
-    g = _masked_grad(go_ptr, out_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg_h, sg_w, RELU)
+    g = _masked_grad(go_ptr, out_ptr, gs_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg_h, sg_w,
+                     gs_s, gs_n, gs_c, pool_m, RELU, HAS_GSUM)
     tl.store(part_ptr + pid_m * C + offs_c, tl.sum(g, axis=0), mask=c_mask)
     if HAS_Y:
         y = tl.load(y_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
@@ -384,9 +447,9 @@ def bn_act_bwd_reduce_kernel(
 
 @triton.jit
 def bn_act_bwd_kernel(
-    go_ptr, out_ptr, y_ptr, mean_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, dres_ptr,
-    M, C, HW, W, sg_n, sg_c, sg_h, sg_w,
-    RELU: tl.constexpr, HAS_Y: tl.constexpr, HAS_DRES: tl.constexpr,
+    go_ptr, out_ptr, y_ptr, mean_ptr, a_ptr, b_ptr, c_ptr, dy_ptr, dres_ptr, gs_ptr,
+    M, C, HW, W, sg_n, sg_c, sg_h, sg_w, gs_s, gs_n, gs_c, pool_m,
+    RELU: tl.constexpr, HAS_Y: tl.constexpr, HAS_DRES: tl.constexpr, HAS_GSUM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """``dy = a * g + b * (y - mean) + c`` (conv-output gradient) and ``dres = g``, one pass.
@@ -394,14 +457,16 @@ def bn_act_bwd_kernel(
     go_ptr upstream gradient, any strides sg_*; out_ptr (M, C) op output (ReLU mask, RELU); y_ptr
     (M, C) BN input and mean_ptr (C,) fp32 (HAS_Y; else ``dy = a * g + c``); a_ptr/b_ptr/c_ptr (C,)
     fp32 per-channel coefficients; dy_ptr (M, C) output in the conv's dtype; dres_ptr (M, C) residual
-    gradient (HAS_DRES). ``g`` is the upstream gradient masked by ``out > 0`` when RELU.
+    gradient (HAS_DRES). ``g`` is the upstream gradient (plus the pixel sums' gradient with HAS_GSUM,
+    see :func:`_masked_grad`) masked by ``out > 0`` when RELU.
     """
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
     mask = (offs_m < M)[:, None] & c_mask[None, :]
     off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
-    g = _masked_grad(go_ptr, out_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg_h, sg_w, RELU)
+    g = _masked_grad(go_ptr, out_ptr, gs_ptr, offs_m, offs_c, mask, C, HW, W, sg_n, sg_c, sg_h, sg_w,
+                     gs_s, gs_n, gs_c, pool_m, RELU, HAS_GSUM)
     if HAS_DRES:
         tl.store(dres_ptr + off, g.to(dres_ptr.dtype.element_ty), mask=mask)
     a = tl.load(a_ptr + offs_c, mask=c_mask, other=0.0)
@@ -466,6 +531,7 @@ def conv_bn_fwd(
     residual: torch.Tensor | None = None,
     relu: bool = False,
     stats: bool = False,
+    pool: bool = False,
     out_dtype: torch.dtype | None = None,
     stat_m: int | None = None,
     out: torch.Tensor | None = None,
@@ -473,10 +539,12 @@ def conv_bn_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Launch :func:`conv_bn_fwd_kernel`; returns ``(out, partials)``.
 
-    ``out`` is (N, C_out, Ho, Wo) channels_last in ``out_dtype`` (default ``x.dtype``). ``partials``
-    (only with ``stats``) is fp32 (2, cdiv(M, stat_m), C_out): per-slot mean and centred sum of squares
-    of ``conv(x) + bias``, slot ``i`` covering output rows ``[i*stat_m, (i+1)*stat_m)``. ``out`` and
-    ``part`` may be given as preallocated buffers of exactly those shapes (channels_last / contiguous).
+    ``out`` is (N, C_out, Ho, Wo) channels_last in ``out_dtype`` (default ``x.dtype``). ``partials``:
+    with ``stats`` fp32 (2, cdiv(M, stat_m), C_out), per-slot mean and centred sum of squares of
+    ``conv(x) + bias``, slot ``i`` covering output rows ``[i*stat_m, (i+1)*stat_m)``; with ``pool``
+    fp32 (cdiv(Ho*Wo, stat_m), N, C_out), pixel sums of ``out``, slot ``s`` of image ``n`` covering its
+    pixels ``[s*stat_m, (s+1)*stat_m)``; else ``None``. ``out`` and ``part`` may be given as preallocated
+    buffers of exactly those shapes (channels_last / contiguous). ``stats`` and ``pool`` are exclusive.
 
     Eval-mode BN: with ``running_mean``/``running_var`` (contiguous (C_out,), any float dtype) the
     kernel applies ``bn_weight * (conv + bias - running_mean) * rsqrt(running_var + eps) + bn_bias``
@@ -491,7 +559,7 @@ def conv_bn_fwd(
     K, C_out = w_packed.shape
     assert w_packed.is_contiguous() and KH * KW * C_in + C_in2 == K
     bn_eval = running_mean is not None
-    assert bn_eval == (running_var is not None) and not (bn_eval and stats)
+    assert bn_eval == (running_var is not None) and not (bn_eval and stats) and not (stats and pool)
     if not bn_eval:
         assert bn_weight is None and bn_bias is None, "BN parameters without running statistics"
     for v in (bias, bn_weight, bn_bias, running_mean, running_var):
@@ -506,19 +574,22 @@ def conv_bn_fwd(
     assert out.shape == (N, C_out, Ho, Wo) and out.is_contiguous(memory_format=torch.channels_last)
     stat_m = stat_m or STAT_M_DEFAULT
     n_part = triton.cdiv(M, stat_m)
-    if stats and part is None:
-        part = torch.empty((2, n_part, C_out), device=x.device, dtype=torch.float32)
-    if stats:
-        assert part.shape == (2, n_part, C_out) and part.is_contiguous() and part.dtype == torch.float32
+    n_slot = triton.cdiv(Ho * Wo, stat_m)
+    part_shape = (2, n_part, C_out) if stats else (n_slot, N, C_out)
+    if (stats or pool) and part is None:
+        part = torch.empty(part_shape, device=x.device, dtype=torch.float32)
+    if stats or pool:
+        assert part.shape == part_shape and part.is_contiguous() and part.dtype == torch.float32
     else:
         part = None
+    seg = Ho * Wo if pool else M  # pixel sums need tiles inside one image
     dummy = out  # never dereferenced: the matching constexpr flag is off
     # fp32 follows PyTorch's conv setting; the value is unused for fp16/bf16.
     precision = "ieee" if x.dtype == torch.float32 and not (x.is_cuda and _conv_allows_tf32()) else "tf32"
 
     def grid(meta: dict) -> tuple[int]:
         assert meta["BLOCK_M"] % stat_m == 0
-        return (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
+        return ((M // seg) * triton.cdiv(seg, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
 
     conv_bn_fwd_kernel[grid](
         x, x2 if x2 is not None else x, w_packed,
@@ -528,13 +599,13 @@ def conv_bn_fwd(
         running_mean if bn_eval else dummy,
         running_var if bn_eval else dummy,
         residual if residual is not None else dummy,
-        out, part if part is not None else dummy,
-        M, H, W, Ho, Wo, C_in, C_in2, C_out, KH * KW * C_in, n_part, float(eps),
+        out, part if stats else dummy, part if pool else dummy,
+        M, seg, H, W, Ho, Wo, C_in, C_in2, C_out, KH * KW * C_in, n_part, n_slot, float(eps),
         *x.stride(), *_nchw_strides(x2), *_nchw_strides(residual),
         KH=KH, KW=KW, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats,
         BN_EVAL=bn_eval, HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None,
-        HAS_RES=residual is not None, RELU=relu, FLAT_K=C_in < 32, STAT_M=stat_m,
+        HAS_RES=residual is not None, RELU=relu, POOL=pool, FLAT_K=C_in < 32, STAT_M=stat_m,
         DOT_PRECISION=precision,
     )
     return out, part
@@ -571,13 +642,18 @@ def bn_stats(
     return mean, invstd, scale
 
 
+POOL_M_ELT: int = _ELT_BLOCK_M
+"""Pixels per pixel-sum slot of :func:`bn_act` (the train-mode pass)."""
+
+
 def bn_act(
     y: torch.Tensor, mean: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-    residual: torch.Tensor | None, relu: bool, out: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Launch :func:`bn_act_kernel` on a channels_last ``y``; returns a channels_last tensor like ``y``.
+    residual: torch.Tensor | None, relu: bool, out: torch.Tensor | None = None, *, pool: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Launch :func:`bn_act_kernel` on a channels_last ``y``; returns ``(out, sums)``.
 
-    ``out``: optional preallocated channels_last output of ``y``'s shape.
+    ``out`` is channels_last like ``y`` (or the preallocated channels_last ``out`` of ``y``'s shape);
+    ``sums`` (with ``pool``, else ``None``) fp32 (cdiv(H*W, POOL_M_ELT), N, C) pixel sums of ``out``.
     """
     N, C, H, W = y.shape
     M = N * H * W
@@ -587,36 +663,51 @@ def bn_act(
         out = torch.empty_like(y, memory_format=torch.channels_last)
     assert out.shape == y.shape and out.is_contiguous(memory_format=torch.channels_last)
     block_c = _elt_block_c(C)
-    grid = (triton.cdiv(M, _ELT_BLOCK_M), triton.cdiv(C, block_c))
+    seg = H * W if pool else M
+    n_slot = triton.cdiv(H * W, _ELT_BLOCK_M)
+    sums = torch.empty((n_slot, N, C), device=y.device, dtype=torch.float32) if pool else None
+    grid = ((M // seg) * triton.cdiv(seg, _ELT_BLOCK_M), triton.cdiv(C, block_c))
     bn_act_kernel[grid](
-        y, mean, scale, shift, residual if residual is not None else y, out,
-        M, C, H * W, W, *_nchw_strides(residual),
-        HAS_RES=residual is not None, RELU=relu, BLOCK_M=_ELT_BLOCK_M, BLOCK_C=block_c,
+        y, mean, scale, shift, residual if residual is not None else y, out, sums if pool else out,
+        M, seg, C, H * W, W, n_slot, *_nchw_strides(residual),
+        HAS_RES=residual is not None, RELU=relu, POOL=pool, BLOCK_M=_ELT_BLOCK_M, BLOCK_C=block_c,
     )
-    return out
+    return out, sums
+
+
+def _grad_sums_args(grad_sums: torch.Tensor | None, pool_m: int, like: torch.Tensor) -> tuple:
+    """Kernel arguments ``(gs_ptr, gs_s, gs_n, gs_c, pool_m)`` for an optional pixel-sums gradient."""
+    if grad_sums is None:
+        return (like, 0, 0, 0, 1)
+    assert grad_sums.dim() == 3 and grad_sums.dtype == torch.float32 and pool_m > 0
+    return (grad_sums, *grad_sums.stride(), pool_m)
 
 
 def bn_act_bwd_reduce(
     grad_out: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor | None,
     mean: torch.Tensor | None, invstd: torch.Tensor | None,
+    grad_sums: torch.Tensor | None = None, pool_m: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(sum(g), sum(g * xhat))`` per channel in fp32 (the second only when ``y`` is given).
 
-    ``g`` is ``grad_out`` masked by ``out > 0`` when ``out`` is given (ReLU). ``out``/``y`` are
-    channels_last; ``grad_out`` may have any strides.
+    ``g`` is ``grad_out`` (plus ``grad_sums``, the fp32 (n_slot, N, C) gradient of pixel sums over
+    slots of ``pool_m`` pixels, any strides) masked by ``out > 0`` when ``out`` is given (ReLU).
+    ``out``/``y`` are channels_last; ``grad_out`` may have any strides.
     """
     N, C, H, W = grad_out.shape
     M = N * H * W
     _check_image_numel(grad_out)
     n_part = triton.cdiv(M, _ELT_BLOCK_M)
     part = torch.empty((2, n_part, C), device=grad_out.device, dtype=torch.float32)
+    gs = _grad_sums_args(grad_sums, pool_m, part)
     block_c = _elt_block_c(C)
     grid = (n_part, triton.cdiv(C, block_c))
     bn_act_bwd_reduce_kernel[grid](
         grad_out, out if out is not None else grad_out, y if y is not None else grad_out,
         mean if mean is not None else part, invstd if invstd is not None else part, part,
-        M, C, H * W, W, n_part, *grad_out.stride(),
-        RELU=out is not None, HAS_Y=y is not None, BLOCK_M=_ELT_BLOCK_M, BLOCK_C=block_c,
+        *gs[:1], M, C, H * W, W, n_part, *grad_out.stride(), *gs[1:],
+        RELU=out is not None, HAS_Y=y is not None, HAS_GSUM=grad_sums is not None,
+        BLOCK_M=_ELT_BLOCK_M, BLOCK_C=block_c,
     )
     sums = part.sum(dim=1)
     return sums[0], (sums[1] if y is not None else None)
@@ -626,8 +717,12 @@ def bn_act_bwd(
     grad_out: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor | None, mean: torch.Tensor | None,
     a: torch.Tensor, b: torch.Tensor | None, c: torch.Tensor,
     *, dy_dtype: torch.dtype, dres_dtype: torch.dtype | None,
+    grad_sums: torch.Tensor | None = None, pool_m: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Launch :func:`bn_act_bwd_kernel`; returns channels_last ``(dy, dres)`` (``dres`` if ``dres_dtype``)."""
+    """Launch :func:`bn_act_bwd_kernel`; returns channels_last ``(dy, dres)`` (``dres`` if ``dres_dtype``).
+
+    ``grad_sums``/``pool_m``: the pixel sums' gradient, as in :func:`bn_act_bwd_reduce`.
+    """
     N, C, H, W = grad_out.shape
     M = N * H * W
     _check_image_numel(grad_out)
@@ -639,11 +734,12 @@ def bn_act_bwd(
     block_c = _elt_block_c(C)
     grid = (triton.cdiv(M, _ELT_BLOCK_M), triton.cdiv(C, block_c))
     has_y = y is not None and b is not None
+    gs = _grad_sums_args(grad_sums, pool_m, a)
     bn_act_bwd_kernel[grid](
         grad_out, out if out is not None else grad_out, y if has_y else grad_out,
-        mean if has_y else a, a, b if has_y else a, c, dy, dres if dres is not None else dy,
-        M, C, H * W, W, *grad_out.stride(),
-        RELU=out is not None, HAS_Y=has_y, HAS_DRES=dres is not None,
+        mean if has_y else a, a, b if has_y else a, c, dy, dres if dres is not None else dy, *gs[:1],
+        M, C, H * W, W, *grad_out.stride(), *gs[1:],
+        RELU=out is not None, HAS_Y=has_y, HAS_DRES=dres is not None, HAS_GSUM=grad_sums is not None,
         BLOCK_M=_ELT_BLOCK_M, BLOCK_C=block_c,
     )
     return dy, dres

@@ -1,15 +1,21 @@
-"""Triton channel attention (``mean_hw``, ``bn_attention``, ``mlp_attention``) against float64 torch.
+"""Triton channel attention (``mean_hw``, ``pixel_sums``, ``bn_attention``, ``mlp_attention``) against float64 torch.
+
+The attention ops are checked both on their own (sums from ``pixel_sums``) and fed ``pooled=`` partial
+pixel sums computed by plain torch with arbitrary chunkings, as a fused producer would hand them over.
 
 Shared helpers (``close``, ``make_map``, ``f64``, ``HYPO``, the ``poison`` fixture) live in conftest.py.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
+import itertools
 
 import pytest
 import torch
-from conftest import HYPO, close, f64, make_map
+import triton
+from conftest import HAS_CUDA, HYPO, close, f64, make_map
 from fastbisenet.kernels import channel_attention as KCA
 from hypothesis import given
 from hypothesis import strategies as st
@@ -58,6 +64,73 @@ def test_mean_hw_random_shapes(n, c, h, w, cl, device):
     close(dx, dxr)
 
 
+# ---------------------------------------------------------------------------------- pixel_sums
+
+
+def chunk_sums(x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Partial pixel sums (S, N, C) of ``x`` by plain torch (differentiable, in ``x``'s dtype, fp32 at least):
+    chunk ``s`` sums the flat pixels ``[bounds[s], bounds[s + 1])``."""
+    flat = x.flatten(2) if x.dtype == torch.float64 else x.float().flatten(2)
+    return torch.stack([flat[:, :, a:b].sum(2) for a, b in itertools.pairwise(bounds)])
+
+
+def plan_bounds(x: torch.Tensor) -> list[int]:
+    """The chunk bounds ``pixel_sums`` uses for ``x`` (consecutive chunks of ``split_plan``'s size)."""
+    n, c, h, w = x.shape
+    _, chunk = KCA.split_plan(n, h * w, c, x.device)
+    return [*range(0, h * w, chunk), h * w]
+
+
+def check_pixel_sums(x: torch.Tensor) -> None:
+    s = CA.pixel_sums(x)
+    n, c = x.shape[:2]
+    bounds = plan_bounds(x)
+    assert s.dtype == torch.float32 and s.shape == (len(bounds) - 1, n, c)
+    xr = f64(x)
+    sr = chunk_sums(xr, bounds)
+    close(s, sr)
+    g = torch.randn_like(s)  # differs along S: each chunk's pixels get their own chunk's gradient
+    (dx,) = torch.autograd.grad(s, x, g, retain_graph=True)
+    (dxr,) = torch.autograd.grad(sr, xr, g.double().cpu(), retain_graph=True)
+    close(dx, dxr)
+    assert dx.is_contiguous(memory_format=CA.memory_format_of(x))
+    g1 = torch.randn(n, c, device=x.device).expand_as(s)  # stride 0 along S: read as a plain broadcast
+    (dx,) = torch.autograd.grad(s, x, g1)
+    (dxr,) = torch.autograd.grad(sr, xr, g1.double().cpu())
+    close(dx, dxr)
+
+
+@pytest.mark.parametrize(("shape", "channels_last", "multi_chunk"), [
+    ((1, 3, 37, 53), True, True), ((1, 3, 37, 53), False, True), ((2, 33, 5, 7), True, True),
+    ((3, 19, 37, 53), False, False), ((3, 130, 7, 3), True, False), ((2, 5, 1, 1), False, False),
+])
+def test_pixel_sums(shape, channels_last, multi_chunk, device, poison):
+    x = make_map(*shape, channels_last, device)
+    if not HAS_CUDA:  # the interpreter's split plan aims at four programs: several chunks at small batch
+        assert (len(plan_bounds(x)) > 2) == multi_chunk
+    check_pixel_sums(x)
+
+
+@HYPO
+@given(n=st.integers(1, 3), c=st.integers(1, 70), h=st.integers(1, 20), w=st.integers(1, 20), cl=st.booleans())
+def test_pixel_sums_random_shapes(n, c, h, w, cl, device):
+    check_pixel_sums(make_map(n, c, h, w, cl, device))
+
+
+def test_pixel_sums_rejects_a_bad_map(device):
+    with pytest.raises(ValueError, match="4-D"):
+        CA.pixel_sums(torch.randn(2, 3, 4, device=device))
+    with pytest.raises(ValueError, match="float32"):
+        CA.pixel_sums(torch.ones(2, 3, 4, 4, device=device, dtype=torch.int32))
+
+
+def test_broadcast_hw_rejects_sums_of_another_chunking(device):
+    out = torch.empty(1, 3, 37, 53, device=device)
+    split = len(plan_bounds(out)) - 1
+    with pytest.raises(ValueError, match="broadcast_hw"):
+        KCA.broadcast_hw(torch.zeros(split + 1, 1, 3, device=device), out)
+
+
 # -------------------------------------------------------------------------------- bn_attention
 
 
@@ -72,8 +145,10 @@ def make_bn_attention(c: int, device: str, momentum: float | None = 0.1):
     return conv.to(device), bn.to(device)
 
 
-def check_bn_attention(feat, conv, bn, conv_r, bn_r):
-    a = CA.bn_attention(feat, conv, bn)
+def check_bn_attention(feat, conv, bn, conv_r, bn_r, pooled=None):
+    """``bn_attention`` (with ``pooled`` if given), its gradients and running statistics against the float64
+    reference; returns the attention (detached)."""
+    a = CA.bn_attention(feat, conv, bn, pooled=pooled)
     g = torch.randn_like(a)
     params = [feat, conv.weight, bn.weight, bn.bias]
     grads = torch.autograd.grad(a, params, g)
@@ -86,6 +161,7 @@ def check_bn_attention(feat, conv, bn, conv_r, bn_r):
     close(bn.running_mean, bn_r.running_mean)
     close(bn.running_var, bn_r.running_var)
     assert bn.num_batches_tracked.item() == bn_r.num_batches_tracked.item()
+    return a.detach()
 
 
 @pytest.mark.parametrize(("n", "c", "momentum", "channels_last"), [
@@ -144,12 +220,8 @@ def test_bn_attention_falls_back_for_biased_conv(device):
 # ------------------------------------------------------------------------------- mlp_attention
 
 
-@pytest.mark.parametrize(("n", "c", "mid", "channels_last"), [(1, 40, 10, True), (3, 64, 16, False), (2, 19, 5, True)])
-def test_mlp_attention(n, c, mid, channels_last, device, poison):
-    conv1 = nn.Conv2d(c, mid, 1, bias=False).to(device)
-    conv2 = nn.Conv2d(mid, c, 1, bias=False).to(device)
-    feat = make_map(n, c, 8, 13, channels_last, device)
-    a = CA.mlp_attention(feat, conv1, conv2)
+def check_mlp_attention(a: torch.Tensor, feat: torch.Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d) -> None:
+    """``a`` and its gradients (feat, both weights) against the float64 reference."""
     g = torch.randn_like(a)
     grads = torch.autograd.grad(a, [feat, conv1.weight, conv2.weight], g)
     c1r, c2r = copy.deepcopy(conv1).cpu().double(), copy.deepcopy(conv2).cpu().double()
@@ -159,6 +231,186 @@ def test_mlp_attention(n, c, mid, channels_last, device, poison):
     close(a, ar)
     for got, want in zip(grads, grads_r, strict=True):
         close(got, want, scale=5.0)
+
+
+@pytest.mark.parametrize(("n", "c", "mid", "channels_last"), [(1, 40, 10, True), (3, 64, 16, False), (2, 19, 5, True)])
+def test_mlp_attention(n, c, mid, channels_last, device, poison):
+    conv1 = nn.Conv2d(c, mid, 1, bias=False).to(device)
+    conv2 = nn.Conv2d(mid, c, 1, bias=False).to(device)
+    feat = make_map(n, c, 8, 13, channels_last, device)
+    a = CA.mlp_attention(feat, conv1, conv2)
+    check_mlp_attention(a, feat, conv1, conv2)
+
+
+# ------------------------------------------------------------------------------- pooled= sums
+
+H_, W_ = 9, 7  # 63 pixels: uneven torch chunkings below
+CUTS = {"S1": [0, 63], "S3": [0, 10, 34, 63], "S4-singles": [0, 1, 2, 62, 63]}
+
+
+def make_mlp(c: int, mid: int, device: str):
+    return nn.Conv2d(c, mid, 1, bias=False).to(device), nn.Conv2d(mid, c, 1, bias=False).to(device)
+
+
+@pytest.mark.parametrize("cuts", list(CUTS), ids=list(CUTS))
+@pytest.mark.parametrize(("n", "c", "momentum", "train", "channels_last"), [
+    (3, 37, 0.1, True, True), (2, 24, None, True, False), (1, 19, 0.1, False, True),
+])
+def test_bn_attention_pooled(cuts, n, c, momentum, train, channels_last, device, poison):
+    """``pooled=`` torch-computed sums of any chunking: same output, gradients (into feat through the torch
+    sums, and into the weights) and running statistics as the reference, and as the unpooled op."""
+    conv, bn = make_bn_attention(c, device, momentum)
+    bn.train(train)
+    conv_u, bn_u = copy.deepcopy(conv), copy.deepcopy(bn)
+    conv_r, bn_r = copy.deepcopy(conv).cpu().double(), copy.deepcopy(bn).cpu().double()
+    for _ in range(2):  # the second call sees updated running stats
+        feat = make_map(n, c, H_, W_, channels_last, device)
+        a = check_bn_attention(feat, conv, bn, conv_r, bn_r, pooled=chunk_sums(feat, CUTS[cuts]))
+        close(a, CA.bn_attention(feat, conv_u, bn_u).detach())
+        close(bn.running_mean, bn_u.running_mean)
+        close(bn.running_var, bn_u.running_var)
+        assert bn.num_batches_tracked.item() == bn_u.num_batches_tracked.item()
+
+
+@pytest.mark.parametrize("cuts", list(CUTS), ids=list(CUTS))
+@pytest.mark.parametrize(("n", "c", "mid", "channels_last"), [(1, 40, 10, True), (3, 19, 5, False)])
+def test_mlp_attention_pooled(cuts, n, c, mid, channels_last, device, poison):
+    conv1, conv2 = make_mlp(c, mid, device)
+    feat = make_map(n, c, H_, W_, channels_last, device)
+    a = CA.mlp_attention(feat, conv1, conv2, pooled=chunk_sums(feat, CUTS[cuts]))
+    close(a, CA.mlp_attention(feat, conv1, conv2).detach())
+    check_mlp_attention(a, feat, conv1, conv2)
+
+
+def pooled_leaf(feat: torch.Tensor, bounds: list[int], contiguous: bool) -> torch.Tensor:
+    """fp32 sums of ``feat`` as a leaf requiring grad; ``contiguous=False``: an (S, C, N) buffer transposed."""
+    sums = chunk_sums(feat.detach(), bounds)
+    if not contiguous:
+        sums = sums.transpose(1, 2).contiguous().transpose(1, 2)
+    return sums.requires_grad_()
+
+
+@pytest.mark.parametrize("contiguous", [True, False])
+@pytest.mark.parametrize("cuts", list(CUTS), ids=list(CUTS))
+@pytest.mark.parametrize("kind", ["bn-train", "bn-eval", "mlp"])
+def test_pooled_leaf_gets_the_mean_gradient(kind, cuts, contiguous, device, poison):
+    """A leaf ``pooled`` gets ``dmean / HW`` broadcast along S: the exact gradient of mean = sums.sum(0) / HW."""
+    n, c, mid = 3, 21, 6
+    feat = make_map(n, c, H_, W_, True, device)
+    pooled = pooled_leaf(feat, CUTS[cuts], contiguous)
+    pr = f64(pooled)
+    mean_r = (pr.sum(0) / (H_ * W_)).view(n, c, 1, 1)
+    if kind == "mlp":
+        conv1, conv2 = make_mlp(c, mid, device)
+        a = CA.mlp_attention(feat, conv1, conv2, pooled=pooled)
+        params = [conv1.weight, conv2.weight]
+        c1r, c2r = copy.deepcopy(conv1).cpu().double(), copy.deepcopy(conv2).cpu().double()
+        ar = torch.sigmoid(c2r(torch.relu(c1r(mean_r))))
+        params_r = [c1r.weight, c2r.weight]
+    else:
+        conv, bn = make_bn_attention(c, device)
+        bn.train(kind == "bn-train")
+        conv_r, bn_r = copy.deepcopy(conv).cpu().double(), copy.deepcopy(bn).cpu().double()
+        a = CA.bn_attention(feat, conv, bn, pooled=pooled)
+        params = [conv.weight, bn.weight, bn.bias]
+        ar = torch.sigmoid(bn_r(conv_r(mean_r)))
+        params_r = [conv_r.weight, bn_r.weight, bn_r.bias]
+        close(bn.running_mean, bn_r.running_mean)
+        close(bn.running_var, bn_r.running_var)
+    g = torch.randn_like(a)
+    dp, *grads = torch.autograd.grad(a, [pooled, *params], g)
+    dpr, *grads_r = torch.autograd.grad(ar, [pr, *params_r], g.double().cpu())
+    close(a, ar)
+    assert dp.shape == pooled.shape
+    close(dp, dpr, scale=5.0)
+    for got, want in zip(grads, grads_r, strict=True):
+        close(got, want, scale=5.0)
+    assert not feat.grad_fn and feat.grad is None  # feat supplied only H * W and the dtype
+
+
+@pytest.mark.parametrize("kind", ["bn", "mlp"])
+def test_attention_many_partials(kind, device, poison):
+    """S = 200 partials (a conv epilogue's 2-pixel chunks): the mean is finished in several [BLOCK_S, N, C]
+    steps, the last one partial."""
+    n, c, h, w = 4, 64, 20, 20
+    feat = make_map(n, c, h, w, True, device)
+    bounds = list(range(0, h * w + 1, 2))
+    pooled = chunk_sums(feat, bounds)
+    assert pooled.shape == (200, n, c)
+    if not HAS_CUDA:  # BLOCK_N 4 x BLOCK_I 64 under the interpreter
+        assert KCA.split_block(200, 4, 64) < 200
+    fr = f64(feat)
+    if kind == "bn":
+        conv, bn = make_bn_attention(c, device)
+        conv_r, bn_r = copy.deepcopy(conv).cpu().double(), copy.deepcopy(bn).cpu().double()
+        a = CA.bn_attention(feat, conv, bn, pooled=pooled)
+        ar = R.bn_attention(fr, conv_r, bn_r)
+        close(bn.running_mean, bn_r.running_mean)
+        close(bn.running_var, bn_r.running_var)
+    else:
+        conv1, conv2 = make_mlp(c, 16, device)
+        a = CA.mlp_attention(feat, conv1, conv2, pooled=pooled)
+        ar = R.mlp_attention(fr, copy.deepcopy(conv1).cpu().double(), copy.deepcopy(conv2).cpu().double())
+    close(a, ar)
+    g = torch.randn_like(a)
+    (dx,) = torch.autograd.grad(a, feat, g)
+    (dxr,) = torch.autograd.grad(ar, fr, g.double().cpu())
+    close(dx, dxr, scale=5.0)
+
+
+@pytest.mark.parametrize(("bad", "match"), [
+    (lambda s: s.double(), "float32"),
+    (lambda s: s.half(), "float32"),
+    (lambda s: s[:, :2], r"\(S, 3, 8\)"),
+    (lambda s: s[:, :, :5], r"\(S, 3, 8\)"),
+    (lambda s: s.sum(0), "3-D"),
+    (lambda s: s[:0], "S >= 1"),
+    (lambda s: s.unsqueeze(0), "3-D"),
+])
+def test_bad_pooled_raises(bad, match, device):
+    feat = torch.randn(3, 8, 5, 6, device=device)
+    pooled = bad(chunk_sums(feat, [0, 11, 30]))
+    conv, bn = make_bn_attention(8, device)
+    with pytest.raises(ValueError, match=match):
+        CA.bn_attention(feat, conv, bn, pooled=pooled)
+    assert bn.num_batches_tracked.item() == 0  # nothing counted for a rejected call
+    conv1, conv2 = make_mlp(8, 4, device)
+    with pytest.raises(ValueError, match=match):
+        CA.mlp_attention(feat, conv1, conv2, pooled=pooled)
+
+
+def test_eval_attention_launches(device, monkeypatch):
+    """Eval: pixel sums + attention, two launches; with ``pooled`` the attention kernel alone."""
+    launches: collections.Counter[str] = collections.Counter()
+    real_getitem = triton.runtime.KernelInterface.__getitem__
+
+    def getitem(kernel, grid):
+        launches[getattr(kernel, "__name__", None) or kernel.fn.__name__] += 1
+        return real_getitem(kernel, grid)
+
+    monkeypatch.setattr(triton.runtime.KernelInterface, "__getitem__", getitem)
+    conv, bn = make_bn_attention(16, device)
+    bn.eval()
+    conv1, conv2 = make_mlp(16, 4, device)
+    feat = torch.randn(2, 16, 8, 8, device=device)
+    pooled = chunk_sums(feat, [0, 30, 64])
+    with torch.no_grad():
+        CA.bn_attention(feat, conv, bn)
+        assert dict(launches) == {"_mean_partial_kernel": 1, "_bn_attention_fwd_kernel": 1}
+        launches.clear()
+        CA.bn_attention(feat, conv, bn, pooled=pooled)
+        CA.mlp_attention(feat, conv1, conv2, pooled=pooled)
+        assert dict(launches) == {"_bn_attention_fwd_kernel": 1, "_mlp_attention_fwd_kernel": 1}
+
+
+def test_fallback_ignores_pooled(device):
+    feat = torch.randn(2, 8, 4, 4, device=device)
+    pooled = torch.zeros(1, 2, 8, device=device)  # wrong sums: the reference takes the mean of feat itself
+    conv, bn = nn.Conv2d(8, 8, 1, bias=True).to(device), nn.BatchNorm2d(8).to(device).eval()
+    torch.testing.assert_close(CA.bn_attention(feat, conv, bn, pooled=pooled), R.bn_attention(feat, conv, bn))
+    conv1, conv2 = nn.Conv2d(8, 4, 1, bias=True).to(device), nn.Conv2d(4, 8, 1, bias=False).to(device)
+    torch.testing.assert_close(CA.mlp_attention(feat, conv1, conv2, pooled=pooled),
+                               R.mlp_attention(feat, conv1, conv2))
 
 
 # ---------------------------------------------------------------------------------- half types

@@ -72,6 +72,14 @@ def ref_forward(x: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d | None, residual:
     return torch.relu(y) if relu else y
 
 
+def ref_pixel_sums(out: Tensor, rows: int) -> Tensor:
+    """(S, N, C) sums of ``out`` over consecutive slots of ``rows`` flat pixels (``h * W + w``) of each image."""
+    n, c, h, w = out.shape
+    slots = -(-h * w // rows)
+    flat = torch.nn.functional.pad(out.reshape(n, c, h * w), (0, slots * rows - h * w))
+    return flat.reshape(n, c, slots, rows).sum(3).permute(2, 0, 1)
+
+
 @dataclass
 class Case:
     n: int
@@ -109,7 +117,9 @@ CASES = {
 }
 
 
-def run_case(case: Case, device: str, dtype: torch.dtype = torch.float32) -> None:
+def run_case(case: Case, device: str, dtype: torch.dtype = torch.float32, pool: bool = False) -> None:
+    """Forward, backward and BN buffers against float64 modules; ``pool`` also checks the pixel sums output
+    and back-propagates a random (slot-dependent) gradient through it."""
     conv, bn, conv64, bn64 = make_modules(case.cin, case.cout, case.k, case.s, bias=case.bias, bn=case.bn,
                                           train=case.train, device=device)
     if bn is not None and case.freeze_bn:
@@ -129,7 +139,9 @@ def run_case(case: Case, device: str, dtype: torch.dtype = torch.float32) -> Non
         res = torch.randn(case.n, case.cout, ho, wo, device=device).to(dtype).requires_grad_()
         res64 = res.detach().double().requires_grad_()
 
-    out = ops.conv_bn_act(x, conv, bn, residual=res, relu=case.relu)
+    out = ops.conv_bn_act(x, conv, bn, residual=res, relu=case.relu, pool=pool)
+    if pool:
+        out, sums = out
     ref = ref_forward(x64, conv64, bn64, res64, case.relu)
     assert out.dtype == dtype and out.is_contiguous(memory_format=torch.channels_last)
     check(out, ref, dtype, "out")
@@ -137,8 +149,19 @@ def run_case(case: Case, device: str, dtype: torch.dtype = torch.float32) -> Non
         assert (out == 0).any() and (out > 0).any(), "test data must exercise the ReLU mask"
 
     go = torch.randn(ref.shape, device=device, dtype=torch.float64)
-    out.backward(go.to(dtype))
-    ref.backward(go)
+    if pool:
+        rows = ops.pool_rows(bn is not None, case.train)
+        ref_sums = ref_pixel_sums(ref, rows)
+        assert sums.dtype == torch.float32 and sums.shape == ref_sums.shape
+        check(sums, ref_sums, dtype, "pixel sums")
+        # what is summed is the output as stored (its own dtype), exactly up to fp32 summation order
+        check(sums, ref_pixel_sums(out.detach().double(), rows), dtype, "sums of the stored output", tol=1e-5)
+        gs = torch.randn(ref_sums.shape, device=device, dtype=torch.float64)
+        torch.autograd.backward([out, sums], [go.to(dtype), gs.float()])
+        torch.autograd.backward([ref, ref_sums], [go, gs])
+    else:
+        out.backward(go.to(dtype))
+        ref.backward(go)
     check(x.grad, x64.grad, dtype, "dx")
     check(conv.weight.grad, conv64.weight.grad, dtype, "dweight")
     if case.bias:
@@ -156,9 +179,10 @@ def run_case(case: Case, device: str, dtype: torch.dtype = torch.float32) -> Non
         assert bn.num_batches_tracked.item() == bn64.num_batches_tracked.item() == (4 if case.train else 3)
 
 
+@pytest.mark.parametrize("pool", [False, True])
 @pytest.mark.parametrize("name", list(CASES))
-def test_forward_backward(name: str, device: str) -> None:
-    run_case(CASES[name], device)
+def test_forward_backward(name: str, pool: bool, device: str) -> None:
+    run_case(CASES[name], device, pool=pool)
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
@@ -326,7 +350,7 @@ def test_kernels_write_every_output(device: str) -> None:
     mean, scale, shift = (torch.randn(C, device=device) for _ in range(3))
     res = torch.randn(y.shape, device=device)
     out = torch.full_like(y, float("nan"))
-    z = K.bn_act(y, mean, scale, shift, res, True, out=out)
+    z, _ = K.bn_act(y, mean, scale, shift, res, True, out=out)
     shape = (1, C, 1, 1)
     z_ref = torch.relu((y.double() - mean.double().view(shape)) * scale.double().view(shape)
                        + shift.double().view(shape) + res.double())
@@ -339,6 +363,19 @@ def test_kernels_write_every_output(device: str) -> None:
     check(dres, g, torch.float32, "dres")
     check(dy, g * a.double().view(shape) + b.double().view(shape) * (y.double() - mean.double().view(shape))
           + c.double().view(shape), torch.float32, "dy")
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_pixel_sums_poisoned(train: bool, device: str, poison) -> None:
+    """Every pixel-sum slot is written, with several tiles and a partial last slot per image, batch 3."""
+    conv, bn, conv64, bn64 = make_modules(3, 10, 7, 2, bias=False, bn=True, train=train, device=device)
+    x = torch.rand(3, 3, 37, 53, device=device) * 2 - 0.5  # 19x27 = 513 output pixels per image
+    out, sums = ops.conv_bn_act(x, conv, bn, pool=True)
+    ref = ref_forward(x.double(), conv64, bn64, None, True)
+    check(out, ref, torch.float32, "out")
+    ref_sums = ref_pixel_sums(ref, ops.pool_rows(True, train))
+    assert sums.shape[0] > 2 and 513 % ops.pool_rows(True, train) != 0
+    check(sums, ref_sums, torch.float32, "pixel sums")
 
 
 # ------------------------------------------------------------------------------------------ eval BN fold
@@ -355,16 +392,16 @@ def test_eval_fold_optional_affine(params: str, bias: bool, device: str) -> None
     beta = torch.randn(6, device=device) if params in ("gamma_beta", "beta_only") else None
     rm, rv = torch.randn(6, device=device), torch.rand(6, device=device) + 0.5
     eps = 0.25
-    out, y, mean, invstd = ops.forward(x, None, w, b, gamma, beta, None, rm, rv, None, (1, 1), (1, 1), eps, 0.1,
-                                       True, False, False, need_stats=False)
-    assert y is None and mean is None and invstd is None
+    out, y, mean, invstd, sums = ops.forward(x, None, w, b, gamma, beta, None, rm, rv, None, (1, 1), (1, 1), eps,
+                                             0.1, True, False, False, need_stats=False)
+    assert y is None and mean is None and invstd is None and sums is None
     ref = torch.nn.functional.batch_norm(
         torch.nn.functional.conv2d(x.double(), w.double(), None if b is None else b.double(), 1, 1),
         rm.double(), rv.double(), None if gamma is None else gamma.double(),
         None if beta is None else beta.double(), False, 0.0, eps)
     check(out, ref, torch.float32, "out")
-    _, _, mean, invstd = ops.forward(x, None, w, b, gamma, beta, None, rm, rv, None, (1, 1), (1, 1), eps, 0.1,
-                                     True, False, False)
+    _, _, mean, invstd, _ = ops.forward(x, None, w, b, gamma, beta, None, rm, rv, None, (1, 1), (1, 1), eps, 0.1,
+                                        True, False, False)
     assert torch.equal(mean, rm) and mean.data_ptr() != rm.data_ptr()
     check(invstd, (rv.double() + eps).rsqrt(), torch.float32, "invstd")
 
@@ -408,7 +445,7 @@ def test_custom_op_eval_without_stats(device: str) -> None:
         result = torch.library.opcheck(torch.ops.fastbisenet.conv_bn_act.default, args)
         assert set(result.values()) == {"SUCCESS"}, result
         outs = torch.ops.fastbisenet.conv_bn_act(*args)
-        assert [t.numel() for t in outs[1:]] == [0] * 6
+        assert [t.numel() for t in outs[1:]] == [0] * 7
         want = ops.forward(*args[:10], (1, 1), (1, 1), *args[12:17])[0]
         torch.testing.assert_close(outs[0], want, rtol=0, atol=0)
 
@@ -561,7 +598,7 @@ def test_packed_weight_inference_mode(device: str) -> None:
 @pytest.mark.parametrize("name", ["7x7s2-cin3-train", "3x3s2-train-res-bias-cl", "3x3s2-eval-res",
                                   "1x1s1-train-res-norelu"])
 def test_half_precision(name: str, dtype: torch.dtype, device: str) -> None:
-    run_case(CASES[name], device, dtype)
+    run_case(CASES[name], device, dtype, pool=name.endswith("-cl") or name.endswith("-eval-res"))
 
 
 @pytest.mark.gpu
@@ -571,8 +608,9 @@ def test_half_precision(name: str, dtype: torch.dtype, device: str) -> None:
     Case(2, 2048, 96, 8, 8, 1, 1, train=False, channels_last=True),
     Case(2, 3, 64, 224, 224, 7, 2),
 ], ids=["3x3-64", "3x3s2-64-128", "1x1-2048", "stem"])
-def test_gpu_realistic_shapes(case: Case, device: str) -> None:
-    run_case(case, device)
+@pytest.mark.parametrize("pool", [False, True])
+def test_gpu_realistic_shapes(case: Case, pool: bool, device: str) -> None:
+    run_case(case, device, pool=pool)
 
 
 def test_tf32_setting_read_through_the_new_api() -> None:

@@ -112,6 +112,9 @@ def test_bisenet_eval_forward_runs_no_side_ops(count, device: str) -> None:
     assert c.launches["conv_bn_fwd_kernel"] == n_conv  # one launch per conv+BN(+res)(+ReLU), nothing else:
     for name in ("bn_stats_kernel", "bn_act_kernel"):
         assert c.launches[name] == 0, name
+    # the ARMs' and the FFM's spatial means come from their convs' epilogues: the only stand-alone mean is
+    # the global context's (the backbone output, which no fused conv of this model pools)
+    assert c.launches["_mean_partial_kernel"] == 1
     assert work.get(MAX_POOL, 0) <= 1
     assert sum(work.values()) <= FORWARD_BUDGET, work
 

@@ -14,6 +14,7 @@ import copy
 
 import pytest
 import torch
+from fastbisenet.kernels.channel_attention import split_plan
 from torch import nn
 
 from fastbisenet.ops import attend_add_upsample as U
@@ -25,6 +26,7 @@ from fastbisenet.ops import head_upsample as H
 ops = torch.ops.fastbisenet
 
 N, C, MID, NCLS, HW = 2, 6, 3, 4, (5, 7)
+S = 3  # partial pixel sums fed to the attention ops
 
 
 def leaf(*shape, channels_last: bool = False, grad: bool = True) -> torch.Tensor:
@@ -50,20 +52,26 @@ def forward_cases():
         tag = "cl" if cl else "nchw"
         cases += [
             (f"mean_hw-{tag}", ops.mean_hw.default, (x,)),
+            (f"pixel_sums-{tag}", ops.pixel_sums.default, (x,)),
             (f"attend_residual-{tag}", ops.attend_residual.default, (x, a)),
             (f"attend_add_upsample-full-{tag}", ops.attend_add_upsample.default,
              (x, a, leaf(N, C, *HW), [9, 11], "bilinear", cl)),
         ]
     x = leaf(N, C, *HW, channels_last=True)
     g, b, rm, rv, nbt = bn_state()
+    # the attention ops take partial pixel sums (S, N, C), H * W and the output dtype instead of the map
+    sums, hw, f32 = leaf(S, N, C), HW[0] * HW[1], torch.float32
     cases += [
-        # (..., running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps)
-        ("bn_attention-train", ops.bn_attention.default, (x, w, g, b, rm, rv, nbt, True, True, 0.1, 1e-5)),
-        ("bn_attention-train-cumulative", ops.bn_attention.default, (x, w, g, b, rm, rv, nbt, True, True, None, 1e-5)),
-        ("bn_attention-eval", ops.bn_attention.default, (x, w, g, b, rm, rv, nbt, False, False, 0.1, 1e-5)),
+        # (sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats,
+        #  update, momentum, eps)
+        ("bn_attention-train", ops.bn_attention.default, (sums, hw, f32, w, g, b, rm, rv, nbt, True, True, 0.1, 1e-5)),
+        ("bn_attention-train-cumulative", ops.bn_attention.default,
+         (sums, hw, f32, w, g, b, rm, rv, nbt, True, True, None, 1e-5)),
+        ("bn_attention-eval-one-partial", ops.bn_attention.default,
+         (leaf(1, N, C), hw, f32, w, g, b, rm, rv, nbt, False, False, 0.1, 1e-5)),
         ("bn_attention-no-stats-no-affine", ops.bn_attention.default,
-         (x, w, None, None, None, None, None, True, False, 0.1, 1e-5)),
-        ("mlp_attention", ops.mlp_attention.default, (x, leaf(MID, C, 1, 1), leaf(C, MID, 1, 1))),
+         (sums, hw, f32, w, None, None, None, None, None, True, False, 0.1, 1e-5)),
+        ("mlp_attention", ops.mlp_attention.default, (sums, hw, f32, leaf(MID, C, 1, 1), leaf(C, MID, 1, 1))),
         ("attend_add_upsample-vec-nearest", ops.attend_add_upsample.default,
          (x, a, leaf(N, C, 1, 1), [9, 4], "nearest", False)),
         ("head_logits-bias", ops.head_logits.default, (x, leaf(NCLS, C, 1, 1), leaf(NCLS), [10, 14], False)),
@@ -99,6 +107,14 @@ def conv_forward_cases():
          (leaf(N, 5, 6, 6), None, leaf(C, 5, 1, 1), leaf(C), None, None, None, None, None, None,
           [1, 1], [0, 0], 0.0, 0.0, False, False, False)),
     ]
+    # pool=True: the pixel sums output (differentiable), train (BN pass) and eval (conv epilogue)
+    for batch_stats in (True, False):
+        g, b, rm, rv, nbt = bn_state()
+        cases.append((
+            f"conv_bn_act-pool-{'train' if batch_stats else 'eval'}", ops.conv_bn_act.default,
+            (leaf(N, 5, 7, 9, channels_last=True), None, leaf(C, 5, 3, 3), None, g, b, None, rm, rv, nbt,
+             [1, 1], [1, 1], 1e-5, 0.1, True, batch_stats, True, True, True),
+        ))
     return cases
 
 
@@ -109,12 +125,18 @@ def conv_backward_cases():
         x = torch.randn(N, 5, 7, 9)
         w = torch.randn(C, 5, 3, 3)
         g, b, rm, rv, nbt = (t.detach() if t.dtype.is_floating_point else t for t in bn_state())
-        out, y, mean, invstd = CB.forward(x, None, w, None, g, b, None, rm.clone(), rv.clone(), nbt.clone(),
-                                          (1, 1), (1, 1), 1e-5, 0.1, True, batch_stats, True)
+        out, y, mean, invstd, sums = CB.forward(x, None, w, None, g, b, None, rm.clone(), rv.clone(), nbt.clone(),
+                                                (1, 1), (1, 1), 1e-5, 0.1, True, batch_stats, True, pool=True)
         cases.append((
             f"conv_bn_act_backward-{'train' if batch_stats else 'eval'}", ops.conv_bn_act_backward.default,
             (torch.randn_like(out), x, None, w, None, g, out, y, mean, invstd, [1, 1], [1, 1], True, batch_stats,
              torch.float32, [True, False, True, False, True, True, True]),
+        ))
+        cases.append((  # with the pixel sums' gradient: random, and broadcast along the slots (stride 0)
+            f"conv_bn_act_backward-grad-sums-{'train' if batch_stats else 'eval'}", ops.conv_bn_act_backward.default,
+            (torch.randn_like(out), x, None, w, None, g, out, y, mean, invstd, [1, 1], [1, 1], True, batch_stats,
+             None, [True, False, True, False, True, True, False],
+             torch.randn_like(sums) if batch_stats else torch.randn(sums.shape[1:]).expand(sums.shape)),
         ))
     return cases
 
@@ -128,14 +150,20 @@ def backward_cases():
     y, mean, smean, sinvstd = torch.randn(N, C), torch.randn(N, C), torch.randn(C), torch.rand(C) + 0.5
     u, z = torch.randn(N, MID), torch.randn(N, C)
     shape = [N, C, *HW]
+    split = split_plan(N, HW[0] * HW[1], C, x.device)[0]  # pixel_sums' chunking of such a map
     return [
         ("mean_hw_backward", ops.mean_hw_backward.default, (g_vec, shape, torch.float32, True)),
+        ("pixel_sums_backward-cl", ops.pixel_sums_backward.default,
+         (torch.randn(split, N, C), shape, torch.float32, True)),
+        ("pixel_sums_backward-nchw-expanded", ops.pixel_sums_backward.default,
+         (torch.randn(N, C).expand(split, N, C), shape, torch.float32, False)),
+        # (grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats) -> [dmean, dweight, (dgamma, dbeta)]
         ("bn_attention_backward-affine", ops.bn_attention_backward.default,
-         (g_vec, y, mean, smean, sinvstd, w, torch.rand(C), torch.randn(C), True, shape, torch.float32, True)),
+         (g_vec, y, mean, smean, sinvstd, w, torch.rand(C), torch.randn(C), True)),
         ("bn_attention_backward-plain", ops.bn_attention_backward.default,
-         (g_vec, y, mean, smean, sinvstd, w, None, None, False, shape, torch.float32, False)),
+         (g_vec, y, mean, smean, sinvstd, w, None, None, False)),
         ("mlp_attention_backward", ops.mlp_attention_backward.default,
-         (g_vec, u, z, mean, torch.randn(MID, C, 1, 1), torch.randn(C, MID, 1, 1), shape, torch.float32, False)),
+         (g_vec, u, z, mean, torch.randn(MID, C, 1, 1), torch.randn(C, MID, 1, 1))),
         ("attend_add_upsample_backward", ops.attend_add_upsample_backward.default,
          (torch.randn(N, C, 9, 11), x, a, True, torch.float32, "bilinear", False)),
         ("attend_residual_backward", ops.attend_residual_backward.default, (torch.randn(N, C, *HW), x, a)),
@@ -170,8 +198,8 @@ def test_opcheck_backward_and_argmax(op, args):
 def test_every_op_is_checked():
     registered = {name for name in dir(ops) if not name.startswith("_")}
     checked = {c[1].name().split("::")[1].split(".")[0] for c in FORWARD + BACKWARD}
-    ours = {"mean_hw", "bn_attention", "mlp_attention", "attend_add_upsample", "attend_residual", "head_logits",
-            "head_argmax", "conv_bn_act"}
+    ours = {"mean_hw", "pixel_sums", "bn_attention", "mlp_attention", "attend_add_upsample", "attend_residual",
+            "head_logits", "head_argmax", "conv_bn_act"}
     ours |= {f"{name}_backward" for name in ours - {"head_argmax"}}
     assert ours <= registered
     assert checked == ours
@@ -245,8 +273,8 @@ def test_compile_fullgraph_matches_eager():
     assert counter.frame_count == 1  # one graph for both steps: no graph break, no recompile
     targets = {str(node.target) for graph in counter.graphs for node in graph.graph.nodes}
     used = {t.split(".")[1] for t in targets if t.startswith("fastbisenet.")}
-    assert used == {"mean_hw", "bn_attention", "mlp_attention", "attend_add_upsample", "attend_residual",
-                    "head_logits", "head_argmax"}, targets
+    assert used == {"mean_hw", "pixel_sums", "bn_attention", "mlp_attention", "attend_add_upsample",
+                    "attend_residual", "head_logits", "head_argmax"}, targets
 
 
 @pytest.mark.parametrize("train", [True, False])
@@ -261,5 +289,5 @@ def test_custom_op_path_is_identical_to_eager_path(train, monkeypatch):
     asked = []
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: asked.append(1) or True)
     got = run_chain(twin, twin, feat, other, g)
-    assert len(asked) == 8  # every wrapper took the custom-op path
+    assert len(asked) == 10  # every wrapper took the custom-op path (the attention ops' pixel_sums too)
     assert_identical(got, want, "train" if train else "eval")

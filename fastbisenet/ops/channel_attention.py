@@ -1,4 +1,4 @@
-"""Triton channel attention: ``mean_hw``, ``bn_attention`` (ARM, v1 FFM) and ``mlp_attention`` (face FFM).
+"""Triton channel attention: ``mean_hw``, ``pixel_sums``, ``bn_attention`` (ARM, v1 FFM), ``mlp_attention`` (face FFM).
 
 Each op has tensor-level ``*_fwd``/``*_bwd`` functions taking plain tensors and Python scalars, two
 front ends built on them (an ``autograd.Function`` for eager calls and the ``torch.library`` custom
@@ -6,8 +6,16 @@ ops ``fastbisenet::<op>`` / ``fastbisenet::<op>_backward`` for ``torch.compile``
 :mod:`fastbisenet.ops._library`), and a module-level wrapper with the signature of
 :mod:`fastbisenet.reference` that picks between them.
 
+The attention ops do not read the feature map: they take its fp32 partial pixel sums ``(S, N, C)``
+and ``H * W`` (mean = ``sums.sum(0) / HW``, finished inside the attention kernel) and return
+``dmean / HW`` expanded along S as the sums' gradient. The wrappers take the sums from ``pooled=``
+when the producer of ``feat`` gathered them in its epilogue (a fused conv), else from the
+differentiable op :func:`pixel_sums`, whose backward hands each chunk's gradient to its pixels. In
+eval the standalone op is two launches (pixel sums, attention), with ``pooled`` one.
+
 Module configurations the kernels do not cover (a 1x1 conv with bias or padding, groups, a kernel
-other than 1x1) fall back to the reference formula, which gives the same result.
+other than 1x1) fall back to the reference formula, which gives the same result (and ignores
+``pooled``).
 """
 
 from __future__ import annotations
@@ -38,9 +46,13 @@ def memory_format_of(x: Tensor) -> torch.memory_format:
 
 
 def broadcast_grad(g: Tensor, shape: torch.Size, dtype: torch.dtype, fmt: torch.memory_format, scale: float) -> Tensor:
-    """``scale * g`` (fp32 (N, C)) broadcast to a new (N, C, H, W) map of ``dtype`` and layout ``fmt``."""
+    """``scale * g`` broadcast to a new (N, C, H, W) map of ``dtype`` and layout ``fmt``.
+
+    ``g`` is fp32 (N, C) (the same value at every pixel) or fp32 (S, N, C) per pixel chunk, chunked as
+    :func:`pixel_sums` chunks a map of ``shape`` (see :func:`fastbisenet.kernels.channel_attention.broadcast_hw`).
+    """
     out = torch.empty(shape, device=g.device, dtype=dtype, memory_format=fmt)
-    return K.broadcast_hw(g.contiguous(), out, scale)
+    return K.broadcast_hw(g, out, scale)
 
 
 def is_plain_1x1(conv: nn.Conv2d) -> bool:
@@ -130,11 +142,110 @@ def mean_hw(x: Tensor) -> Tensor:
     return call(MeanHWFunction.apply, torch.ops.fastbisenet.mean_hw, x)
 
 
+# ----------------------------------------------------------------------------------- pixel_sums
+
+
+def pixel_sums_fwd(x: Tensor) -> Tensor:
+    """fp32 partial pixel sums (S, N, C) of an (N, C, H, W) map: chunk ``s`` sums the flat pixels
+    ``p = h * W + w`` in ``[s * chunk, (s + 1) * chunk)``, ``(S, chunk) = split_plan(N, H * W, C, device)``."""
+    check_map(x)
+    return K.mean_partials(x)[0]
+
+
+def pixel_sums_bwd(grad: Tensor, shape: torch.Size, dtype: torch.dtype, fmt: torch.memory_format) -> Tensor:
+    """Gradient of :func:`pixel_sums_fwd`: ``dx[n, c, p] = grad[p // chunk, n, c]``, a map of ``dtype``/``fmt``.
+
+    The chunking is recomputed from ``shape`` and the device (it is deterministic); ``grad`` may be
+    expanded along S (stride 0, as the attention ops return it), which is read as a plain broadcast.
+    """
+    return broadcast_grad(grad.float(), shape, dtype, fmt, 1.0)
+
+
+class PixelSumsFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.meta = (x.shape, x.dtype, memory_format_of(x))
+        return pixel_sums_fwd(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        return pixel_sums_bwd(grad, *ctx.meta)
+
+
+@torch.library.custom_op("fastbisenet::pixel_sums", mutates_args=())
+def pixel_sums_op(x: Tensor) -> Tensor:
+    return pixel_sums_fwd(x)
+
+
+@pixel_sums_op.register_fake
+def _(x):
+    n, c, h, w = x.shape
+    split, _ = K.split_plan(n, h * w, c, x.device)
+    return x.new_empty((split, n, c), dtype=torch.float32)
+
+
+@torch.library.custom_op("fastbisenet::pixel_sums_backward", mutates_args=())
+def pixel_sums_backward_op(grad: Tensor, shape: list[int], dtype: torch.dtype, channels_last: bool) -> Tensor:
+    return pixel_sums_bwd(grad, torch.Size(shape), dtype, memory_format(channels_last))
+
+
+@pixel_sums_backward_op.register_fake
+def _(grad, shape, dtype, channels_last):
+    return torch.empty(shape, device=grad.device, dtype=dtype, memory_format=memory_format(channels_last))
+
+
+def _pixel_sums_setup(ctx, inputs, output):
+    (x,) = inputs
+    ctx.meta = (list(x.shape), x.dtype, is_channels_last(x))
+
+
+def _pixel_sums_backward(ctx, grad):
+    return torch.ops.fastbisenet.pixel_sums_backward(grad, *ctx.meta)
+
+
+pixel_sums_op.register_autograd(_pixel_sums_backward, setup_context=_pixel_sums_setup)
+
+
+def pixel_sums(x: Tensor) -> Tensor:
+    """fp32 partial pixel sums (S, N, C) of an (N, C, H, W) map (see :func:`pixel_sums_fwd`); differentiable."""
+    return call(PixelSumsFunction.apply, torch.ops.fastbisenet.pixel_sums, x)
+
+
+def check_pooled(pooled: Tensor, feat: Tensor) -> Tensor:
+    """``pooled`` as the attention kernels read it (contiguous), after checking that it can be ``feat``'s
+    partial pixel sums: fp32 (S, N, C) on ``feat``'s device; raise ``ValueError`` otherwise."""
+    n, c = feat.shape[:2]
+    if not isinstance(pooled, Tensor) or pooled.dim() != 3 or pooled.shape[0] == 0:
+        shape = tuple(pooled.shape) if isinstance(pooled, Tensor) else type(pooled).__name__
+        raise ValueError(f"pooled must be a 3-D tensor (S, N, C) of partial pixel sums with S >= 1, got {shape}")
+    if pooled.dtype != torch.float32:
+        raise ValueError(f"pooled must be float32 (fp32 partial pixel sums), got {pooled.dtype}")
+    if pooled.shape[1:] != (n, c):
+        raise ValueError(f"pooled must be (S, {n}, {c}) for feat of shape {tuple(feat.shape)}, "
+                         f"got {tuple(pooled.shape)}")
+    if pooled.device != feat.device:
+        raise ValueError(f"pooled is on {pooled.device} but feat is on {feat.device}")
+    return pooled.contiguous()
+
+
+def _pooled_sums(feat: Tensor, pooled: Tensor | None) -> Tensor:
+    """The attention ops' input: ``pooled`` checked, or :func:`pixel_sums` of ``feat`` (checked map)."""
+    check_map(feat, "feat")
+    return pixel_sums(feat) if pooled is None else check_pooled(pooled, feat)
+
+
+def sums_grad(dmean: Tensor, split: int, hw: int) -> Tensor:
+    """Gradient of the sums (S, N, C) from that of the mean = ``sums.sum(0) / hw``: ``dmean / hw`` along S."""
+    return (dmean / hw).expand(split, *dmean.shape)
+
+
 # --------------------------------------------------------------------------------- bn_attention
 
 
 def bn_attention_fwd(
-    feat: Tensor,
+    sums: Tensor,
+    hw: int,
+    dtype: torch.dtype,
     weight: Tensor,
     gamma: Tensor | None,
     beta: Tensor | None,
@@ -146,21 +257,20 @@ def bn_attention_fwd(
     momentum: float | None,
     eps: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``sigmoid(BN(W @ mean_hw(feat)))``; returns ``(a (N, C, 1, 1), y, mean, smean, sinvstd)``.
+    """``sigmoid(BN(W @ mean))``, mean = ``sums.sum(0) / hw``; returns ``(a (N, C, 1, 1), y, mean, smean, sinvstd)``.
 
-    ``batch_stats`` normalises with the batch statistics over N; ``update`` also moves the running
-    statistics in place by ``momentum``, or with ``momentum=None`` by ``1 / num_batches_tracked`` (a
-    cumulative average; the caller has already counted this call in ``num_batches_tracked``, which is
-    only read here). The last four outputs are fp32 and saved for backward.
+    ``sums`` are fp32 contiguous partial pixel sums (S, N, C_IN) of a map of ``hw`` pixels; ``a`` is of
+    ``dtype`` (the map's). ``batch_stats`` normalises with the batch statistics over N; ``update`` also
+    moves the running statistics in place by ``momentum``, or with ``momentum=None`` by
+    ``1 / num_batches_tracked`` (a cumulative average; the caller has already counted this call in
+    ``num_batches_tracked``, which is only read here). The last four outputs are fp32 and saved for backward.
     """
-    check_map(feat, "feat")
-    n, _, h, w = feat.shape
+    n = sums.shape[1]
     if momentum is None and (not update or num_batches_tracked is None):
         momentum = 0.0  # nothing cumulative to update (as nn.BatchNorm2d: factor 0 without a counter)
-    part, split = K.mean_partials(feat)
     a, y, mean, smean, sinvstd = K.bn_attention_fwd(
-        part, split, h * w, weight, gamma, beta, running_mean, running_var, batch_stats, update, momentum, eps,
-        feat.dtype, num_batches_tracked,
+        sums, hw, weight, gamma, beta, running_mean, running_var, batch_stats, update, momentum, eps, dtype,
+        num_batches_tracked,
     )
     return a.view(n, -1, 1, 1), y, mean, smean, sinvstd
 
@@ -175,18 +285,14 @@ def bn_attention_bwd(
     gamma: Tensor | None,
     beta: Tensor | None,
     batch_stats: bool,
-    feat_shape: torch.Size,
-    feat_dtype: torch.dtype,
-    feat_format: torch.memory_format,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Gradients ``(dfeat, dweight, dgamma, dbeta)`` of :func:`bn_attention_fwd`."""
+    """Gradients ``(dmean fp32 (N, C_IN), dweight, dgamma, dbeta)`` of :func:`bn_attention_fwd` (see
+    :func:`sums_grad` for the sums')."""
     n, c_out = y.shape
     dmean, dw, dgamma, dbeta = K.bn_attention_bwd(
         grad.reshape(n, c_out).contiguous(), y, mean, smean, sinvstd, weight, gamma, beta, batch_stats
     )
-    h, w = feat_shape[2], feat_shape[3]
-    dfeat = broadcast_grad(dmean, feat_shape, feat_dtype, feat_format, 1.0 / (h * w))
-    return dfeat, dw.view(weight.shape), dgamma, dbeta
+    return dmean, dw.view(weight.shape), dgamma, dbeta
 
 
 _NO_GRADS_BN = (None,) * 7  # running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps
@@ -196,24 +302,22 @@ class BNAttentionFunction(torch.autograd.Function):
     """Eager ``bn_attention``: updates the running statistics in place (when ``update``)."""
 
     @staticmethod
-    def forward(ctx, feat, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update,
-                momentum, eps):
+    def forward(ctx, sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats,
+                update, momentum, eps):
         a, y, mean, smean, sinvstd = bn_attention_fwd(
-            feat, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update, momentum,
-            eps,
+            sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update,
+            momentum, eps,
         )
         ctx.save_for_backward(y, mean, smean, sinvstd, weight, gamma, beta)
-        ctx.meta = (batch_stats, feat.shape, feat.dtype, memory_format_of(feat))
+        ctx.meta = (batch_stats, sums.shape[0], hw)
         return a
 
     @staticmethod
     def backward(ctx, grad):
         y, mean, smean, sinvstd, weight, gamma, beta = ctx.saved_tensors
-        batch_stats, shape, dtype, fmt = ctx.meta
-        dfeat, dw, dgamma, dbeta = bn_attention_bwd(
-            grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, shape, dtype, fmt
-        )
-        return dfeat, dw, dgamma, dbeta, *_NO_GRADS_BN
+        batch_stats, split, hw = ctx.meta
+        dmean, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats)
+        return sums_grad(dmean, split, hw), None, None, dw, dgamma, dbeta, *_NO_GRADS_BN
 
 
 # A custom op that mutates an argument cannot have an autograd formula (torch.library refuses
@@ -224,7 +328,9 @@ class BNAttentionFunction(torch.autograd.Function):
 # read (the wrapper increments it before the call).
 @torch.library.custom_op("fastbisenet::bn_attention", mutates_args=())
 def bn_attention_op(
-    feat: Tensor,
+    sums: Tensor,
+    hw: int,
+    dtype: torch.dtype,
     weight: Tensor,
     gamma: Tensor | None,
     beta: Tensor | None,
@@ -239,7 +345,8 @@ def bn_attention_op(
     if update:
         running_mean, running_var = running_mean.clone(), running_var.clone()
     outs = bn_attention_fwd(
-        feat, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps
+        sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update,
+        momentum, eps,
     )
     if not update:
         running_mean, running_var = outs[3].new_empty(0), outs[3].new_empty(0)
@@ -247,17 +354,17 @@ def bn_attention_op(
 
 
 @bn_attention_op.register_fake
-def _(feat, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps):
-    n, c_in = feat.shape[:2]
+def _(sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update,
+      momentum, eps):
+    _, n, c_in = sums.shape
     c_out = weight.shape[0]
-    f32 = torch.float32
     stats = (
         (torch.empty_like(running_mean), torch.empty_like(running_var)) if update
-        else (feat.new_empty(0, dtype=f32), feat.new_empty(0, dtype=f32))
+        else (sums.new_empty(0), sums.new_empty(0))
     )
     return (
-        feat.new_empty((n, c_out, 1, 1)), feat.new_empty((n, c_out), dtype=f32), feat.new_empty((n, c_in), dtype=f32),
-        feat.new_empty((c_out,), dtype=f32), feat.new_empty((c_out,), dtype=f32), *stats,
+        sums.new_empty((n, c_out, 1, 1), dtype=dtype), sums.new_empty((n, c_out)), sums.new_empty((n, c_in)),
+        sums.new_empty((c_out,)), sums.new_empty((c_out,)), *stats,
     )
 
 
@@ -272,55 +379,53 @@ def bn_attention_backward_op(
     gamma: Tensor | None,
     beta: Tensor | None,
     batch_stats: bool,
-    feat_shape: list[int],
-    feat_dtype: torch.dtype,
-    channels_last: bool,
 ) -> list[Tensor]:
-    """``[dfeat, dweight]``, plus ``[dgamma, dbeta]`` when BN is affine (a custom op returns no None)."""
-    dfeat, dw, dgamma, dbeta = bn_attention_bwd(
-        grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, torch.Size(feat_shape), feat_dtype,
-        memory_format(channels_last),
-    )
-    return [dfeat, dw] if dgamma is None else [dfeat, dw, dgamma, dbeta]
+    """``[dmean, dweight]``, plus ``[dgamma, dbeta]`` when BN is affine (a custom op returns no None)."""
+    dmean, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats)
+    return [dmean, dw] if dgamma is None else [dmean, dw, dgamma, dbeta]
 
 
 @bn_attention_backward_op.register_fake
-def _(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, feat_shape, feat_dtype, channels_last):
-    dfeat = torch.empty(feat_shape, device=grad.device, dtype=feat_dtype, memory_format=memory_format(channels_last))
+def _(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats):
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    return [dfeat, dw] if gamma is None else [dfeat, dw, torch.empty_like(gamma), torch.empty_like(beta)]
+    dmean = torch.empty_like(mean, memory_format=torch.contiguous_format)
+    return [dmean, dw] if gamma is None else [dmean, dw, torch.empty_like(gamma), torch.empty_like(beta)]
 
 
 def _bn_attention_setup(ctx, inputs, output):
-    feat, weight, gamma, beta = inputs[:4]
-    batch_stats = inputs[7]
+    sums, hw, _, weight, gamma, beta = inputs[:6]
+    batch_stats = inputs[9]
     _, y, mean, smean, sinvstd, new_mean, new_var = output
     ctx.save_for_backward(y, mean, smean, sinvstd, weight, gamma, beta)
     ctx.mark_non_differentiable(y, mean, smean, sinvstd, new_mean, new_var)
-    ctx.meta = (batch_stats, list(feat.shape), feat.dtype, is_channels_last(feat))
+    ctx.meta = (batch_stats, sums.shape[0], hw)
 
 
 def _bn_attention_backward(ctx, grad, *_):
     y, mean, smean, sinvstd, weight, gamma, beta = ctx.saved_tensors
-    dfeat, dw, *affine = torch.ops.fastbisenet.bn_attention_backward(
-        grad, y, mean, smean, sinvstd, weight, gamma, beta, *ctx.meta
+    batch_stats, split, hw = ctx.meta
+    dmean, dw, *affine = torch.ops.fastbisenet.bn_attention_backward(
+        grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats
     )
     dgamma, dbeta = affine or (None, None)
-    return dfeat, dw, dgamma, dbeta, *_NO_GRADS_BN
+    return sums_grad(dmean, split, hw), None, None, dw, dgamma, dbeta, *_NO_GRADS_BN
 
 
 bn_attention_op.register_autograd(_bn_attention_backward, setup_context=_bn_attention_setup)
 
 
-def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
-    """``sigmoid(bn(conv(mean_hw(feat))))``: ARM and v1 FFM attention, shape (N, C, 1, 1).
+def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pooled: Tensor | None = None) -> Tensor:
+    """``sigmoid(bn(conv(mean_hw(feat))))``: ARM and v1 FFM attention, shape (N, C, 1, 1), ``feat.dtype``.
 
-    ``bn`` behaves as ``nn.BatchNorm2d`` does: batch statistics over N in training (or without running
-    statistics), running statistics otherwise; in training the running statistics and
-    ``num_batches_tracked`` are updated (``momentum=None``: cumulative average).
+    ``pooled``: ``feat``'s fp32 partial pixel sums (S, N, C) gathered by its producer (any chunking;
+    gradients flow back into it); ``feat`` then supplies only H * W and the dtype. Without it the sums
+    come from :func:`pixel_sums`. ``bn`` behaves as ``nn.BatchNorm2d`` does: batch statistics over N in
+    training (or without running statistics), running statistics otherwise; in training the running
+    statistics and ``num_batches_tracked`` are updated (``momentum=None``: cumulative average).
     """
     if not is_plain_1x1(conv) or not _widths_chain(feat, conv) or bn.num_features != conv.out_channels:
         return reference.bn_attention(feat, conv, bn)  # also raises PyTorch's own error for mismatched widths
+    sums = _pooled_sums(feat, pooled)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     if batch_stats and feat.shape[0] == 1:
         raise ValueError(
@@ -330,9 +435,10 @@ def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
     update = bn.training and bn.track_running_stats and bn.running_mean is not None
     if update and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
+    momentum = None if bn.momentum is None else float(bn.momentum)
     args = (
-        feat, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked, batch_stats,
-        update, None if bn.momentum is None else float(bn.momentum), float(bn.eps),
+        sums, feat.shape[2] * feat.shape[3], feat.dtype, conv.weight, bn.weight, bn.bias, bn.running_mean,
+        bn.running_var, bn.num_batches_tracked, batch_stats, update, momentum, float(bn.eps),
     )
     if not torch.compiler.is_compiling():
         return BNAttentionFunction.apply(*args)
@@ -346,105 +452,98 @@ def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
 # -------------------------------------------------------------------------------- mlp_attention
 
 
-def mlp_attention_fwd(feat: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``sigmoid(W2 @ relu(W1 @ mean_hw(feat)))``; returns ``(a (N, C, 1, 1), u, z, mean)`` (last three fp32)."""
-    check_map(feat, "feat")
-    n, _, h, w = feat.shape
-    part, split = K.mean_partials(feat)
-    a, u, z, mean = K.mlp_attention_fwd(part, split, h * w, w1, w2, feat.dtype)
-    return a.view(n, -1, 1, 1), u, z, mean
+def mlp_attention_fwd(
+    sums: Tensor, hw: int, dtype: torch.dtype, w1: Tensor, w2: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``sigmoid(W2 @ relu(W1 @ mean))``, mean = ``sums.sum(0) / hw``; returns ``(a (N, C, 1, 1), u, z, mean)``.
+
+    ``sums`` as in :func:`bn_attention_fwd`; ``a`` is of ``dtype``, the last three are fp32.
+    """
+    a, u, z, mean = K.mlp_attention_fwd(sums, hw, w1, w2, dtype)
+    return a.view(sums.shape[1], -1, 1, 1), u, z, mean
 
 
 def mlp_attention_bwd(
-    grad: Tensor,
-    u: Tensor,
-    z: Tensor,
-    mean: Tensor,
-    w1: Tensor,
-    w2: Tensor,
-    feat_shape: torch.Size,
-    feat_dtype: torch.dtype,
-    feat_format: torch.memory_format,
+    grad: Tensor, u: Tensor, z: Tensor, mean: Tensor, w1: Tensor, w2: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dfeat, dw1, dw2)`` of :func:`mlp_attention_fwd`."""
+    """Gradients ``(dmean fp32 (N, C_IN), dw1, dw2)`` of :func:`mlp_attention_fwd`."""
     n, c_out = z.shape
     dmean, dw1, dw2 = K.mlp_attention_bwd(grad.reshape(n, c_out).contiguous(), z, u, mean, w1, w2)
-    h, w = feat_shape[2], feat_shape[3]
-    dfeat = broadcast_grad(dmean, feat_shape, feat_dtype, feat_format, 1.0 / (h * w))
-    return dfeat, dw1.view(w1.shape), dw2.view(w2.shape)
+    return dmean, dw1.view(w1.shape), dw2.view(w2.shape)
 
 
 class MLPAttentionFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, feat, w1, w2):
-        a, u, z, mean = mlp_attention_fwd(feat, w1, w2)
+    def forward(ctx, sums, hw, dtype, w1, w2):
+        a, u, z, mean = mlp_attention_fwd(sums, hw, dtype, w1, w2)
         ctx.save_for_backward(u, z, mean, w1, w2)
-        ctx.meta = (feat.shape, feat.dtype, memory_format_of(feat))
+        ctx.meta = (sums.shape[0], hw)
         return a
 
     @staticmethod
     def backward(ctx, grad):
         u, z, mean, w1, w2 = ctx.saved_tensors
-        return mlp_attention_bwd(grad, u, z, mean, w1, w2, *ctx.meta)
+        dmean, dw1, dw2 = mlp_attention_bwd(grad, u, z, mean, w1, w2)
+        return sums_grad(dmean, *ctx.meta), None, None, dw1, dw2
 
 
 @torch.library.custom_op("fastbisenet::mlp_attention", mutates_args=())
-def mlp_attention_op(feat: Tensor, w1: Tensor, w2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    return mlp_attention_fwd(feat, w1, w2)
+def mlp_attention_op(
+    sums: Tensor, hw: int, dtype: torch.dtype, w1: Tensor, w2: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return mlp_attention_fwd(sums, hw, dtype, w1, w2)
 
 
 @mlp_attention_op.register_fake
-def _(feat, w1, w2):
-    n, c_in = feat.shape[:2]
+def _(sums, hw, dtype, w1, w2):
+    _, n, c_in = sums.shape
     c_mid, c_out = w1.shape[0], w2.shape[0]
-    f32 = torch.float32
     return (
-        feat.new_empty((n, c_out, 1, 1)), feat.new_empty((n, c_mid), dtype=f32), feat.new_empty((n, c_out), dtype=f32),
-        feat.new_empty((n, c_in), dtype=f32),
+        sums.new_empty((n, c_out, 1, 1), dtype=dtype), sums.new_empty((n, c_mid)), sums.new_empty((n, c_out)),
+        sums.new_empty((n, c_in)),
     )
 
 
 @torch.library.custom_op("fastbisenet::mlp_attention_backward", mutates_args=())
 def mlp_attention_backward_op(
-    grad: Tensor,
-    u: Tensor,
-    z: Tensor,
-    mean: Tensor,
-    w1: Tensor,
-    w2: Tensor,
-    feat_shape: list[int],
-    feat_dtype: torch.dtype,
-    channels_last: bool,
+    grad: Tensor, u: Tensor, z: Tensor, mean: Tensor, w1: Tensor, w2: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    return mlp_attention_bwd(grad, u, z, mean, w1, w2, torch.Size(feat_shape), feat_dtype, memory_format(channels_last))
+    """``(dmean, dw1, dw2)``."""
+    return mlp_attention_bwd(grad, u, z, mean, w1, w2)
 
 
 @mlp_attention_backward_op.register_fake
-def _(grad, u, z, mean, w1, w2, feat_shape, feat_dtype, channels_last):
-    dfeat = torch.empty(feat_shape, device=grad.device, dtype=feat_dtype, memory_format=memory_format(channels_last))
+def _(grad, u, z, mean, w1, w2):
     contiguous = torch.contiguous_format
-    return dfeat, torch.empty_like(w1, memory_format=contiguous), torch.empty_like(w2, memory_format=contiguous)
+    return (torch.empty_like(mean, memory_format=contiguous), torch.empty_like(w1, memory_format=contiguous),
+            torch.empty_like(w2, memory_format=contiguous))
 
 
 def _mlp_attention_setup(ctx, inputs, output):
-    feat, w1, w2 = inputs
+    sums, hw, _, w1, w2 = inputs
     _, u, z, mean = output
     ctx.save_for_backward(u, z, mean, w1, w2)
     ctx.mark_non_differentiable(u, z, mean)
-    ctx.meta = (list(feat.shape), feat.dtype, is_channels_last(feat))
+    ctx.meta = (sums.shape[0], hw)
 
 
 def _mlp_attention_backward(ctx, grad, *_):
     u, z, mean, w1, w2 = ctx.saved_tensors
-    return torch.ops.fastbisenet.mlp_attention_backward(grad, u, z, mean, w1, w2, *ctx.meta)
+    dmean, dw1, dw2 = torch.ops.fastbisenet.mlp_attention_backward(grad, u, z, mean, w1, w2)
+    return sums_grad(dmean, *ctx.meta), None, None, dw1, dw2
 
 
 mlp_attention_op.register_autograd(_mlp_attention_backward, setup_context=_mlp_attention_setup)
 
 
-def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d) -> Tensor:
-    """``sigmoid(conv2(relu(conv1(mean_hw(feat)))))``: face-parsing FFM attention, shape (N, C, 1, 1)."""
+def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d, *, pooled: Tensor | None = None) -> Tensor:
+    """``sigmoid(conv2(relu(conv1(mean_hw(feat)))))``: face-parsing FFM attention, shape (N, C, 1, 1).
+
+    ``pooled`` as in :func:`bn_attention`.
+    """
     if (not (is_plain_1x1(conv1) and is_plain_1x1(conv2)) or conv1.out_channels > K.MAX_MLP_HIDDEN
             or not _widths_chain(feat, conv1, conv2)):
         return reference.mlp_attention(feat, conv1, conv2)  # also raises PyTorch's error for mismatched widths
-    return call(MLPAttentionFunction.apply, torch.ops.fastbisenet.mlp_attention, feat, conv1.weight, conv2.weight)
+    sums = _pooled_sums(feat, pooled)
+    return call(MLPAttentionFunction.apply, torch.ops.fastbisenet.mlp_attention, sums, feat.shape[2] * feat.shape[3],
+                feat.dtype, conv1.weight, conv2.weight)

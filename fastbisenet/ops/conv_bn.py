@@ -16,6 +16,11 @@ epilogue: an eval-mode call is one kernel launch plus the output allocation, not
 reads ``gamma``/``beta``/``running_mean``/``running_var`` directly). Outputs are ``channels_last`` in
 the input's dtype.
 
+Pixel sums (``pool=True``): the op also returns fp32 per-image partial sums of its output, gathered by
+the kernel that writes the output (the conv epilogue in eval, the BN+ReLU pass in train; tiles are then
+laid out per image), so a channel attention on the output (ARM, FFM) never re-reads the map. The sums
+are differentiable: their gradient is added to the output's, per slot, inside the backward kernels.
+
 Packed weights: the kernels read the weight as a ``(KH*KW*C_in, C_out)`` matrix in the activation
 dtype. :func:`_packed_weight` caches that copy per weight tensor and dtype/device and repacks (in
 place, into the same buffer) only when the weight changed: a different ``data_ptr`` /shape/strides
@@ -54,6 +59,11 @@ __all__ = ["ConvBNActFunction", "backward", "clear_packed_weights", "concat_conv
 
 _STAT_M: int = K.STAT_M_DEFAULT
 """Rows per partial-statistics slot of the forward kernel (see :func:`K.bn_stats_kernel`)."""
+
+
+def pool_rows(has_bn: bool, batch_stats: bool) -> int:
+    """Pixels per slot of the pixel sums (``pool=True``): the pass that writes the output gathers them."""
+    return K.POOL_M_ELT if has_bn and batch_stats else _STAT_M
 
 
 # ---------------------------------------------------------------------------------- tensor level
@@ -158,8 +168,9 @@ def forward(
     batch_stats: bool,
     relu: bool,
     need_stats: bool = True,
-) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """``relu?(bn?(conv(cat?(x, x2)) + bias?) + residual?)``; returns ``(out, y, mean, invstd)``.
+    pool: bool = False,
+) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """``relu?(bn?(conv(cat?(x, x2)) + bias?) + residual?)``; returns ``(out, y, mean, invstd, sums)``.
 
     ``y`` is the conv output (only with batch statistics, else ``None``); ``mean``/``invstd`` are the
     fp32 per-channel statistics the output was normalised with (batch or running; ``None`` without
@@ -170,25 +181,31 @@ def forward(
     launch; ``mean``/``invstd`` (fp32 copies of the running mean and ``rsqrt(running_var + eps)`` at this
     call, three small ops) are computed only with ``need_stats``, i.e. when a backward may follow; else
     they are ``None``.
+
+    ``pool``: ``sums`` is fp32 (S, N, C) pixel sums of ``out`` (slot ``s`` of image ``n`` sums its flat
+    pixels ``[s * R, (s + 1) * R)``, ``R = pool_rows(has_bn, batch_stats)``), gathered by the kernel
+    that writes ``out`` (the conv epilogue, or the train-mode BN pass); else ``None``.
     """
     KH, KW = weight.shape[2], weight.shape[3]
     C = weight.shape[0]
     # a call that may be followed by a backward packs afresh (training), inference uses the cache
     w = _packed_weight(weight, x.dtype, may_backward=(has_bn and batch_stats) or need_stats)
     if not has_bn:
-        out, _ = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias, residual=residual, relu=relu)
-        return out, None, None, None
+        out, sums = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias, residual=residual, relu=relu,
+                                  pool=pool, stat_m=_STAT_M)
+        return out, None, None, None, sums
     if not batch_stats:  # eval: the kernel folds the current running statistics into its epilogue
-        out, _ = K.conv_bn_fwd(
+        out, sums = K.conv_bn_fwd(
             x, w, (KH, KW), stride, padding, x2=x2, bias=bias, bn_weight=bn_weight, bn_bias=bn_bias,
             running_mean=running_mean, running_var=running_var, eps=eps, residual=residual, relu=relu,
+            pool=pool, stat_m=_STAT_M,
         )
         if not need_stats:
-            return out, None, None, None
+            return out, None, None, None, sums
         # snapshots of this call's statistics for backward (the buffers may change before it runs)
         mean = running_mean.detach().to(torch.float32, copy=True)
         invstd = torch.rsqrt(running_var.detach().float() + eps)
-        return out, None, mean, invstd
+        return out, None, mean, invstd, sums
 
     f32 = {"device": x.device, "dtype": torch.float32}
     beta = bn_bias.detach().float() if bn_bias is not None else torch.zeros(C, **f32)
@@ -203,8 +220,8 @@ def forward(
         part, M, _STAT_M, eps, bn_weight.detach() if bn_weight is not None else None,
         running_mean, running_var, num_batches_tracked, momentum,
     )
-    out = K.bn_act(y, mean, scale, beta, residual, relu)
-    return out, y, mean, invstd
+    out, sums = K.bn_act(y, mean, scale, beta, residual, relu, pool=pool)
+    return out, y, mean, invstd, sums
 
 
 def backward(
@@ -224,11 +241,14 @@ def backward(
     batch_stats: bool,
     residual_dtype: torch.dtype | None,
     needs: tuple[bool, ...],
+    grad_sums: Tensor | None = None,
 ) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dx2, dweight, dbias, dbn_weight, dbn_bias, dresidual)`` (``None`` where not needed).
 
     ``out`` is the forward output when ReLU was on (its mask), else ``None``; ``y``/``mean``/``invstd``
-    as returned by :func:`forward`; ``needs`` flags the seven gradients. The ReLU mask and the BN
+    as returned by :func:`forward`; ``needs`` flags the seven gradients. ``grad_sums``: gradient of the
+    pixel sums output of a ``pool`` forward (fp32 (S, N, C), any strides; ``None`` when there was none
+    or it is unused), added to ``grad_out`` per slot inside the kernels. The ReLU mask and the BN
     backward are fused: one pass for the two per-channel reductions ``sum(g)``, ``sum(g * xhat)``,
     one element-wise pass for the conv-output gradient ``dy`` (and ``dresidual = g``). dgrad/wgrad use
     ``aten.convolution_backward`` (cuDNN on GPU). That choice over a Triton dgrad/wgrad still has to be
@@ -241,13 +261,14 @@ def backward(
     KH, KW = weight.shape[2], weight.shape[3]
     dgamma = dbeta = None
     b_coef = None
+    gsums = {} if grad_sums is None else {"grad_sums": grad_sums.float(), "pool_m": pool_rows(has_bn, batch_stats)}
     if not has_bn:
         a_coef, c_coef = torch.ones(C, **f32), torch.zeros(C, **f32)
     else:
         gamma = bn_weight.detach().float() if bn_weight is not None else torch.ones(C, **f32)
         k = gamma * invstd
         if batch_stats:
-            sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y, mean, invstd)
+            sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y, mean, invstd, **gsums)
             a_coef, b_coef, c_coef = k, -k * invstd * (sum_gx / M), -k * (sum_g / M)
         else:  # BN is a fixed affine map; y (for xhat) is recomputed only when gamma needs a gradient
             a_coef, c_coef = k, torch.zeros(C, **f32)
@@ -256,7 +277,7 @@ def backward(
                 if need_gamma and y is None:
                     w = _packed_weight(weight, x.dtype, may_backward=True)
                     y, _ = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias)
-                sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y if need_gamma else None, mean, invstd)
+                sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y if need_gamma else None, mean, invstd, **gsums)
             y = None  # the element-wise pass needs no y in eval
         dgamma = sum_gx if need_gamma else None
         dbeta = sum_g if need_beta else None
@@ -265,7 +286,7 @@ def backward(
     if need_x or need_x2 or need_w or need_b or need_res:
         dy, dres = K.bn_act_bwd(
             grad_out, out, y, mean, a_coef, b_coef, c_coef,
-            dy_dtype=x.dtype, dres_dtype=residual_dtype if need_res else None,
+            dy_dtype=x.dtype, dres_dtype=residual_dtype if need_res else None, **gsums,
         )
         w = weight.detach().to(x.dtype)
         segments = [(x, 0, x.shape[1], need_x)]
@@ -304,33 +325,35 @@ class ConvBNActFunction(torch.autograd.Function):
     """Autograd Function over :func:`forward` / :func:`backward` (see the module docstring for what is saved).
 
     ``apply(x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
-    num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu[, need_stats])``;
+    num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu[, need_stats[, pool]])``;
     ``need_stats`` (default ``True``) as in :func:`forward`: pass ``False`` when no backward can follow
-    (``ctx.needs_input_grad`` cannot tell: it ignores grad mode).
+    (``ctx.needs_input_grad`` cannot tell: it ignores grad mode). ``pool`` (default ``False``): return
+    ``(out, sums)``, both differentiable, instead of ``out``.
     """
 
     @staticmethod
     def forward(ctx, x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
-                num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats=True):
-        out, y, mean, invstd = forward(
+                num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats=True,
+                pool=False):
+        out, y, mean, invstd, sums = forward(
             x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var,
-            num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats,
+            num_batches_tracked, stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats, pool,
         )
         ctx.save_for_backward(x, x2, weight, bias, bn_weight, out if relu else None, y, mean, invstd)
         ctx.geometry = (stride, padding)
         ctx.flags = (has_bn, batch_stats, None if residual is None else residual.dtype)
-        return out
+        return (out, sums) if pool else out
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, grad_sums=None):
         x, x2, weight, bias, bn_weight, out, y, mean, invstd = ctx.saved_tensors
         has_bn, batch_stats, residual_dtype = ctx.flags
         grads = backward(
             grad_out, x, x2, weight, bias, bn_weight, out, y, mean, invstd, *ctx.geometry,
-            has_bn, batch_stats, residual_dtype, tuple(ctx.needs_input_grad[:7]),
+            has_bn, batch_stats, residual_dtype, tuple(ctx.needs_input_grad[:7]), grad_sums,
         )
-        return (*grads, *([None] * 11))
+        return (*grads, *([None] * 12))
 
 
 # ---------------------------------------------------------------------------------- torch.library
@@ -350,18 +373,20 @@ def conv_bn_act_op(
     bn_bias: Tensor | None, residual: Tensor | None, running_mean: Tensor | None, running_var: Tensor | None,
     num_batches_tracked: Tensor | None, stride: list[int], padding: list[int], eps: float,
     momentum: float | None, has_bn: bool, batch_stats: bool, relu: bool, need_stats: bool = True,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Functional :func:`forward`: ``(out, y, mean, invstd, new_running_mean, new_running_var, new_nbt)``.
+    pool: bool = False,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Functional :func:`forward`: ``(out, y, mean, invstd, new_running_mean, new_running_var, new_nbt, sums)``.
 
-    In eval (``has_bn and not batch_stats``) ``mean``/``invstd`` are empty unless ``need_stats``.
+    In eval (``has_bn and not batch_stats``) ``mean``/``invstd`` are empty unless ``need_stats``;
+    ``sums`` is empty unless ``pool``.
     """
     update = has_bn and batch_stats and running_mean is not None
     rm = running_mean.clone() if update else running_mean
     rv = running_var.clone() if update else running_var
     nbt = num_batches_tracked.clone() if update and num_batches_tracked is not None else None
-    out, y, mean, invstd = forward(
+    out, y, mean, invstd, sums = forward(
         x, x2, weight, bias, bn_weight, bn_bias, residual, rm, rv, nbt,
-        tuple(stride), tuple(padding), eps, momentum, has_bn, batch_stats, relu, need_stats,
+        tuple(stride), tuple(padding), eps, momentum, has_bn, batch_stats, relu, need_stats, pool,
     )
 
     def empty(dtype: torch.dtype = torch.float32) -> Tensor:  # a fresh one each time: outputs must not alias
@@ -374,13 +399,13 @@ def conv_bn_act_op(
         out, empty(x.dtype) if y is None else y, empty() if mean is None else mean,
         empty() if invstd is None else invstd,
         rm if update else empty(), rv if update else empty(),
-        nbt if nbt is not None else empty(torch.long),
+        nbt if nbt is not None else empty(torch.long), empty() if sums is None else sums,
     )
 
 
 @conv_bn_act_op.register_fake
 def _(x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_var, num_batches_tracked,
-      stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats=True):
+      stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats=True, pool=False):
     c_out, _, kh, kw = weight.shape
     ho = (x.shape[2] + 2 * padding[0] - kh) // stride[0] + 1
     wo = (x.shape[3] + 2 * padding[1] - kw) // stride[1] + 1
@@ -396,6 +421,8 @@ def _(x, x2, weight, bias, bn_weight, bn_bias, residual, running_mean, running_v
         vec(n_stats), vec(n_stats),
         torch.empty_like(running_mean) if update else vec(0), torch.empty_like(running_var) if update else vec(0),
         torch.empty_like(num_batches_tracked) if update and num_batches_tracked is not None else vec(0, torch.long),
+        x.new_empty((-(-ho * wo // pool_rows(has_bn, batch_stats)), x.shape[0], c_out), dtype=torch.float32)
+        if pool else vec(0),
     )
 
 
@@ -404,12 +431,12 @@ def conv_bn_act_backward_op(
     grad_out: Tensor, x: Tensor, x2: Tensor | None, weight: Tensor, bias: Tensor | None,
     bn_weight: Tensor | None, out: Tensor | None, y: Tensor | None, mean: Tensor | None,
     invstd: Tensor | None, stride: list[int], padding: list[int], has_bn: bool, batch_stats: bool,
-    residual_dtype: torch.dtype | None, needs: list[bool],
+    residual_dtype: torch.dtype | None, needs: list[bool], grad_sums: Tensor | None = None,
 ) -> list[Tensor]:
     """:func:`backward` with ``None`` gradients as empty tensors; ``dx``/``dx2`` in their input's layout."""
     grads = backward(
         grad_out.contiguous(memory_format=torch.channels_last), x, x2, weight, bias, bn_weight, out, y, mean,
-        invstd, tuple(stride), tuple(padding), has_bn, batch_stats, residual_dtype, tuple(needs),
+        invstd, tuple(stride), tuple(padding), has_bn, batch_stats, residual_dtype, tuple(needs), grad_sums,
     )
     result, seen = [], {t.untyped_storage().data_ptr() for t in (grad_out, x, x2, weight) if t is not None}
     for i, g in enumerate(grads):
@@ -434,7 +461,7 @@ def _grad_format(i: int, x: Tensor, x2: Tensor | None) -> torch.memory_format:
 
 @conv_bn_act_backward_op.register_fake
 def _(grad_out, x, x2, weight, bias, bn_weight, out, y, mean, invstd, stride, padding, has_bn, batch_stats,
-      residual_dtype, needs):
+      residual_dtype, needs, grad_sums=None):
     like = (x, x2, weight, bias, bn_weight, bn_weight, grad_out)
     grads = []
     for i, need in enumerate(list(needs) + [False] * (7 - len(needs))):
@@ -448,23 +475,26 @@ def _(grad_out, x, x2, weight, bias, bn_weight, out, y, mean, invstd, stride, pa
 
 def _conv_setup(ctx, inputs, output):
     (x, x2, weight, bias, bn_weight, _, residual, _, _, _, stride, padding, _, _, has_bn, batch_stats,
-     relu, *_) = inputs
+     relu, *rest) = inputs
+    pool = len(rest) > 1 and rest[1]
     out, y, mean, invstd = output[:4]
     ctx.save_for_backward(x, x2, weight, bias, bn_weight, out if relu else None, y, mean, invstd)
     ctx.geometry = (list(stride), list(padding))
     ctx.flags = (has_bn, batch_stats, None if residual is None else residual.dtype)
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.pool = pool
+    ctx.mark_non_differentiable(*output[1:7], *(() if pool else output[7:]))
 
 
-def _conv_backward(ctx, grad_out, *_):
+def _conv_backward(ctx, grad_out, *rest):
     x, x2, weight, bias, bn_weight, out, y, mean, invstd = ctx.saved_tensors
     has_bn, batch_stats, residual_dtype = ctx.flags
     needs = [bool(n) for n in ctx.needs_input_grad[:7]]
+    grad_sums = rest[6] if ctx.pool else None
     grads = torch.ops.fastbisenet.conv_bn_act_backward(
         grad_out, x, x2, weight, bias, bn_weight, out, _none_if_empty(y), _none_if_empty(mean),
-        _none_if_empty(invstd), *ctx.geometry, has_bn, batch_stats, residual_dtype, needs,
+        _none_if_empty(invstd), *ctx.geometry, has_bn, batch_stats, residual_dtype, needs, grad_sums,
     )
-    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *([None] * 11))
+    return (*(g if need else None for g, need in zip(grads, needs, strict=True)), *([None] * 12))
 
 
 conv_bn_act_op.register_autograd(_conv_backward, setup_context=_conv_setup)
@@ -501,8 +531,8 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
 
 def _apply(
     x: Tensor, x2: Tensor | None, conv: nn.Conv2d, bn: nn.BatchNorm2d | None,
-    residual: Tensor | None, relu: bool,
-) -> Tensor:
+    residual: Tensor | None, relu: bool, pool: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     stride, padding = _check_conv(conv)
     x, x2, residual = _autocast(x, x2, residual)
     if x.is_cuda and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -541,16 +571,18 @@ def _apply(
     # eval BN needs its statistics saved only if a backward can follow
     need_stats = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
     if not torch.compiler.is_compiling():
-        return ConvBNActFunction.apply(*args, stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats)
-    out, _, _, _, new_rm, new_rv, new_nbt = torch.ops.fastbisenet.conv_bn_act(
-        *args, list(stride), list(padding), eps, momentum, has_bn, batch_stats, relu, need_stats
+        return ConvBNActFunction.apply(
+            *args, stride, padding, eps, momentum, has_bn, batch_stats, relu, need_stats, pool
+        )
+    out, _, _, _, new_rm, new_rv, new_nbt, sums = torch.ops.fastbisenet.conv_bn_act(
+        *args, list(stride), list(padding), eps, momentum, has_bn, batch_stats, relu, need_stats, pool
     )
     if has_bn and batch_stats and rm is not None:
         rm.copy_(new_rm)
         rv.copy_(new_rv)
         if nbt is not None:
             nbt.copy_(new_nbt)
-    return out
+    return (out, sums) if pool else out
 
 
 def conv_bn_act(
@@ -560,24 +592,31 @@ def conv_bn_act(
     *,
     residual: Tensor | None = None,
     relu: bool = True,
-) -> Tensor:
+    pool: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """``relu?(bn?(conv(x)) + residual?)`` with the modules' own train/eval semantics (fused kernels).
 
     Same signature and semantics as :func:`fastbisenet.reference.conv_bn_act`, including ``conv.bias``
     and the in-place running-statistics update of ``bn``. ``x`` may be NCHW or channels_last; the
-    output is channels_last in ``x.dtype``.
+    output is channels_last in ``x.dtype``. ``pool=True`` returns ``(out, sums)``: fp32 (S, N, C) pixel
+    sums of ``out`` gathered by the kernel that writes it (see :func:`forward`), which the attention
+    ops of :mod:`fastbisenet.ops.channel_attention` take as ``pooled=`` instead of re-reading ``out``;
+    both outputs are differentiable.
     """
-    return _apply(x, None, conv, bn, residual, relu)
+    return _apply(x, None, conv, bn, residual, relu, pool)
 
 
-def concat_conv_bn_act(xs: list[Tensor], conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tensor:
+def concat_conv_bn_act(
+    xs: list[Tensor], conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pool: bool = False
+) -> Tensor | tuple[Tensor, Tensor]:
     """``relu(bn(conv(cat(xs, dim=1))))`` without materialising the concat (two K segments of one GEMM).
 
-    Supported: one input (any conv), or two inputs with a 1x1 conv (the FFM's ``convblk``).
+    Supported: one input (any conv), or two inputs with a 1x1 conv (the FFM's ``convblk``). ``pool`` as
+    in :func:`conv_bn_act`.
     """
     xs = list(xs)
     if len(xs) == 1:
-        return _apply(xs[0], None, conv, bn, None, True)
+        return _apply(xs[0], None, conv, bn, None, True, pool)
     if len(xs) != 2:
         raise NotImplementedError(f"concat_conv_bn_act supports 1 or 2 inputs, got {len(xs)}")
     if tuple(conv.kernel_size) != (1, 1):
@@ -589,4 +628,4 @@ def concat_conv_bn_act(xs: list[Tensor], conv: nn.Conv2d, bn: nn.BatchNorm2d) ->
         raise ValueError(f"concat_conv_bn_act: inputs {tuple(a.shape)} and {tuple(b.shape)} differ in N, H, W")
     if a.dtype != b.dtype or a.device != b.device:
         raise ValueError("concat_conv_bn_act: inputs must share dtype and device")
-    return _apply(a, b, conv, bn, None, True)
+    return _apply(a, b, conv, bn, None, True, pool)
