@@ -77,6 +77,24 @@ def conv_case(device: str) -> None:
         got = _conv_fwd_bwd(o_conv.conv_bn_act, conv, bn, *inputs)
         want = _conv_fwd_bwd(reference.conv_bn_act, conv64, bn64, *(t.double() for t in inputs))
         compare(got, want, f"conv cin={cin} k={k} s={stride} train={train} res={res}")
+        compare(_pooled_arm(o_conv.conv_bn_act, o_att.bn_attention, conv, bn, *inputs),
+                _pooled_arm(reference.conv_bn_act, reference.bn_attention, conv64, bn64, *(t.double() for t in inputs)),
+                f"pooled conv + attention cin={cin} k={k} s={stride} train={train} res={res}")
+
+
+def _pooled_arm(conv_op, attention_op, conv: nn.Conv2d, bn: nn.BatchNorm2d, *inputs: torch.Tensor):
+    """``feat * attention(feat)`` with the mean taken from the conv's pixel sums (``pool=True``): exercises
+    the POOL epilogue (eval) / BN pass (train) and the sums' gradient in the conv backward."""
+    att = nn.Conv2d(conv.out_channels, conv.out_channels, 1, bias=False).to(conv.weight)
+    with torch.no_grad():
+        att.weight.copy_(torch.randn(att.weight.shape, generator=torch.Generator().manual_seed(3)))
+    att_bn = nn.BatchNorm2d(conv.out_channels).to(conv.weight).eval()  # batch stats over N=2: ill-conditioned
+
+    def arm(x, *res):
+        feat, pooled = conv_op(x, conv, bn, residual=res[0] if res else None, pool=True)
+        return feat * attention_op(feat, att, att_bn, pooled=pooled)
+
+    return fwd_bwd(arm, *inputs, params=(conv.weight, bn.weight, bn.bias))
 
 
 def attention_case(device: str) -> None:
