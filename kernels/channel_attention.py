@@ -263,6 +263,38 @@ def _matvec_tile(
     return tl.sum(v[:, None, :] * w.to(tl.float32)[None, :, :], axis=2)
 
 
+@triton.jit
+def _mean_matvec(
+    part_ptr,  # fp32 (SPLIT, N, C_IN) partial pixel sums, contiguous
+    mean_ptr,  # out: fp32 (N, C_IN) finished mean (written only when store_mean)
+    w_ptr,  # weight (C_OUT, C_IN) addressed by strides
+    offs_n,  # [BLOCK_N] sample indices
+    offs_o,  # [BLOCK_O] output indices
+    N,  # batch size
+    C_IN,  # input channels
+    C_OUT,  # rows of w
+    SPLIT,  # number of partials
+    inv_hw,  # 1 / HW
+    stride_wo,  # element stride of w along C_OUT
+    stride_wi,  # element stride of w along C_IN
+    store_mean,  # this program writes the mean (one program of the grid does)
+    BLOCK_N: tl.constexpr,  # >= N, power of two
+    BLOCK_O: tl.constexpr,  # outputs of this program
+    BLOCK_I: tl.constexpr,  # input channels per loop step
+    BLOCK_S: tl.constexpr,  # partials summed per step
+):
+    """[BLOCK_N, BLOCK_O] fp32 ``mean @ w[offs_o]^T``, the mean finished from the partials block by block."""
+    acc = tl.zeros((BLOCK_N, BLOCK_O), tl.float32)
+    for i0 in range(0, C_IN, BLOCK_I):
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        m = _load_mean(part_ptr, offs_n, offs_i, N, C_IN, SPLIT, inv_hw, BLOCK_S)
+        if store_mean:
+            tl.store(mean_ptr + offs_n[:, None] * C_IN + offs_i[None, :], m,
+                     mask=(offs_n < N)[:, None] & (offs_i < C_IN)[None, :])
+        acc += _matvec_tile(m, w_ptr, offs_o, offs_i, C_OUT, C_IN, stride_wo, stride_wi)
+    return acc
+
+
 # ------------------------------------------------------------------------------- BN attention
 
 
@@ -303,14 +335,8 @@ def _bn_attention_fwd_kernel(
     offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     nmask = offs_n < N
     omask = offs_o < C_OUT
-    y = tl.zeros((BLOCK_N, BLOCK_O), tl.float32)
-    for i0 in range(0, C_IN, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I)
-        m = _load_mean(part_ptr, offs_n, offs_i, N, C_IN, SPLIT, inv_hw, BLOCK_S)
-        if pid == 0:
-            tl.store(mean_ptr + offs_n[:, None] * C_IN + offs_i[None, :], m,
-                     mask=nmask[:, None] & (offs_i < C_IN)[None, :])
-        y += _matvec_tile(m, w_ptr, offs_o, offs_i, C_OUT, C_IN, stride_wo, stride_wi)
+    y = _mean_matvec(part_ptr, mean_ptr, w_ptr, offs_n, offs_o, N, C_IN, C_OUT, SPLIT, inv_hw, stride_wo, stride_wi,
+                     pid == 0, BLOCK_N, BLOCK_O, BLOCK_I, BLOCK_S)
     mask = nmask[:, None] & omask[None, :]
     tl.store(y_ptr + offs_n[:, None] * C_OUT + offs_o[None, :], y, mask=mask)
     if BATCH_STATS:
@@ -569,14 +595,8 @@ def _mlp_attention_fwd_kernel(
     offs_h = tl.arange(0, BLOCK_H)
     offs_o = pid * BLOCK_O + tl.arange(0, BLOCK_O)
     nmask = offs_n < N
-    u = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
-    for i0 in range(0, C_IN, BLOCK_I):
-        offs_i = i0 + tl.arange(0, BLOCK_I)
-        m = _load_mean(part_ptr, offs_n, offs_i, N, C_IN, SPLIT, inv_hw, BLOCK_S)
-        if pid == 0:
-            tl.store(mean_ptr + offs_n[:, None] * C_IN + offs_i[None, :], m,
-                     mask=nmask[:, None] & (offs_i < C_IN)[None, :])
-        u += _matvec_tile(m, w1_ptr, offs_h, offs_i, C_MID, C_IN, stride_w1o, stride_w1i)
+    u = _mean_matvec(part_ptr, mean_ptr, w1_ptr, offs_n, offs_h, N, C_IN, C_MID, SPLIT, inv_hw, stride_w1o,
+                     stride_w1i, pid == 0, BLOCK_N, BLOCK_H, BLOCK_I, BLOCK_S)
     if pid == 0:
         tl.store(u_ptr + offs_n[:, None] * C_MID + offs_h[None, :], u, mask=nmask[:, None] & (offs_h < C_MID)[None, :])
     h = tl.maximum(u, 0.0)
