@@ -147,6 +147,21 @@ def _accumulate(
 
 
 @triton.jit
+def _segment_rows(pid_m, SEG, BLOCK_M: tl.constexpr):
+    """Rows of M-tile ``pid_m`` when rows are tiled in segments of SEG (``M``, or one image's ``H*W`` so
+    that no tile straddles two images; ``cdiv(SEG, BLOCK_M)`` tiles per segment).
+
+    Returns ``(seg, row0, offs_m, m_mask)``: the segment, the tile's first row inside it, the tile's
+    global rows and which of them exist.
+    """
+    tiles_per_seg = tl.cdiv(SEG, BLOCK_M)
+    seg = pid_m // tiles_per_seg
+    row0 = (pid_m % tiles_per_seg) * BLOCK_M
+    local_m = row0 + tl.arange(0, BLOCK_M)
+    return seg, row0, seg * SEG + local_m, local_m < SEG
+
+
+@triton.jit
 def _store_pixel_sums(
     pool_ptr, stored, mask, n, row0, offs_c, c_mask, N, C, n_slot,
     SLOT_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -210,8 +225,7 @@ def conv_bn_fwd_kernel(
     BLOCK_M); DOT_PRECISION ``"ieee"``/``"tf32"`` for fp32 inputs; BLOCK_*/GROUP_M tiling.
     """
     pid = tl.program_id(0)
-    tiles_per_seg = tl.cdiv(SEG, BLOCK_M)
-    num_pid_m = (M // SEG) * tiles_per_seg
+    num_pid_m = (M // SEG) * tl.cdiv(SEG, BLOCK_M)
     num_pid_n = tl.cdiv(C_out, BLOCK_N)
     group = GROUP_M * num_pid_n
     first_m = (pid // group) * GROUP_M
@@ -219,12 +233,8 @@ def conv_bn_fwd_kernel(
     pid_m = first_m + (pid % group) % group_size
     pid_n = (pid % group) // group_size
 
-    seg = pid_m // tiles_per_seg
-    seg_row0 = (pid_m % tiles_per_seg) * BLOCK_M  # first row of the tile inside its segment
-    local_m = seg_row0 + tl.arange(0, BLOCK_M)
-    offs_m = seg * SEG + local_m
+    seg, seg_row0, offs_m, m_mask = _segment_rows(pid_m, SEG, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    m_mask = local_m < SEG
     n_mask = offs_n < C_out
     HWo = Ho * Wo
     n_img = offs_m // HWo
@@ -304,14 +314,10 @@ def bn_act_kernel(
     POOL: pool_ptr fp32 (n_slot, N, C) pixel sums of the output as stored, one slot per BLOCK_M rows of
     an image (n_slot = cdiv(HW, BLOCK_M)), as :func:`conv_bn_fwd_kernel` writes them.
     """
-    tiles_per_seg = tl.cdiv(SEG, BLOCK_M)
-    seg = tl.program_id(0) // tiles_per_seg
-    row0 = (tl.program_id(0) % tiles_per_seg) * BLOCK_M
-    local_m = row0 + tl.arange(0, BLOCK_M)
-    offs_m = seg * SEG + local_m
+    seg, row0, offs_m, m_mask = _segment_rows(tl.program_id(0), SEG, BLOCK_M)
     offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    mask = (local_m < SEG)[:, None] & c_mask[None, :]
+    mask = m_mask[:, None] & c_mask[None, :]
     off = offs_m.to(tl.int64)[:, None] * C + offs_c[None, :]
     y = tl.load(y_ptr + off, mask=mask, other=0.0).to(tl.float32)
     mean = tl.load(mean_ptr + offs_c, mask=c_mask, other=0.0)
@@ -498,6 +504,11 @@ def _check_image_numel(*ts: torch.Tensor | None) -> None:
                                  f"(shape {tuple(t.shape)}, strides {t.stride()})")
 
 
+def _segment_tiles(M: int, seg: int, block_m: int) -> int:
+    """M-tiles of :func:`_segment_rows` over ``M`` rows in segments of ``seg``."""
+    return (M // seg) * triton.cdiv(seg, block_m)
+
+
 def _elt_block_c(C: int) -> int:
     return max(16, min(64, triton.next_power_of_2(C)))
 
@@ -589,7 +600,7 @@ def conv_bn_fwd(
 
     def grid(meta: dict) -> tuple[int]:
         assert meta["BLOCK_M"] % stat_m == 0
-        return ((M // seg) * triton.cdiv(seg, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
+        return (_segment_tiles(M, seg, meta["BLOCK_M"]) * triton.cdiv(C_out, meta["BLOCK_N"]),)
 
     conv_bn_fwd_kernel[grid](
         x, x2 if x2 is not None else x, w_packed,
@@ -666,7 +677,7 @@ def bn_act(
     seg = H * W if pool else M
     n_slot = triton.cdiv(H * W, _ELT_BLOCK_M)
     sums = torch.empty((n_slot, N, C), device=y.device, dtype=torch.float32) if pool else None
-    grid = ((M // seg) * triton.cdiv(seg, _ELT_BLOCK_M), triton.cdiv(C, block_c))
+    grid = (_segment_tiles(M, seg, _ELT_BLOCK_M), triton.cdiv(C, block_c))
     bn_act_kernel[grid](
         y, mean, scale, shift, residual if residual is not None else y, out, sums if pool else out,
         M, seg, C, H * W, W, n_slot, *_nchw_strides(residual),
