@@ -61,6 +61,11 @@ _ELT_BLOCK_M: int = 64
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:  # the interpreter runs every program in numpy: one config, no benchmarking
         return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8})]
+    return gpu_fwd_configs()
+
+
+def gpu_fwd_configs() -> list[triton.Config]:
+    """The forward kernel's autotune configs on a GPU (before :func:`_prune_fwd_configs`)."""
     # num_warps <= 4 on purpose (see the module docstring); all BLOCK_M are multiples of 64.
     cfgs = [
         (128, 128, 32, 3, 4),
@@ -183,7 +188,32 @@ def _store_pixel_sums(
 # ------------------------------------------------------------------------------------------ forward
 
 
-@triton.autotune(configs=_fwd_configs(), key=["M", "C_in", "C_in2", "C_out", "KH", "KW", "STRIDE_H", "FLAT_K"])
+def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Skip configs that cannot win before autotuning benchmarks them (facts from bench/compile_audit.py, sm_90):
+
+    * ``BLOCK_N`` wider than ``C_out`` (rounded up to a power of two, at least 32): the extra columns
+      are masked work, and the 128x128 tiles of the 7x7 stem (C_out = 64) spill inside the K loop;
+    * 128x128x64 tiles on 4-byte (fp32 / tf32) inputs: 192 KiB of shared memory for 3 stages and
+      ~60-165 spill instructions inside the K loop in every such variant the model launches.
+
+    Never returns an empty list (a single forced config, as in tests/test_autotune_configs.py, stays).
+    """
+    args = {**named_args, **kwargs}
+    n_max = max(32, triton.next_power_of_2(args["C_out"]))
+    wide = args["x_ptr"].element_size() >= 4
+    kept = [
+        c for c in configs
+        if c.kwargs["BLOCK_N"] <= n_max
+        and not (wide and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128 and c.kwargs["BLOCK_K"] >= 64)
+    ]
+    return kept or configs
+
+
+@triton.autotune(
+    configs=_fwd_configs(),
+    key=["M", "C_in", "C_in2", "C_out", "KH", "KW", "STRIDE_H", "FLAT_K"],
+    prune_configs_by={"early_config_prune": _prune_fwd_configs},
+)
 @triton.jit
 def conv_bn_fwd_kernel(
     x_ptr, x2_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr, out_ptr, part_ptr, pool_ptr,
@@ -525,6 +555,12 @@ def _conv_allows_tf32() -> bool:
     return bool(torch.backends.cudnn.allow_tf32)
 
 
+def dot_precision(x: torch.Tensor) -> str:
+    """``DOT_PRECISION`` of a conv on ``x``: fp32 follows PyTorch's conv setting on a GPU (tf32 by
+    default), exact fp32 elsewhere; fp16/bf16 dots ignore it (``"tf32"`` keeps one compiled variant)."""
+    return "ieee" if x.dtype == torch.float32 and not (x.is_cuda and _conv_allows_tf32()) else "tf32"
+
+
 def conv_bn_fwd(
     x: torch.Tensor,
     w_packed: torch.Tensor,
@@ -595,8 +631,7 @@ def conv_bn_fwd(
         part = None
     seg = Ho * Wo if pool else M  # pixel sums need tiles inside one image
     dummy = out  # never dereferenced: the matching constexpr flag is off
-    # fp32 follows PyTorch's conv setting; the value is unused for fp16/bf16.
-    precision = "ieee" if x.dtype == torch.float32 and not (x.is_cuda and _conv_allows_tf32()) else "tf32"
+    precision = dot_precision(x)
 
     def grid(meta: dict) -> tuple[int]:
         assert meta["BLOCK_M"] % stat_m == 0

@@ -7,14 +7,19 @@ Order and fusion, with the numbers of the v1 main head at 1x3x1024x2048 (feature
   low resolution costs 2*32,768*256*19 = 0.32 GFLOP; at full resolution it would be 20.4 GFLOP (64x)
   and would read 64x more (interpolated) features.
 * Bytes (bf16 features, fp32 low-res logits): features read 16.8 MB; low-res logits written and read
-  back 2 x 2.5 MB (mostly from L2); full-res bf16 logits written 79.7 MB (159 MB fp32). A single
-  kernel fusing the 1x1 into the upsample would save only the 5 MB round trip (~5%) while every output
-  tile would need the 1x1 of its source pixels plus a halo (recomputed or shared across tiles), so the
-  cheap order is two kernels: :func:`head_conv1x1` (a small GEMM) then :func:`upsample_logits`.
+  back 2 x 4.2 MB (rows padded from 19 to 32 classes, below; mostly from L2); full-res bf16 logits
+  written 79.7 MB (159 MB fp32). A single kernel fusing the 1x1 into the upsample would save only that
+  8 MB L2 round trip while every output tile would need the 1x1 of its source pixels plus a halo
+  (recomputed or shared across tiles), so the cheap order is two kernels: :func:`head_conv1x1` (a small
+  GEMM) then :func:`upsample_logits`.
 * ``argmax`` is fused into the upsample: per output pixel all classes sit in one tile row, the
   full-resolution logits never exist, and the 79.7 MB write becomes a 8.4 MB int32 map.
 
-Low-res logits are an fp32 (N, h*w, n_classes) buffer (classes contiguous, padded tiles masked).
+Low-res logits are an fp32 (N, h*w, CLS) buffer, ``CLS = _cls_block(n_classes)`` (a power of two >= 16),
+classes contiguous, the padding classes written as zeros. Every row is 64/128-byte aligned and read
+whole (no per-class mask; the padding's values are discarded), so the conv stores and the upsample loads
+each tap as 16-byte vectors: with 76-byte rows (19 fp32 classes) the sm_90 code had one 4-byte access
+per class and tap and 146-255 registers with spills, now 56-108 and none (bench/compile_audit.py).
 Backward: the upsample's transpose, then ``dx = dz @ W`` and ``dW = dz^T x`` / ``db = sum dz`` from
 per-chunk partials (deterministic).
 
@@ -76,7 +81,7 @@ def _head_conv1x1_kernel(
     x_ptr,  # (N, K, h, w) features, flat-pixel strides below
     w_ptr,  # (NCLS, K) classifier weight, strides below
     b_ptr,  # (NCLS,) bias (unused unless HAS_BIAS)
-    z_ptr,  # out: fp32 (N, HW, NCLS) low-res logits, contiguous
+    z_ptr,  # out: fp32 (N, HW, BLOCK_CLS) low-res logits, contiguous; classes >= NCLS are written as 0
     HW,  # low-res pixels per sample
     K,  # feature channels
     NCLS,  # classes
@@ -103,8 +108,9 @@ def _head_conv1x1_kernel(
         acc += tl.dot(x.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)[None, :]
-    z_off = (n * HW + offs_p).to(tl.int64)[:, None] * NCLS + offs_o[None, :]
-    tl.store(z_ptr + z_off, acc, mask=pmask[:, None] & omask[None, :])
+    # classes >= NCLS hold 0 (weight and bias loads masked): whole rows are stored, unmasked along classes
+    z_off = (n * HW + offs_p).to(tl.int64)[:, None] * BLOCK_CLS + offs_o[None, :]
+    tl.store(z_ptr + z_off, acc, mask=pmask[:, None])
 
 
 @triton.autotune(
@@ -120,7 +126,7 @@ def _head_conv1x1_kernel(
 )
 @triton.jit
 def _upsample_logits_kernel(
-    z_ptr,  # fp32 (N, IH*IW, NCLS) low-res logits
+    z_ptr,  # fp32 (N, IH*IW, BLOCK_CLS) low-res logits from _head_conv1x1_kernel (zero padding classes)
     y_ptr,  # out: (N, NCLS, OH, OW) logits with the strides below, or int32 (N, OH, OW) when ARGMAX
     IH, IW,  # low-res size
     OH, OW,  # output size
@@ -131,7 +137,7 @@ def _upsample_logits_kernel(
     ALIGN: tl.constexpr,  # align_corners
     ARGMAX: tl.constexpr,  # write the int32 argmax over classes instead of the logits
     BLOCK_P: tl.constexpr,  # output pixels per program
-    BLOCK_CLS: tl.constexpr,  # >= NCLS, power of two
+    BLOCK_CLS: tl.constexpr,  # z's row length: >= NCLS, power of two
 ):
     n = tl.program_id(1)
     offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -143,13 +149,15 @@ def _upsample_logits_kernel(
     ow = offs_p - oh * OW
     h0, h1, lh0, lh1 = src_index(oh, IH, scale_h, 1, ALIGN)
     w0, w1, lw0, lw1 = src_index(ow, IW, scale_w, 1, ALIGN)
-    zb = z_ptr + (n * IH * IW).to(tl.int64) * NCLS + offs_o[None, :]
+    zb = z_ptr + (n * IH * IW).to(tl.int64) * BLOCK_CLS + offs_o[None, :]
     r0 = (h0 * IW).to(tl.int64)
     r1 = (h1 * IW).to(tl.int64)
-    t00 = tl.load(zb + ((r0 + w0) * NCLS)[:, None], mask=mask, other=0.0)
-    t01 = tl.load(zb + ((r0 + w1) * NCLS)[:, None], mask=mask, other=0.0)
-    t10 = tl.load(zb + ((r1 + w0) * NCLS)[:, None], mask=mask, other=0.0)
-    t11 = tl.load(zb + ((r1 + w1) * NCLS)[:, None], mask=mask, other=0.0)
+    # whole rows (padding classes are 0): masked by pixel only, so each tap is read as 16-byte vectors
+    row_mask = pmask[:, None]
+    t00 = tl.load(zb + ((r0 + w0) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
+    t01 = tl.load(zb + ((r0 + w1) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
+    t10 = tl.load(zb + ((r1 + w0) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
+    t11 = tl.load(zb + ((r1 + w1) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
     lw0 = lw0[:, None]
     lw1 = lw1[:, None]
     v = lh0[:, None] * (lw0 * t00 + lw1 * t01) + lh1[:, None] * (lw0 * t10 + lw1 * t11)
@@ -304,11 +312,15 @@ def _head_dx_kernel(
     tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=pmask[:, None] & kmask[None, :])
 
 
+# Short pixel steps: the fp32 ``ieee`` dot is an FMA loop over register tiles, and with bf16/fp16
+# features (converted to fp32 in registers) BLOCK_P >= 64 spilled 0.2-1.8 KB per thread for sm_90
+# (bench/compile_audit.py); these three compile without spills for every feature dtype.
 @triton.autotune(
     configs=configs(
         [
-            triton.Config({"BLOCK_P": 64, "BLOCK_K": 64}, num_warps=4),
-            triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=4),
+            triton.Config({"BLOCK_P": 16, "BLOCK_K": 64}, num_warps=4),
+            triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=4),
+            triton.Config({"BLOCK_P": 32, "BLOCK_K": 64}, num_warps=4),
         ],
         triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=4),
     ),
@@ -361,11 +373,12 @@ def _head_dw_kernel(
 
 
 def head_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """fp32 low-res logits (N, h*w, n_classes) of the 1x1 classifier ``weight`` (n_classes, K, 1, 1)."""
+    """fp32 low-res logits (N, h*w, _cls_block(n_classes)) of the 1x1 classifier ``weight`` (n_classes, K, 1, 1);
+    the padding classes past ``n_classes`` hold 0."""
     x, sx_n, sx_c, sx_p = map_strides(x)
     n, k, h, w = x.shape
     ncls = weight.shape[0]
-    z = torch.empty((n, h * w, ncls), device=x.device, dtype=torch.float32)
+    z = torch.empty((n, h * w, _cls_block(ncls)), device=x.device, dtype=torch.float32)
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), n)
     _head_conv1x1_kernel[grid](
         x, weight, bias if bias is not None else weight, z, h * w, k, ncls, sx_n, sx_c, sx_p,
@@ -375,10 +388,13 @@ def head_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 
 def upsample_logits(
-    z: torch.Tensor, in_hw: tuple[int, int], size: tuple[int, int], align: bool, argmax: bool, dtype: torch.dtype
+    z: torch.Tensor, ncls: int, in_hw: tuple[int, int], size: tuple[int, int], align: bool, argmax: bool,
+    dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Bilinear upsample of low-res logits ``z``: NCHW-contiguous logits of ``dtype``, or the int32 argmax."""
-    n, _, ncls = z.shape
+    """Bilinear upsample of :func:`head_conv1x1`'s ``z`` (``ncls`` classes): NCHW-contiguous logits of
+    ``dtype``, or the int32 argmax."""
+    n, _, block_cls = z.shape
+    assert block_cls == _cls_block(ncls) and z.is_contiguous() and z.dtype == torch.float32
     ih, iw = in_hw
     oh, ow = size
     if argmax:
@@ -392,7 +408,7 @@ def upsample_logits(
     grid = lambda meta: (triton.cdiv(oh * ow, meta["BLOCK_P"]), n)
     _upsample_logits_kernel[grid](
         z, y, ih, iw, oh, ow, ncls, scale_h, scale_w, *strides,
-        ALIGN=bool(align), ARGMAX=bool(argmax), BLOCK_CLS=max(2, triton.next_power_of_2(ncls)),
+        ALIGN=bool(align), ARGMAX=bool(argmax), BLOCK_CLS=block_cls,
     )
     return y
 

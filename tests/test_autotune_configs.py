@@ -198,3 +198,23 @@ def test_forced_config_matches_reference(module_name, kernel_name, kernel, index
     if not launches and kernels.INTERPRET:
         pytest.skip(f"{kernel_name} is GPU-only: under the interpreter its launcher uses fixed blocks")
     assert launches, f"{kernel_name} was never launched by the {module_name} case"
+
+
+def _tiles(configs: list) -> set[tuple[int, int, int]]:
+    return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}
+
+
+def test_conv_config_pruning():
+    """The forward conv's pre-autotune pruning drops exactly the configs the sm_90 compile audit rules out."""
+    gpu = k_conv.gpu_fwd_configs()
+    prune = k_conv._prune_fwd_configs
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
+    assert _tiles(prune(gpu, {"C_out": 256, "x_ptr": bf16})) == _tiles(gpu)
+    # C_out = 64 (the 7x7 stem, ResNet stage 1): no 128-wide N tiles; C_out = 19 rounds up to 32
+    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 64, "x_ptr": bf16}))} == {32, 64}
+    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 19, "x_ptr": bf16}))} == {32}
+    # fp32 (tf32 dots): no 128x128x64 tile, everything else stays
+    assert _tiles(gpu) - _tiles(prune(gpu, {"C_out": 256, "x_ptr": fp32})) == {(128, 128, 64)}
+    # a single forced config (as test_forced_config_matches_reference forces them) is never pruned away
+    wide = [c for c in gpu if c.kwargs["BLOCK_N"] == 128][:1]
+    assert prune(wide, {"C_out": 16}, x_ptr=bf16) == wide

@@ -38,7 +38,7 @@ def head_logits_fwd(
     """NCHW-contiguous logits ``upsample_bilinear(W x + b, size)`` in ``x``'s dtype."""
     check_map(x)
     z = K.head_conv1x1(x, weight, bias)
-    return K.upsample_logits(z, tuple(x.shape[2:]), size, align_corners, False, x.dtype)
+    return K.upsample_logits(z, weight.shape[0], tuple(x.shape[2:]), size, align_corners, False, x.dtype)
 
 
 def head_logits_bwd(
@@ -56,7 +56,7 @@ def head_argmax_fwd(
     """int32 (N, H, W) argmax over classes of :func:`head_logits_fwd`'s logits (lowest index on ties)."""
     check_map(x)
     z = K.head_conv1x1(x, weight, bias)
-    return K.upsample_logits(z, tuple(x.shape[2:]), size, align_corners, True, x.dtype)
+    return K.upsample_logits(z, weight.shape[0], tuple(x.shape[2:]), size, align_corners, True, x.dtype)
 
 
 class HeadLogitsFunction(torch.autograd.Function):
