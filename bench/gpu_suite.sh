@@ -13,6 +13,8 @@
 # Environment:
 #   SUITE_BUDGET_S    total wall-clock budget in seconds (default 530)
 #   TESTS_TIMEOUT_S   limit of the test-suite step (default 200)
+#   TEST_JOBS         test files run in parallel, one pytest process each (default 4; bench/run_tests.sh);
+#                     log and JUnit XML per file in OUTDIR/tests/; SUITE_TESTS_DIR replaces tests/
 #   SKIP_TESTS=1      skip the test-suite step (benchmarks only); SKIP_INSTALL=1 skips the install
 #   RESULTS_ROOT      parent directory for --results (default bench/results)
 #   SUITE_DRY_RUN=1   print the output directory that would be used and exit (creates nothing)
@@ -119,7 +121,7 @@ fi
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
     step tests timeout -s INT -k 15 "${TESTS_TIMEOUT_S:-200}" \
-        python -m pytest tests -q -p no:cacheprovider --junitxml "$OUT/tests.xml"
+        bash "$HERE/run_tests.sh" "$OUT" "${SUITE_TESTS_DIR:-tests}"
 fi
 
 LEFT=$(( BUDGET - $(elapsed) - 20 ))  # 20 s for the report

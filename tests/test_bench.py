@@ -554,3 +554,25 @@ def test_gpu_suite_flow_on_cpu(case: str, tmp_path: Path) -> None:
         assert out.returncode == 1 and summary.rstrip().endswith("failed steps: report(rc=1)"), summary
         assert "matplotlib is not installed" in (run / "report.log").read_text()
         assert (run / "report.md").exists() and not (run / "end_to_end.png").exists()
+
+
+@needs_bash
+def test_gpu_suite_runs_test_files_in_parallel(tmp_path: Path) -> None:
+    """The tests step: one pytest process per file, TEST_JOBS at a time; a log and JUnit XML per file;
+    the step fails when any file fails (a file without tests, pytest rc 5, does not count)."""
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    (tests / "test_ok.py").write_text("def test_ok():\n    assert True\n")
+    (tests / "test_bad.py").write_text("def test_bad():\n    assert 1 == 2\n")
+    (tests / "test_empty.py").write_text("X = 1\n")
+    env = {"SKIP_INSTALL": "1", "SUITE_TESTS_DIR": str(tests), "TEST_JOBS": "2", "SUITE_BUDGET_S": "60"}
+    out = _suite(str(tmp_path / "run"), env=env, timeout=300)
+    run = tmp_path / "run"
+    summary = (run / "summary.txt").read_text()
+    assert out.returncode == 1 and "failed steps: tests(rc=123)" in summary, summary
+    for name, verdict in (("test_ok", "1 passed"), ("test_bad", "1 failed"), ("test_empty", "no tests ran")):
+        assert verdict in (run / "tests" / f"{name}.log").read_text(), name
+        assert (run / "tests" / f"{name}.xml").exists(), name
+    log = (run / "tests.log").read_text()
+    assert "test_ok rc=0" in log and "test_bad rc=1" in log and "test_empty rc=5" in log
+
