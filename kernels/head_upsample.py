@@ -19,7 +19,7 @@ Low-res logits are an fp32 (N, h*w, CLS) buffer, ``CLS = _cls_block(n_classes)``
 classes contiguous, the padding classes written as zeros. Every row is 64/128-byte aligned and read
 whole (no per-class mask; the padding's values are discarded), so the conv stores and the upsample loads
 each tap as 16-byte vectors: with 76-byte rows (19 fp32 classes) the sm_90 code had one 4-byte access
-per class and tap and 146-255 registers with spills, now 56-108 and none (bench/compile_audit.py).
+per class and tap and 146-255 registers with spills, now at most 144 and none (bench/compile_audit.py).
 Backward: the upsample's transpose, then ``dx = dz @ W`` and ``dW = dz^T x`` / ``db = sum dz`` from
 per-chunk partials (deterministic).
 
