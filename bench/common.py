@@ -65,8 +65,10 @@ OP_FAMILIES: dict[str, tuple[str, ...]] = {
     "attention": ("mean_hw", "bn_attention", "mlp_attention", "attend_residual"),
     "upsample": ("attend_add_upsample",),
     "head": ("head_logits", "head_argmax"),
+    "pool": ("max_pool2d",),
 }
-INFERENCE_ONLY = frozenset({"head_argmax"})
+INFERENCE_ONLY = frozenset({"head_argmax", "max_pool2d"})
+"""Ops without a Triton backward: no forward+backward rows (max_pool2d with a gradient is PyTorch's op)."""
 
 floors_measured: dict[str, float] = {}
 """Filled by the session's ``floors`` fixture; also written to the JSON's machine_info."""

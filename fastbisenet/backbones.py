@@ -6,7 +6,6 @@ Every conv + BatchNorm (+ residual) (+ ReLU) goes through :func:`fastbisenet.ops
 
 from __future__ import annotations
 
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastbisenet import ops
@@ -100,7 +99,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         x = ops.impl(self.backend, x).conv_bn_act(x, self.conv1, self.bn1)
-        x = F.max_pool2d(x, kernel_size=3, stride=2, padding=1)
+        x = ops.impl(self.backend, x).max_pool2d(x, 3, 2, 1)
         x = self.layer1(x)
         feat8 = self.layer2(x)
         feat16 = self.layer3(feat8)

@@ -70,6 +70,12 @@ def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d, *, pooled: T
     return torch.sigmoid(conv2(F.relu(conv1(mean_hw(feat)))))
 
 
+def max_pool2d(x: Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
+               padding: int | tuple[int, int] = 0) -> Tensor:
+    """The backbone stem's max-pool (dilation 1, floor mode)."""
+    return F.max_pool2d(x, kernel_size, stride, padding)
+
+
 def upsample(x: Tensor, size: tuple[int, int], mode: str, align_corners: bool | None = None) -> Tensor:
     """Resize to ``size``; ``align_corners`` only for bilinear (PyTorch rejects it for nearest)."""
     if tuple(x.shape[-2:]) == tuple(size):

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import importlib
+import pkgutil
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -21,6 +23,7 @@ from fastbisenet.kernels import attend_residual as k_res
 from fastbisenet.kernels import channel_attention as k_att
 from fastbisenet.kernels import conv_bn as k_conv
 from fastbisenet.kernels import head_upsample as k_head
+from fastbisenet.kernels import max_pool as k_pool
 from torch import nn
 from triton.runtime.autotuner import Autotuner
 
@@ -30,6 +33,7 @@ from fastbisenet.ops import attend_residual as o_res
 from fastbisenet.ops import channel_attention as o_att
 from fastbisenet.ops import conv_bn as o_conv
 from fastbisenet.ops import head_upsample as o_head
+from fastbisenet.ops import max_pool as o_pool
 
 # fp32 on a GPU runs tf32 dots (PyTorch's default for convs); the interpreter's dots are exact fp32.
 REL_TOL = 1e-4 if kernels.INTERPRET else 1e-2
@@ -144,12 +148,20 @@ def head_case(device: str) -> None:
         assert (logits.max(1).values - picked).max() <= 1e-3 * logits.abs().max(), f"head_argmax {ac}"
 
 
+def max_pool_case(device: str) -> None:
+    x = torch.randn(3, 70, 11, 13, device=device).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        got = o_pool.max_pool2d(x, 3, 2, 1)
+    assert torch.equal(got.double().cpu(), reference.max_pool2d(x.double(), 3, 2, 1).cpu()), "max_pool2d"
+
+
 CASES: dict[str, tuple[object, Callable[[str], None]]] = {
     "conv_bn": (k_conv, conv_case),
     "channel_attention": (k_att, attention_case),
     "attend_add_upsample": (k_up, upsample_case),
     "attend_residual": (k_res, residual_case),
     "head_upsample": (k_head, head_case),
+    "max_pool": (k_pool, max_pool_case),
 }
 
 
@@ -187,6 +199,11 @@ def forced(kernel: Autotuner, index: int) -> Iterator[list[int]]:
 
 def test_every_kernel_module_has_autotuned_kernels():
     assert {p[0] for p in PARAMS} == set(CASES)
+    # ... and every kernel module with an autotuned kernel has a case here
+    modules = {m.name: importlib.import_module(f"fastbisenet.kernels.{m.name}")
+               for m in pkgutil.iter_modules(kernels.__path__)}
+    tuned = {name for name, m in modules.items() if any(isinstance(v, Autotuner) for v in vars(m).values())}
+    assert tuned == set(CASES)
 
 
 @pytest.mark.parametrize(("module_name", "kernel_name", "kernel", "index"), PARAMS,

@@ -195,9 +195,9 @@ def test_op_workloads_run_on_cpu() -> None:
     cases = fb.trace_ops((2, 3, 32, 64), aux_mode="train")
     cases += [c for c in fb.trace_ops((2, 3, 32, 64), aux_mode="pred") if c.op == "head_argmax"]
     cases += [c for c in fb.trace_ops((2, 3, 32, 64), preset="face-parsing") if c.op == "mlp_attention"]
-    assert len({c.op for c in cases}) == 9
+    assert len({c.op for c in cases}) == 10
     for case in cases:
-        for backward in (False, True) if case.op != "head_argmax" else (False,):
+        for backward in (False, True) if case.op not in ("head_argmax", "max_pool2d") else (False,):
             step = fb.op_workload(case, "eager", torch.float32, backward=backward, device="cpu")
             step()
             flops, nbytes = fb.op_cost(case, torch.float32, backward=backward)
@@ -576,3 +576,35 @@ def test_gpu_suite_runs_test_files_in_parallel(tmp_path: Path) -> None:
     log = (run / "tests.log").read_text()
     assert "test_ok rc=0" in log and "test_bad rc=1" in log and "test_empty rc=5" in log
 
+
+
+def test_floor_budget_accounts_for_the_whole_forward(monkeypatch) -> None:
+    """bench/floor_budget.py: every fused op of the pred forward has a row, nothing runs outside them,
+    and an op that bypasses the fused ops shows up as an unfused row."""
+    from bench import floor_budget
+
+    shape = (1, 3, 64, 128)
+    rows = floor_budget.budget(shape)
+    ops = {r.op for r in rows}
+    assert {"conv_bn_act", "concat_conv_bn_act", "max_pool2d", "bn_attention", "attend_add_upsample",
+            "attend_residual", "head_argmax", "mean_hw"} == ops
+    conv = next(r for r in rows if r.op == "conv_bn_act")
+    assert conv.floor_us(1.0, 1.0) == pytest.approx(conv.calls * max(conv.flops / 1e12, conv.nbytes / 1e9) * 1e6)
+    text = floor_budget.render(rows, shape=shape, dtype=torch.bfloat16, aux_mode="pred", tflops=790, gbps=4800)
+    assert "Sum of per-op floors" in text and "| max_pool2d |" in text
+    assert floor_budget.unfused_ops(shape, torch.bfloat16, aux_mode="pred", preset="v1", backbone="resnet18",
+                                    n_classes=19) == {}
+    # a forward that also pools with PyTorch directly: that aten op is listed (input + output + indices)
+    from fastbisenet.model import BiSeNet
+
+    forward = BiSeNet.forward
+
+    def pooling_forward(self, x):
+        torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])
+        return forward(self, x)
+
+    monkeypatch.setattr(BiSeNet, "forward", pooling_forward)
+    unfused = floor_budget.unfused_ops(shape, torch.bfloat16, aux_mode="pred", preset="v1", backbone="resnet18",
+                                      n_classes=19)
+    n, c, h, w = shape
+    assert unfused == {"max_pool2d_with_indices": [n * c * h * w * 2 + n * c * (h // 2) * (w // 2) * (2 + 8)]}

@@ -20,6 +20,7 @@ from fastbisenet.ops.attend_add_upsample import attend_add_upsample
 from fastbisenet.ops.attend_residual import attend_residual
 from fastbisenet.ops.channel_attention import mean_hw, mlp_attention
 from fastbisenet.ops.head_upsample import head_argmax, head_logits
+from fastbisenet.ops.max_pool import max_pool2d
 
 
 def _sync_bn_uses_reference(fn: Callable) -> Callable:
@@ -47,6 +48,7 @@ __all__ = [
     "conv_bn_act",
     "head_argmax",
     "head_logits",
+    "max_pool2d",
     "mean_hw",
     "mlp_attention",
 ]
