@@ -9,8 +9,10 @@ that gap on any machine with Triton's NVIDIA backend (its wheel ships ``ptxas``)
 2. an autotuned launch compiles *every* config (the autotuner would benchmark them on a GPU);
 3. the workloads run the real model (v1 and face-parsing presets, ResNet-18 and -50) on CPU tensors
    with ``backend="triton"``: eval ``aux_mode="pred"`` and ``"eval"``, and a train-mode forward +
-   backward, in each dtype; so the kernels compiled are exactly the specialisations the model launches
-   (shapes differ from a real run only in which integer arguments divide by 16).
+   backward, in each dtype; so the kernels compiled are the specialisations the model launches. Shapes
+   are small, so integer arguments divide by 16 differently from a full-size run, and on CPU tensors
+   the reductions' split plan (``split_plan``: CHUNK/SPLIT, part of some autotune keys) takes its
+   non-CUDA branch; neither changes which kernels and configs are compiled.
 
 Per compiled kernel it records registers, spilled bytes (``LOCAL``/``STACK`` from ``cuobjdump``),
 shared memory, which MMA instructions the PTX holds, and the width of its global loads/stores. It exits
@@ -67,6 +69,8 @@ class Compiled:
     registers: int = -1
     spill_bytes: int = -1
     loop_spills: int = -1
+    mma_loop: list[int] = field(default_factory=list)
+    """``[instructions, MMA instructions]`` of the tensor-core main loop, empty without one."""
     shared_bytes: int = -1
     mma: list[str] = field(default_factory=list)
     global_access: dict[str, int] = field(default_factory=dict)
@@ -145,7 +149,9 @@ class Recorder:
         if kernel is not None:
             rec.shared_bytes = int(kernel.metadata.shared)
             rec.registers, rec.spill_bytes = resource_usage(kernel.asm["cubin"])
-            rec.loop_spills = loop_spills(kernel.asm["cubin"]) if rec.spill_bytes else 0
+            loops = loop_stats(kernel.asm["cubin"])
+            rec.loop_spills = loops.spills
+            rec.mma_loop = [loops.mma_loop_instructions, loops.mma_loop_mmas] if loops.mma_loop_mmas else []
             ptx = kernel.asm["ptx"]
             rec.mma = [m for m, pat in (("wgmma", "wgmma.mma_async"), ("mma.sync", "mma.sync"),
                                         ("cp.async", "cp.async.")) if pat in ptx]
@@ -180,18 +186,37 @@ def resource_usage(cubin: bytes) -> tuple[int, int]:
     return usage.get("REG", -1), usage.get("STACK", 0) + usage.get("LOCAL", 0)
 
 
-def loop_spills(cubin: bytes) -> int:
-    """Local-memory loads/stores (``LDL``/``STL``) inside a loop of the SASS: a backward branch's range.
+@dataclass
+class LoopStats:
+    """What the SASS loops hold: spills, and the shape of the tensor-core main loop."""
 
-    Spills outside loops (prologue, epilogue: once per program) cost little; inside the main loop they
-    cost on every iteration.
-    """
+    spills: int
+    """``LDL``/``STL`` inside any loop."""
+    mma_loop_instructions: int
+    """Instructions of the innermost loop issuing ``HGMMA``/``HMMA`` (0 if none): per-iteration overhead."""
+    mma_loop_mmas: int
+    """Tensor-core instructions in that loop."""
+
+
+def loop_stats(cubin: bytes) -> LoopStats:
+    """Loops are backward branches' ranges in the SASS. Spills outside loops (prologue, epilogue: once per
+    program) cost little; inside the main loop they cost on every iteration. The tensor-core loop's
+    instruction count per MMA says how much issue bandwidth the gathers, masks and pipelining take."""
     sass = [(int(a, 16), ins.strip()) for a, ins in re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);",
                                                              _cuobjdump(cubin, "-sass"))]
     loops = [(int(m.group(1), 16), a) for a, ins in sass
              if (m := re.search(r"\bBRA\b.*?(0x[0-9a-f]+)", ins)) and int(m.group(1), 16) < a]
-    return sum(1 for a, ins in sass if re.match(r"(@!?P\w+\s+)?(LDL|STL)\b", ins)
-               and any(lo <= a <= hi for lo, hi in loops))
+
+    def opcode(ins: str) -> str:
+        return re.sub(r"^@!?U?P\w+\s+", "", ins).split(".")[0].split()[0]
+
+    spills = sum(1 for a, ins in sass if opcode(ins) in ("LDL", "STL") and any(lo <= a <= hi for lo, hi in loops))
+    mma = [(lo, hi) for lo, hi in loops if any(lo <= a <= hi and opcode(ins) in ("HGMMA", "HMMA") for a, ins in sass)]
+    if not mma:
+        return LoopStats(spills, 0, 0)
+    lo, hi = min(mma, key=lambda r: r[1] - r[0])
+    body = [opcode(ins) for a, ins in sass if lo <= a <= hi]
+    return LoopStats(spills, len(body), sum(op in ("HGMMA", "HMMA") for op in body))
 
 
 def workloads(dtypes: list[str], quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
@@ -229,7 +254,7 @@ def summarise(records: list[Compiled], arch: int) -> list[dict]:
         key = (r.kernel, json.dumps(r.config, sort_keys=True))
         row = rows.setdefault(key, {"kernel": r.kernel, "config": r.config, "variants": 0, "errors": 0,
                                     "max_registers": 0, "max_spill_bytes": 0, "max_loop_spills": 0,
-                                    "max_shared_bytes": 0,
+                                    "max_shared_bytes": 0, "max_loop_instr_per_mma": 0.0,
                                     "mma": set(), "access": set(), "compile_s": 0.0})
         row["variants"] += 1
         row["compile_s"] += r.compile_s
@@ -239,6 +264,8 @@ def summarise(records: list[Compiled], arch: int) -> list[dict]:
         row["max_registers"] = max(row["max_registers"], r.registers)
         row["max_spill_bytes"] = max(row["max_spill_bytes"], r.spill_bytes)
         row["max_loop_spills"] = max(row["max_loop_spills"], r.loop_spills)
+        if r.mma_loop:
+            row["max_loop_instr_per_mma"] = max(row["max_loop_instr_per_mma"], round(r.mma_loop[0] / r.mma_loop[1], 1))
         row["max_shared_bytes"] = max(row["max_shared_bytes"], r.shared_bytes)
         row["mma"] |= set(r.mma)
         row["access"] |= set(r.global_access)
@@ -259,18 +286,20 @@ def markdown(rows: list[dict], meta: dict) -> str:
         f"Workloads: {', '.join(meta['workloads'])}; {meta['configs']} autotune configs. "
         f"{meta['compiled']} kernel variants in {meta['seconds']:.0f} s. Registers are per thread; spills are "
         "local-memory bytes per thread; spills in loops count the LDL/STL instructions inside a loop of "
-        "the SASS (spills elsewhere run once per program). Access widths: the `ld`/`st` global accesses in "
+        "the SASS (spills elsewhere run once per program). Main-loop instr / MMA: SASS instructions per "
+        "tensor-core instruction in the innermost loop that issues them (the gather/mask/pipeline overhead "
+        "a warp issues per MMA). Access widths: the `ld`/`st` global accesses in "
         "the PTX by bytes per thread (16 = full vectors; tl.dot operands copied by cp.async not listed).",
         "",
         "| kernel | config | variants | errors | max regs | max spill B | max spills in loops | max smem KiB | MMA "
-        "| global access widths (B) |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        "| main-loop instr / MMA (max) | global access widths (B) |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |",
     ]
     for r in rows:
         cfg = " ".join(f"{k.removeprefix('BLOCK_').removeprefix('num_')}={v}" for k, v in r["config"].items())
         cells = [r["kernel"], cfg, r["variants"], r["errors"], r["max_registers"], r["max_spill_bytes"],
                  r["max_loop_spills"], f"{r['max_shared_bytes'] / 1024:.1f}", ", ".join(r["mma"]) or "-",
-                 " ".join(r["access"]) or "-"]
+                 r["max_loop_instr_per_mma"] or "-", " ".join(r["access"]) or "-"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -2,14 +2,17 @@
 
 For every fused op the model calls (:func:`fastbisenet.benchmark.trace_ops`) the floor is
 ``max(FLOPs / matmul rate, bytes / bandwidth)`` with bytes = inputs read once + outputs written once
-(:func:`fastbisenet.benchmark.op_cost`), times the number of calls. Every aten op the model runs outside
-the fused ops (e.g. the backbone's max-pool) is listed too, with its bytes, so the table accounts for
-the whole forward. The sum is the latency the model cannot beat with its current fusion boundaries at
-the given rates; comparing it with a goal (0.8 ms for ``pred`` at 1x3x1024x2048) says how much
-efficiency the kernels need, and the rows say where the time must go.
+(:func:`fastbisenet.benchmark.op_cost`), times the number of calls. Every aten op with device work that
+the model runs outside the fused ops is listed too, with its bytes (in-place ops included; allocations
+and views are not work), so the table accounts for the whole forward: today that list is empty. The
+sum is the latency the model cannot beat with its current fusion boundaries at the given rates;
+comparing it with a goal (0.8 ms for ``pred`` at 1x3x1024x2048) says how much efficiency the kernels
+need, and the rows say where the time must go.
 
-The default rates are the H200's nominal ones (bf16 dense tensor-core FLOP/s, HBM bandwidth): a GPU run
-replaces them with measured ones (``fastbisenet.benchmark.measure_floors``).
+The default rates are assumptions, not measurements: 790 TFLOP/s, the bf16 matmul rate the project's
+brief and device notes give for the H200 (the datasheet's dense bf16 peak is 989), and the datasheet's
+4.8 TB/s HBM bandwidth. A GPU run replaces them with measured ones
+(``fastbisenet.benchmark.measure_floors``).
 
 Usage: python bench/floor_budget.py [--shape 1,3,1024,2048] [--aux-mode pred] [--dtype bf16]
                                     [--tflops 790] [--gbps 4800] [--md OUT.md]
@@ -30,7 +33,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fastbisenet import benchmark as fb
 
 NOMINAL_H200 = {"tflops": 790.0, "gbps": 4800.0}
-"""bf16 dense tensor-core TFLOP/s and HBM3e GB/s of an H200 (datasheet values, not measurements)."""
+"""Assumed H200 rates: bf16 matmul TFLOP/s as the brief gives it (datasheet dense peak 989), HBM3e GB/s."""
+NO_WORK = frozenset({"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided"})
+"""Allocations: no device work."""
 
 
 @dataclass
@@ -59,12 +64,15 @@ class _UnfusedOps(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        views = any(r.alias_info is not None for r in func._schema.returns)
-        tensors_in = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if self.depth == 0 and not views and tensors_in:
+        name = str(func.overloadpacket.__name__)
+        # a view returns an alias it does not write; in-place and out= ops alias what they write (work)
+        view = any(r.alias_info is not None and not r.alias_info.is_write for r in func._schema.returns)
+        if self.depth == 0 and not view and name not in NO_WORK:
+            tensors_in = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
             tensors_out = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
             nbytes = sum(t.numel() * t.element_size() for t in [*tensors_in, *tensors_out])
-            self.ops.setdefault(str(func.overloadpacket.__name__), []).append(nbytes)
+            if tensors_out:
+                self.ops.setdefault(name, []).append(nbytes)
         return out
 
 

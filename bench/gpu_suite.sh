@@ -120,6 +120,8 @@ if ! step import python -c "import fastbisenet.kernels, fastbisenet; print('fast
 fi
 
 if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
+    # each file's own timeout fires first (and kills what ignores SIGINT); the step's is the backstop
+    export TEST_FILE_TIMEOUT_S=$(( ${TESTS_TIMEOUT_S:-200} - 15 ))
     step tests timeout -s INT -k 15 "${TESTS_TIMEOUT_S:-200}" \
         bash "$HERE/run_tests.sh" "$OUT" "${SUITE_TESTS_DIR:-tests}"
 fi

@@ -98,8 +98,8 @@ def _nhwc_offsets(offs_m, offs_c, HW, W, s_n, s_c, s_h, s_w):
 @triton.jit
 def _accumulate(
     acc, x_ptr, w_ptr, x_row, ih0, iw0, m_mask, offs_n, n_mask,
-    C, K_seg, H, W, s_c, s_h, s_w, w_row0, C_out,
-    KH: tl.constexpr, KW: tl.constexpr, FLAT_K: tl.constexpr,
+    C, H, W, s_c, s_h, s_w, w_row0, C_out,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT_C: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Add one input segment's contribution ``x_seg @ w[w_row0 : w_row0 + KH*KW*C]`` to ``acc``.
@@ -108,24 +108,34 @@ def _accumulate(
     weight. x_row: int64 (BLOCK_M,) offset of each output pixel's image (``n * s_n``). ih0/iw0:
     (BLOCK_M,) top-left input coordinate of each pixel's window (``oh * stride - pad``). m_mask:
     (BLOCK_M,) valid pixels. offs_n/n_mask: output channels of this tile. C/H/W: the segment's
-    channels and spatial size; K_seg = KH*KW*C, the FLAT_K loop bound. s_c/s_h/s_w: its strides.
-    w_row0: first weight row of the segment. FLAT_K: one loop over the flattened ``KH*KW*C`` axis
-    (needed when C < BLOCK_K, e.g. C=3) instead of a loop over taps with an inner loop over channel
-    blocks.
+    channels and spatial size. s_c/s_h/s_w: its strides. w_row0: first weight row of the segment.
+
+    Two loop shapes. The default loops over taps with an inner loop over BLOCK_K-channel blocks: the
+    A tile of one step is one tap's channels, so its addresses and bounds mask are per row (1-D).
+    FLAT_C > 0 (the segment's C as a constexpr, for C < 32 such as the 3-channel image) runs one loop
+    over the flattened ``KH*KW*C`` axis instead; each A element is then a separate gather, so its cost
+    is kept down: the divisions of the K index are by constants, its offset ``c*s_c + kh*s_h + kw*s_w``
+    is a 1-D vector per step and one unsigned test per coordinate covers both bounds. On sm_90 this took
+    the stem's K loop from ~740 to ~575 instructions per 4 wgmma (128x64 tiles; bench/compile_audit.py).
+    Still gather-bound; see the session notes for the per-kernel-row variant (2.7x fewer).
     """
     offs_k = tl.arange(0, BLOCK_K)
-    if FLAT_K:
+    if FLAT_C > 0:
+        K_seg: tl.constexpr = KH * KW * FLAT_C
+        row_base = x_row + (ih0 * s_h + iw0 * s_w)
+        h_lim = H.to(tl.uint32)
+        w_lim = W.to(tl.uint32)
         for k0 in range(0, K_seg, BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < K_seg
-            c = kk % C
-            tap = kk // C
+            c = kk % FLAT_C
+            tap = kk // FLAT_C
             kh = tap // KW
             kw = tap % KW
-            ih = ih0[:, None] + kh[None, :]
-            iw = iw0[:, None] + kw[None, :]
-            a_mask = (m_mask[:, None] & k_mask[None, :]) & ((ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))
-            a_off = x_row[:, None] + (c[None, :] * s_c + ih * s_h + iw * s_w)
+            ih = (ih0[:, None] + kh[None, :]).to(tl.uint32)  # negative -> huge: one test covers both bounds
+            iw = (iw0[:, None] + kw[None, :]).to(tl.uint32)
+            a_mask = (m_mask[:, None] & k_mask[None, :]) & ((ih < h_lim) & (iw < w_lim))
+            a_off = row_base[:, None] + (c * s_c + kh * s_h + kw * s_w)[None, :]
             a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
             b_off = (w_row0 + kk)[:, None] * C_out + offs_n[None, :]
             b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
@@ -211,13 +221,13 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["M", "C_in", "C_in2", "C_out", "KH", "KW", "STRIDE_H", "FLAT_K"],
+    key=["M", "C_in", "C_in2", "C_out", "KH", "KW", "STRIDE_H", "FLAT_C"],
     prune_configs_by={"early_config_prune": _prune_fwd_configs},
 )
 @triton.jit
 def conv_bn_fwd_kernel(
     x_ptr, x2_ptr, w_ptr, bias_ptr, gamma_ptr, beta_ptr, rmean_ptr, rvar_ptr, res_ptr, out_ptr, part_ptr, pool_ptr,
-    M, SEG, H, W, Ho, Wo, C_in, C_in2, C_out, K_in, n_part, n_slot, eps,
+    M, SEG, H, W, Ho, Wo, C_in, C_in2, C_out, n_part, n_slot, eps,
     sx_n, sx_c, sx_h, sx_w,
     sx2_n, sx2_c, sx2_h, sx2_w,
     sr_n, sr_c, sr_h, sr_w,
@@ -225,7 +235,7 @@ def conv_bn_fwd_kernel(
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
     BN_EVAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr,
-    RELU: tl.constexpr, POOL: tl.constexpr, FLAT_K: tl.constexpr, STAT_M: tl.constexpr,
+    RELU: tl.constexpr, POOL: tl.constexpr, FLAT_C: tl.constexpr, STAT_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -242,7 +252,7 @@ def conv_bn_fwd_kernel(
     pixel sums of the output as stored (POOL): slot ``s`` of image ``n`` sums its output pixels
     ``[s * STAT_M, (s + 1) * STAT_M)`` (flat ``oh * Wo + ow``), for the channel attention that follows.
     Sizes: M = N*Ho*Wo; SEG rows per tiling segment: ``Ho*Wo`` with POOL (tiles never straddle two
-    images), else ``M``; H/W input, Ho/Wo output spatial size; K_in = KH*KW*C_in; n_part = cdiv(M, STAT_M);
+    images), else ``M``; H/W input, Ho/Wo output spatial size; n_part = cdiv(M, STAT_M);
     n_slot = cdiv(Ho*Wo, STAT_M). eps: fp32 BN epsilon (BN_EVAL).
     Strides: sx_* of x, sx2_* of x2, sr_* of the residual (element units, NCHW order).
     Constexprs: KH/KW kernel size, STRIDE_*/PAD_* conv stride and zero padding; the flags select the
@@ -250,9 +260,9 @@ def conv_bn_fwd_kernel(
     STATS needs SEG == M, POOL needs SEG == Ho*Wo, so the two are exclusive). BN_EVAL folds
     BN per channel in the epilogue, ``scale = gamma * rsqrt(running_var + eps)``,
     ``shift = beta + (bias - running_mean) * scale`` (the conv bias folded into the shift), then
-    ``acc * scale + shift``: one FMA per element; STATS and BN_EVAL are exclusive. FLAT_K picks
-    the flattened-K loop (see :func:`_accumulate`); STAT_M rows per statistics slot (divides
-    BLOCK_M); DOT_PRECISION ``"ieee"``/``"tf32"`` for fp32 inputs; BLOCK_*/GROUP_M tiling.
+    ``acc * scale + shift``: one FMA per element; STATS and BN_EVAL are exclusive. FLAT_C = C_in
+    (< 32) picks the flattened-K loop, 0 the per-tap loop (see :func:`_accumulate`); STAT_M rows per
+    statistics slot (divides BLOCK_M); DOT_PRECISION ``"ieee"``/``"tf32"`` for fp32 inputs; BLOCK_*/GROUP_M tiling.
     """
     pid = tl.program_id(0)
     num_pid_m = (M // SEG) * tl.cdiv(SEG, BLOCK_M)
@@ -277,12 +287,12 @@ def conv_bn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(
         acc, x_ptr, w_ptr, n_img.to(tl.int64) * sx_n, ih0, iw0, m_mask, offs_n, n_mask,
-        C_in, K_in, H, W, sx_c, sx_h, sx_w, 0, C_out, KH, KW, FLAT_K, BLOCK_K, DOT_PRECISION,
+        C_in, H, W, sx_c, sx_h, sx_w, 0, C_out, KH, KW, FLAT_C, BLOCK_K, DOT_PRECISION,
     )
     if HAS_X2:
         acc = _accumulate(
             acc, x2_ptr, w_ptr, n_img.to(tl.int64) * sx2_n, ih0, iw0, m_mask, offs_n, n_mask,
-            C_in2, C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, False, BLOCK_K, DOT_PRECISION,
+            C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, 0, BLOCK_K, DOT_PRECISION,
         )
 
     if HAS_BIAS and not BN_EVAL:  # with BN_EVAL the bias is folded into the BN shift below
@@ -646,12 +656,12 @@ def conv_bn_fwd(
         running_var if bn_eval else dummy,
         residual if residual is not None else dummy,
         out, part if stats else dummy, part if pool else dummy,
-        M, seg, H, W, Ho, Wo, C_in, C_in2, C_out, KH * KW * C_in, n_part, n_slot, float(eps),
+        M, seg, H, W, Ho, Wo, C_in, C_in2, C_out, n_part, n_slot, float(eps),
         *x.stride(), *_nchw_strides(x2), *_nchw_strides(residual),
         KH=KH, KW=KW, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats,
         BN_EVAL=bn_eval, HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None,
-        HAS_RES=residual is not None, RELU=relu, POOL=pool, FLAT_K=C_in < 32, STAT_M=stat_m,
+        HAS_RES=residual is not None, RELU=relu, POOL=pool, FLAT_C=C_in if C_in < 32 else 0, STAT_M=stat_m,
         DOT_PRECISION=precision,
     )
     return out, part

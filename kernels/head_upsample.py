@@ -16,10 +16,12 @@ Order and fusion, with the numbers of the v1 main head at 1x3x1024x2048 (feature
   full-resolution logits never exist, and the 79.7 MB write becomes a 8.4 MB int32 map.
 
 Low-res logits are an fp32 (N, h*w, CLS) buffer, ``CLS = _cls_block(n_classes)`` (a power of two >= 16),
-classes contiguous, the padding classes written as zeros. Every row is 64/128-byte aligned and read
-whole (no per-class mask; the padding's values are discarded), so the conv stores and the upsample loads
-each tap as 16-byte vectors: with 76-byte rows (19 fp32 classes) the sm_90 code had one 4-byte access
-per class and tap and 146-255 registers with spills, now at most 144 and none (bench/compile_audit.py).
+classes contiguous, the padding classes written as the 1x1 of zero weights (0, or NaN where the
+features hold NaN/inf). Every row is 64/128-byte aligned and read whole (no per-class mask; the
+padding's values are discarded: masked to -inf before the argmax, never stored as logits), so the conv
+stores and the upsample loads each tap as 16-byte vectors: with 76-byte rows (19 fp32 classes) the
+sm_90 code had one 4-byte access per class and tap and 146-255 registers with spills, now at most 144
+and none (bench/compile_audit.py).
 Backward: the upsample's transpose, then ``dx = dz @ W`` and ``dW = dz^T x`` / ``db = sum dz`` from
 per-chunk partials (deterministic).
 

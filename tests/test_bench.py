@@ -559,13 +559,18 @@ def test_gpu_suite_flow_on_cpu(case: str, tmp_path: Path) -> None:
 @needs_bash
 def test_gpu_suite_runs_test_files_in_parallel(tmp_path: Path) -> None:
     """The tests step: one pytest process per file, TEST_JOBS at a time; a log and JUnit XML per file;
-    the step fails when any file fails (a file without tests, pytest rc 5, does not count)."""
+    the step fails when any file fails (a file without tests, pytest rc 5, does not count); a file that
+    hangs is killed by its own timeout before the step's, so no pytest outlives the step."""
     tests = tmp_path / "tests"
     tests.mkdir()
     (tests / "test_ok.py").write_text("def test_ok():\n    assert True\n")
     (tests / "test_bad.py").write_text("def test_bad():\n    assert 1 == 2\n")
     (tests / "test_empty.py").write_text("X = 1\n")
-    env = {"SKIP_INSTALL": "1", "SUITE_TESTS_DIR": str(tests), "TEST_JOBS": "2", "SUITE_BUDGET_S": "60"}
+    # a file stuck where SIGINT does not reach (as in a compile or a CUDA sync): killed by its own timeout
+    (tests / "test_stuck.py").write_text("import signal, time\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\n"
+                                         "def test_stuck():\n    time.sleep(120)\n")
+    env = {"SKIP_INSTALL": "1", "SUITE_TESTS_DIR": str(tests), "TEST_JOBS": "2", "SUITE_BUDGET_S": "60",
+           "TESTS_TIMEOUT_S": "25"}
     out = _suite(str(tmp_path / "run"), env=env, timeout=300)
     run = tmp_path / "run"
     summary = (run / "summary.txt").read_text()
@@ -575,6 +580,7 @@ def test_gpu_suite_runs_test_files_in_parallel(tmp_path: Path) -> None:
         assert (run / "tests" / f"{name}.xml").exists(), name
     log = (run / "tests.log").read_text()
     assert "test_ok rc=0" in log and "test_bad rc=1" in log and "test_empty rc=5" in log
+    assert "test_stuck rc=137" in log  # INT at TESTS_TIMEOUT_S - 15, ignored, KILL 5 s later
 
 
 
@@ -601,10 +607,13 @@ def test_floor_budget_accounts_for_the_whole_forward(monkeypatch) -> None:
 
     def pooling_forward(self, x):
         torch.ops.aten.max_pool2d_with_indices(x, [3, 3], [2, 2], [1, 1])
-        return forward(self, x)
+        out = forward(self, x)
+        torch.zeros(16, device=x.device)  # a factory op with device work
+        return out.add_(1)  # in-place glue writes too
 
     monkeypatch.setattr(BiSeNet, "forward", pooling_forward)
     unfused = floor_budget.unfused_ops(shape, torch.bfloat16, aux_mode="pred", preset="v1", backbone="resnet18",
                                       n_classes=19)
     n, c, h, w = shape
-    assert unfused == {"max_pool2d_with_indices": [n * c * h * w * 2 + n * c * (h // 2) * (w // 2) * (2 + 8)]}
+    assert unfused == {"max_pool2d_with_indices": [n * c * h * w * 2 + n * c * (h // 2) * (w // 2) * (2 + 8)],
+                       "zeros": [16 * 4], "add_": [2 * n * h * w * 4]}

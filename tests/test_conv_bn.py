@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+import triton
 from fastbisenet.kernels import conv_bn as K
 from torch import Tensor, nn
 
@@ -660,3 +661,27 @@ def test_in_image_offsets_that_overflow_int32_are_refused() -> None:
     with pytest.raises(ValueError, match="2\\*\\*31"):
         K._check_image_numel(view)
     K._check_image_numel(torch.empty(2, 3, 4, 5, device="meta"))
+
+
+SMALL_C_CASES = {
+    "3x3s2-cin5": Case(2, 5, 6, 9, 11, 3, 2, residual=True),  # K = 45: 3 steps of 16
+    "3x3s1-cin6": CASES["3x3s1-eval-res-bias"],  # K = 54
+    "7x7s2-cin3": CASES["7x7s2-cin3-train"],  # K = 147: 10 steps, the stem
+    "7x7s1-cin5": CASES["7x7s1-cin5-eval"],  # K = 245
+}
+
+
+@pytest.mark.parametrize("name", list(SMALL_C_CASES))
+def test_small_channel_loop_over_several_k_steps(name, device):
+    """Inputs with C < 32 take the flattened-K loop. The interpreter's one config has BLOCK_K=256, one step
+    for every K of these convs, so this forces BLOCK_K=16 to run the loop over several steps (the K index
+    split across steps, a partial last step) under the interpreter too, against the float64 references."""
+    kernel = K.conv_bn_fwd_kernel
+    configs, cache = kernel.configs, kernel.cache
+    kernel.configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4)]
+    kernel.cache = {}
+    try:
+        run_case(SMALL_C_CASES[name], device)
+        run_case(SMALL_C_CASES[name], device, pool=True)
+    finally:
+        kernel.configs, kernel.cache = configs, cache

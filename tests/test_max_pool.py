@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import HYPO
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fastbisenet import BiSeNet
@@ -50,6 +50,18 @@ def test_matches_pytorch(shape, k, s, p, channels_last, dtype, device, poison):
     same(y, reference(x, k, s, p).to(dtype).double())  # rounding to dtype is exact: the max is an input
 
 
+def test_views_and_argument_forms(device):
+    """Strided views (a channel slice of a channels_last map, a transposed map) and PyTorch's argument forms
+    (1-sequences, an empty stride = the kernel size) give PyTorch's values."""
+    base = torch.randn(2, 12, 9, 11, device=device).contiguous(memory_format=torch.channels_last)
+    for x in (base[:, 3:10], base.transpose(2, 3), base[:, :, ::2]):
+        with torch.no_grad():
+            same(max_pool.max_pool2d(x, 3, 2, 1), reference(x, 3, 2, 1))
+    with torch.no_grad():
+        same(max_pool.max_pool2d(base, [3], [], [1]), reference(base, 3, 3, 1))
+        same(max_pool.max_pool2d(base, (3, 2), [2], 0), reference(base, (3, 2), 2, 0))
+
+
 def test_nan_inf_and_ties(device):
     x = torch.randn(2, 3, 7, 8, device=device)
     x[0, 0, 2, 3] = float("nan")  # propagates to the two windows holding it (rows 1-3, columns 1-3 and 3-5)
@@ -81,9 +93,11 @@ def test_grad_uses_pytorch_op(device):
     torch.testing.assert_close(x.grad.cpu().double(), x64.grad, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize(("k", "s", "p"), [(3, 2, 2), (0, 1, 0), (5, 1, 0)])
-def test_invalid_arguments_raise_pytorchs_error(k, s, p, device):
-    x = torch.randn(1, 2, 4, 4, device=device)
+@pytest.mark.parametrize(("shape", "k", "s", "p"), [((1, 2, 4, 4), 3, 2, 2), ((1, 2, 4, 4), 0, 1, 0),
+                                                   ((1, 2, 4, 4), 5, 1, 0), ((1, 2, 4, 4), (3, 3, 3), 2, 1),
+                                                   ((2, 0, 8, 8), 3, 2, 1), ((1, 2, 0, 8), 1, 1, 0)])
+def test_invalid_arguments_raise_pytorchs_error(shape, k, s, p, device):
+    x = torch.randn(shape, device=device)
     with pytest.raises(RuntimeError) as want:
         F.max_pool2d(x, k, s, p)
     with pytest.raises(RuntimeError) as got:
@@ -96,8 +110,7 @@ def test_invalid_arguments_raise_pytorchs_error(k, s, p, device):
        k=st.integers(1, 4), s=st.integers(1, 3), cl=st.booleans(), data=st.data())
 def test_random_shapes(n, c, h, w, k, s, cl, data):
     p = data.draw(st.integers(0, k // 2))
-    if h + 2 * p < k or w + 2 * p < k:
-        return
+    assume(h + 2 * p >= k and w + 2 * p >= k)
     x = torch.randn(n, c, h, w, device="cuda" if torch.cuda.is_available() else "cpu")
     if cl:
         x = x.contiguous(memory_format=torch.channels_last)

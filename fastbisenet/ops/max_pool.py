@@ -18,8 +18,13 @@ from fastbisenet.ops._library import call
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[-1]))
+def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int] | None:
+    """``(h, w)`` from an int or a 1- or 2-sequence of ints, as PyTorch reads them; None otherwise."""
+    if isinstance(v, int):
+        return (v, v)
+    if isinstance(v, (tuple, list)) and len(v) in (1, 2) and all(isinstance(i, int) for i in v):
+        return (v[0], v[-1])
+    return None
 
 
 def max_pool2d_fwd(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> Tensor:
@@ -44,13 +49,16 @@ def _(x, kernel_size, stride, padding):
 
 def max_pool2d(x: Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
                padding: int | tuple[int, int] = 0) -> Tensor:
-    """``F.max_pool2d(x, kernel_size, stride, padding)`` with the same values; channels_last output."""
+    """``F.max_pool2d(x, kernel_size, stride, padding)`` with the same values: from the kernel (channels_last
+    output) in inference, else from PyTorch's op (its layout rules, and its errors for invalid arguments)."""
     k = _pair(kernel_size)
-    s = _pair(stride if stride is not None else kernel_size)
+    s = _pair(kernel_size if stride is None or (isinstance(stride, (tuple, list)) and not stride) else stride)
     p = _pair(padding)
     covered = (
-        x.dim() == 4
+        k is not None and s is not None and p is not None
+        and x.dim() == 4
         and x.dtype in _DTYPES
+        and 0 < x.shape[0] <= 65535 and min(x.shape[1:]) > 0  # the batch is grid axis z
         and not (torch.is_grad_enabled() and x.requires_grad)
         and all(kk > 0 and ss > 0 and 0 <= pp <= kk // 2 for kk, ss, pp in zip(k, s, p, strict=True))
         and all(size + 2 * pp >= kk for size, kk, pp in zip(x.shape[2:], k, p, strict=True))
