@@ -43,6 +43,8 @@ the GPU configs below therefore stay at ``num_warps <= 4``. Any new config must 
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -53,6 +55,13 @@ from . import INTERPRET
 
 STAT_M_DEFAULT: int = 32 if INTERPRET else 64
 """Rows per partial-statistics slot of the forward kernel; every ``BLOCK_M`` is a multiple of it."""
+
+STEM_ROW_LOOP: bool = os.environ.get("FASTBISENET_STEM_ROW_LOOP", "0") == "1"
+"""Opt-in (``FASTBISENET_STEM_ROW_LOOP=1``, or set this before the first launch): convs with C_in < 32 (the
+stem) loop per kernel row with a transposed gather (ROW_K), ~2x fewer sm_90 instructions in the K loop,
+unmeasured on a GPU (an A/B for the next GPU session). Off by default: its different fp32 summation
+order flips an ill-conditioned gradient of the CPU model-parity test (tests/test_fused_model.py); the op
+itself is tested against float64 references in tests/test_conv_bn.py."""
 
 _ELT_BLOCK_M: int = 64
 """Rows per program of the element-wise kernels (fixed: their partial-sum layout depends on it)."""
@@ -99,7 +108,7 @@ def _nhwc_offsets(offs_m, offs_c, HW, W, s_n, s_c, s_h, s_w):
 def _accumulate(
     acc, x_ptr, w_ptr, x_row, ih0, iw0, m_mask, offs_n, n_mask,
     C, H, W, s_c, s_h, s_w, w_row0, C_out,
-    KH: tl.constexpr, KW: tl.constexpr, FLAT_C: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT_C: tl.constexpr, ROW_K: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Add one input segment's contribution ``x_seg @ w[w_row0 : w_row0 + KH*KW*C]`` to ``acc``.
@@ -120,7 +129,28 @@ def _accumulate(
     Still gather-bound; see the session notes for the per-kernel-row variant (2.7x fewer).
     """
     offs_k = tl.arange(0, BLOCK_K)
-    if FLAT_C > 0:
+    if FLAT_C > 0 and ROW_K and KW * FLAT_C <= BLOCK_K:
+        # ROW_K (opt-in, see STEM_ROW_LOOP): one K step per kernel row; the (kw, c) pair offsets and the
+        # 2-D iw mask are loop-invariant, a step adds a 1-D row offset and ih test, and the gather is built
+        # transposed (K, M) so that a thread holds few pixels x many K lanes. sm_90 K loop of the stem
+        # (128x64, bf16): 497 instructions x 7 steps vs 1323 x 5 flattened with triton 3.6 (195 vs 575
+        # with 3.9), at 40% more MMA work (21 of 32 K lanes used).
+        KWC: tl.constexpr = KW * FLAT_C
+        j_mask = offs_k < KWC
+        kw_j = offs_k // FLAT_C
+        pair_off = kw_j * s_w + (offs_k % FLAT_C) * s_c
+        iw_j = (iw0[None, :] + kw_j[:, None]).to(tl.uint32)  # negative -> huge: one test covers both bounds
+        col_ok = (m_mask[None, :] & j_mask[:, None]) & (iw_j < W.to(tl.uint32))
+        row_base_j = x_row + iw0 * s_w
+        for kh_j in range(0, KH):
+            ih_j = ih0 + kh_j
+            row_ok = (ih_j >= 0) & (ih_j < H)
+            a_off = (row_base_j + ih_j * s_h)[None, :] + pair_off[:, None]
+            a = tl.trans(tl.load(x_ptr + a_off, mask=col_ok & row_ok[None, :], other=0.0))
+            b_off = (w_row0 + kh_j * KWC + offs_k)[:, None] * C_out + offs_n[None, :]
+            b = tl.load(w_ptr + b_off, mask=j_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    elif FLAT_C > 0:
         K_seg: tl.constexpr = KH * KW * FLAT_C
         row_base = x_row + (ih0 * s_h + iw0 * s_w)
         h_lim = H.to(tl.uint32)
@@ -221,7 +251,7 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["M", "C_in", "C_in2", "C_out", "KH", "KW", "STRIDE_H", "FLAT_C"],
+    key=["M", "C_in", "C_in2", "C_out", "KH", "KW", "STRIDE_H", "FLAT_C", "ROW_K"],
     prune_configs_by={"early_config_prune": _prune_fwd_configs},
 )
 @triton.jit
@@ -235,7 +265,7 @@ def conv_bn_fwd_kernel(
     STRIDE_H: tl.constexpr, STRIDE_W: tl.constexpr, PAD_H: tl.constexpr, PAD_W: tl.constexpr,
     HAS_X2: tl.constexpr, HAS_BIAS: tl.constexpr, STATS: tl.constexpr,
     BN_EVAL: tl.constexpr, HAS_GAMMA: tl.constexpr, HAS_BETA: tl.constexpr, HAS_RES: tl.constexpr,
-    RELU: tl.constexpr, POOL: tl.constexpr, FLAT_C: tl.constexpr, STAT_M: tl.constexpr,
+    RELU: tl.constexpr, POOL: tl.constexpr, FLAT_C: tl.constexpr, ROW_K: tl.constexpr, STAT_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -261,7 +291,8 @@ def conv_bn_fwd_kernel(
     BN per channel in the epilogue, ``scale = gamma * rsqrt(running_var + eps)``,
     ``shift = beta + (bias - running_mean) * scale`` (the conv bias folded into the shift), then
     ``acc * scale + shift``: one FMA per element; STATS and BN_EVAL are exclusive. FLAT_C = C_in
-    (< 32) picks the flattened-K loop, 0 the per-tap loop (see :func:`_accumulate`); STAT_M rows per
+    (< 32) picks the flattened-K loop (ROW_K: its per-kernel-row form), 0 the per-tap loop (see
+    :func:`_accumulate`); STAT_M rows per
     statistics slot (divides BLOCK_M); DOT_PRECISION ``"ieee"``/``"tf32"`` for fp32 inputs; BLOCK_*/GROUP_M tiling.
     """
     pid = tl.program_id(0)
@@ -287,12 +318,12 @@ def conv_bn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(
         acc, x_ptr, w_ptr, n_img.to(tl.int64) * sx_n, ih0, iw0, m_mask, offs_n, n_mask,
-        C_in, H, W, sx_c, sx_h, sx_w, 0, C_out, KH, KW, FLAT_C, BLOCK_K, DOT_PRECISION,
+        C_in, H, W, sx_c, sx_h, sx_w, 0, C_out, KH, KW, FLAT_C, ROW_K, BLOCK_K, DOT_PRECISION,
     )
     if HAS_X2:
         acc = _accumulate(
             acc, x2_ptr, w_ptr, n_img.to(tl.int64) * sx2_n, ih0, iw0, m_mask, offs_n, n_mask,
-            C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, 0, BLOCK_K, DOT_PRECISION,
+            C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, 0, False, BLOCK_K, DOT_PRECISION,
         )
 
     if HAS_BIAS and not BN_EVAL:  # with BN_EVAL the bias is folded into the BN shift below
@@ -661,7 +692,8 @@ def conv_bn_fwd(
         KH=KH, KW=KW, STRIDE_H=stride[0], STRIDE_W=stride[1], PAD_H=padding[0], PAD_W=padding[1],
         HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats,
         BN_EVAL=bn_eval, HAS_GAMMA=bn_weight is not None, HAS_BETA=bn_bias is not None,
-        HAS_RES=residual is not None, RELU=relu, POOL=pool, FLAT_C=C_in if C_in < 32 else 0, STAT_M=stat_m,
+        HAS_RES=residual is not None, RELU=relu, POOL=pool, FLAT_C=C_in if C_in < 32 else 0, ROW_K=STEM_ROW_LOOP,
+        STAT_M=stat_m,
         DOT_PRECISION=precision,
     )
     return out, part

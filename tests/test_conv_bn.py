@@ -685,3 +685,22 @@ def test_small_channel_loop_over_several_k_steps(name, device):
         run_case(SMALL_C_CASES[name], device, pool=True)
     finally:
         kernel.configs, kernel.cache = configs, cache
+
+
+@pytest.mark.parametrize("block_k", [None, 16], ids=["interp-config", "block_k16"])
+@pytest.mark.parametrize("name", list(SMALL_C_CASES))
+def test_small_channel_row_loop(name, block_k, device, monkeypatch):
+    """The opt-in per-kernel-row loop (``STEM_ROW_LOOP``): every small-C case at the interpreter's config
+    (BLOCK_K=256: one step per kernel row for all of them) and at BLOCK_K=16 (per row where a row's
+    KW*C pairs fit, 3x3 with C=5; the others fall back to the flattened loop)."""
+    monkeypatch.setattr(K, "STEM_ROW_LOOP", True)
+    kernel = K.conv_bn_fwd_kernel
+    configs, cache = kernel.configs, kernel.cache
+    if block_k is not None:
+        kernel.configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=4)]
+    kernel.cache = {}
+    try:
+        run_case(SMALL_C_CASES[name], device)
+        run_case(SMALL_C_CASES[name], device, pool=True)
+    finally:
+        kernel.configs, kernel.cache = configs, cache

@@ -22,6 +22,7 @@ from fastbisenet.ops import attend_residual as AR
 from fastbisenet.ops import channel_attention as CA
 from fastbisenet.ops import conv_bn as CB
 from fastbisenet.ops import head_upsample as H
+from fastbisenet.ops import max_pool  # noqa: F401 (registers fastbisenet::max_pool2d)
 
 ops = torch.ops.fastbisenet
 
