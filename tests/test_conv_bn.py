@@ -7,6 +7,7 @@ compiled, and the ``gpu``-marked tests add fp16/bf16 and larger shapes.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import weakref
@@ -671,20 +672,29 @@ SMALL_C_CASES = {
 }
 
 
+@contextlib.contextmanager
+def forward_block_k(block_k: int | None):
+    """Run the forward conv kernel with one config of ``BLOCK_K=block_k`` (None: the current configs)."""
+    kernel = K.conv_bn_fwd_kernel
+    configs, cache = kernel.configs, kernel.cache
+    if block_k is not None:
+        kernel.configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": block_k, "GROUP_M": 8},
+                                        num_warps=4)]
+    kernel.cache = {}
+    try:
+        yield
+    finally:
+        kernel.configs, kernel.cache = configs, cache
+
+
 @pytest.mark.parametrize("name", list(SMALL_C_CASES))
 def test_small_channel_loop_over_several_k_steps(name, device):
     """Inputs with C < 32 take the flattened-K loop. The interpreter's one config has BLOCK_K=256, one step
     for every K of these convs, so this forces BLOCK_K=16 to run the loop over several steps (the K index
     split across steps, a partial last step) under the interpreter too, against the float64 references."""
-    kernel = K.conv_bn_fwd_kernel
-    configs, cache = kernel.configs, kernel.cache
-    kernel.configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 8}, num_warps=4)]
-    kernel.cache = {}
-    try:
+    with forward_block_k(16):
         run_case(SMALL_C_CASES[name], device)
         run_case(SMALL_C_CASES[name], device, pool=True)
-    finally:
-        kernel.configs, kernel.cache = configs, cache
 
 
 @pytest.mark.parametrize("block_k", [None, 16], ids=["interp-config", "block_k16"])
@@ -694,13 +704,6 @@ def test_small_channel_row_loop(name, block_k, device, monkeypatch):
     (BLOCK_K=256: one step per kernel row for all of them) and at BLOCK_K=16 (per row where a row's
     KW*C pairs fit, 3x3 with C=5; the others fall back to the flattened loop)."""
     monkeypatch.setattr(K, "STEM_ROW_LOOP", True)
-    kernel = K.conv_bn_fwd_kernel
-    configs, cache = kernel.configs, kernel.cache
-    if block_k is not None:
-        kernel.configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": block_k, "GROUP_M": 8}, num_warps=4)]
-    kernel.cache = {}
-    try:
+    with forward_block_k(block_k):
         run_case(SMALL_C_CASES[name], device)
         run_case(SMALL_C_CASES[name], device, pool=True)
-    finally:
-        kernel.configs, kernel.cache = configs, cache
