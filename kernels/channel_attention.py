@@ -80,7 +80,7 @@ def map_strides(x: torch.Tensor) -> tuple[torch.Tensor, int, int, int]:
 
 
 def pixel_tile_configs() -> list[triton.Config]:
-    """(pixels x channels) tiles of the map-streaming kernels (mean partials, broadcast, attend_residual);
+    """(pixels x channels) tiles of the map-streaming kernels (mean partials, broadcast, attend_residual, max_pool);
     a fresh list each."""
     return configs([
         triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),

@@ -21,20 +21,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .channel_attention import configs
+from .channel_attention import pixel_tile_configs
 
 
-@triton.autotune(
-    configs=configs(
-        [
-            triton.Config({"BLOCK_P": 32, "BLOCK_C": 64}, num_warps=4),
-            triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
-            triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=4),
-            triton.Config({"BLOCK_P": 64, "BLOCK_C": 128}, num_warps=8),
-        ]
-    ),
-    key=["C", "OH", "OW", "KH", "KW"],
-)
+@triton.autotune(configs=pixel_tile_configs(), key=["C", "OH", "OW", "KH", "KW"])
 @triton.jit
 def _max_pool_kernel(
     x_ptr,  # (N, C, H, W) input, strides below
