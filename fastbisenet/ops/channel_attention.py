@@ -120,21 +120,25 @@ def mean_hw_backward_op(grad: Tensor, shape: list[int], dtype: torch.dtype, chan
     return mean_hw_bwd(grad, torch.Size(shape), dtype, memory_format(channels_last))
 
 
-@mean_hw_backward_op.register_fake
-def _(grad, shape, dtype, channels_last):
+def _map_grad_fake(grad, shape, dtype, channels_last):
+    """Fake of a map-reduction's backward op: the input map's gradient, of its shape, dtype and layout."""
     return torch.empty(shape, device=grad.device, dtype=dtype, memory_format=memory_format(channels_last))
 
 
-def _mean_hw_setup(ctx, inputs, output):
+def _map_meta_setup(ctx, inputs, output):
+    """Autograd setup of a map-reduction op: what its backward op needs to rebuild the map's gradient."""
     (x,) = inputs
     ctx.meta = (list(x.shape), x.dtype, is_channels_last(x))
+
+
+mean_hw_backward_op.register_fake(_map_grad_fake)
 
 
 def _mean_hw_backward(ctx, grad):
     return torch.ops.fastbisenet.mean_hw_backward(grad, *ctx.meta)
 
 
-mean_hw_op.register_autograd(_mean_hw_backward, setup_context=_mean_hw_setup)
+mean_hw_op.register_autograd(_mean_hw_backward, setup_context=_map_meta_setup)
 
 
 def mean_hw(x: Tensor) -> Tensor:
@@ -189,21 +193,14 @@ def pixel_sums_backward_op(grad: Tensor, shape: list[int], dtype: torch.dtype, c
     return pixel_sums_bwd(grad, torch.Size(shape), dtype, memory_format(channels_last))
 
 
-@pixel_sums_backward_op.register_fake
-def _(grad, shape, dtype, channels_last):
-    return torch.empty(shape, device=grad.device, dtype=dtype, memory_format=memory_format(channels_last))
-
-
-def _pixel_sums_setup(ctx, inputs, output):
-    (x,) = inputs
-    ctx.meta = (list(x.shape), x.dtype, is_channels_last(x))
+pixel_sums_backward_op.register_fake(_map_grad_fake)
 
 
 def _pixel_sums_backward(ctx, grad):
     return torch.ops.fastbisenet.pixel_sums_backward(grad, *ctx.meta)
 
 
-pixel_sums_op.register_autograd(_pixel_sums_backward, setup_context=_pixel_sums_setup)
+pixel_sums_op.register_autograd(_pixel_sums_backward, setup_context=_map_meta_setup)
 
 
 def pixel_sums(x: Tensor) -> Tensor:
