@@ -97,9 +97,11 @@ class ResNet(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        x = ops.impl(self.backend, x).conv_bn_act(x, self.conv1, self.bn1)
-        x = ops.impl(self.backend, x).max_pool2d(x, 3, 2, 1)
+    def forward(self, x: Tensor, stem: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``stem``: ``relu(bn1(conv1(x)))`` when the caller has computed it already (before the max-pool)."""
+        if stem is None:
+            stem = ops.impl(self.backend, x).conv_bn_act(x, self.conv1, self.bn1)
+        x = ops.impl(self.backend, stem).max_pool2d(stem, 3, 2, 1)
         x = self.layer1(x)
         feat8 = self.layer2(x)
         feat16 = self.layer3(feat8)

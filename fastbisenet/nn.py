@@ -136,8 +136,9 @@ class SpatialPath(nn.Module):
         self.conv3 = ConvBNReLU(64, 64, 3, 2, 1)
         self.conv_out = ConvBNReLU(64, 128, 1, 1, 0)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.conv_out(self.conv3(self.conv2(self.conv1(x))))
+    def forward(self, x: Tensor, stem: Tensor | None = None) -> Tensor:
+        """``stem``: ``conv1(x)`` when the caller has computed it already."""
+        return self.conv_out(self.conv3(self.conv2(self.conv1(x) if stem is None else stem)))
 
 
 class ContextPath(nn.Module):
@@ -164,8 +165,9 @@ class ContextPath(nn.Module):
         self.mode = mode
         self.align_corners = align_corners
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        feat8, feat16, feat32 = self.resnet(x)
+    def forward(self, x: Tensor, stem: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """``stem``: the backbone's stem conv + BN + ReLU of ``x`` when the caller has computed it already."""
+        feat8, feat16, feat32 = self.resnet(x, stem=stem)
         op = ops.impl(self.backend, x)
         avg = self.conv_avg(op.mean_hw(feat32))
         arm32, a32 = self.arm32(feat32)

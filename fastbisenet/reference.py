@@ -48,6 +48,13 @@ def concat_conv_bn_act(
     return conv_bn_act(torch.cat(xs, dim=1), conv, bn, pool=pool)
 
 
+def conv_bn_act_pair(
+    x: Tensor, a: tuple[nn.Conv2d, nn.BatchNorm2d], b: tuple[nn.Conv2d, nn.BatchNorm2d]
+) -> tuple[Tensor, Tensor]:
+    """``(conv_bn_act(x, *a), conv_bn_act(x, *b))``: two conv + BN + ReLU on the same input (v1's two stems)."""
+    return conv_bn_act(x, *a), conv_bn_act(x, *b)
+
+
 def mean_hw(x: Tensor) -> Tensor:
     """Global average over H and W, keeping dims: (N, C, H, W) -> (N, C, 1, 1)."""
     return torch.mean(x, dim=(2, 3), keepdim=True)

@@ -56,12 +56,12 @@ from . import INTERPRET
 STAT_M_DEFAULT: int = 32 if INTERPRET else 64
 """Rows per partial-statistics slot of the forward kernel; every ``BLOCK_M`` is a multiple of it."""
 
-STEM_ROW_LOOP: bool = os.environ.get("FASTBISENET_STEM_ROW_LOOP", "0") == "1"
-"""Opt-in (``FASTBISENET_STEM_ROW_LOOP=1``, or set this before the first launch): convs with C_in < 32 (the
-stem) loop per kernel row with a transposed gather (ROW_K), ~2x fewer sm_90 instructions in the K loop,
-unmeasured on a GPU (an A/B for the next GPU session). Off by default: its different fp32 summation
-order flips an ill-conditioned gradient of the CPU model-parity test (tests/test_fused_model.py); the op
-itself is tested against float64 references in tests/test_conv_bn.py."""
+STEM_ROW_LOOP: bool = os.environ.get("FASTBISENET_STEM_ROW_LOOP", "1") != "0"
+"""Convs with C_in < 32 (the 7x7 stems on the image) loop per kernel row with a transposed gather (ROW_K):
+~2x fewer sm_90 instructions in the stem's K loop than the flattened loop (bench/compile_audit.py), at
+40% more MMA work. Not yet timed on a GPU: ``FASTBISENET_STEM_ROW_LOOP=0`` (or setting this to False
+before the first launch) selects the flattened loop for an A/B. Both are tested against float64
+references in tests/test_conv_bn.py."""
 
 _ELT_BLOCK_M: int = 64
 """Rows per program of the element-wise kernels (fixed: their partial-sum layout depends on it)."""
@@ -127,11 +127,11 @@ def _accumulate(
     is a 1-D vector per step and one unsigned test per coordinate covers both bounds. On sm_90 this took
     the stem's K loop (128x64 bf16 tiles) from 1761 to 1323 instructions per 4 wgmma with triton 3.6 and
     from 749 to 574 with 3.9 (bench/compile_audit.py); a 3x3 conv's takes ~110. Still gather-bound: the
-    opt-in ROW_K form below takes about half as many per tile.
+    ROW_K form below (the default, see STEM_ROW_LOOP) takes about half as many per tile.
     """
     offs_k = tl.arange(0, BLOCK_K)
     if FLAT_C > 0 and ROW_K and KW * FLAT_C <= BLOCK_K:
-        # ROW_K (opt-in, see STEM_ROW_LOOP): one K step per kernel row; the (kw, c) pair offsets and the
+        # ROW_K (default, see STEM_ROW_LOOP): one K step per kernel row; the (kw, c) pair offsets and the
         # 2-D iw mask are loop-invariant, a step adds a 1-D row offset and ih test, and the gather is built
         # transposed (K, M) so that a thread holds few pixels x many K lanes. sm_90 K loop of the stem
         # (128x64, bf16): 497 instructions x 7 steps vs 1323 x 5 flattened with triton 3.6 (195 vs 575

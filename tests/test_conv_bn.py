@@ -688,10 +688,12 @@ def forward_block_k(block_k: int | None):
 
 
 @pytest.mark.parametrize("name", list(SMALL_C_CASES))
-def test_small_channel_loop_over_several_k_steps(name, device):
-    """Inputs with C < 32 take the flattened-K loop. The interpreter's one config has BLOCK_K=256, one step
-    for every K of these convs, so this forces BLOCK_K=16 to run the loop over several steps (the K index
-    split across steps, a partial last step) under the interpreter too, against the float64 references."""
+def test_small_channel_loop_over_several_k_steps(name, device, monkeypatch):
+    """Inputs with C < 32 take the flattened-K loop when the row loop is off. The interpreter's one config
+    has BLOCK_K=256, one step for every K of these convs, so this forces BLOCK_K=16 to run the loop over
+    several steps (the K index split across steps, a partial last step) under the interpreter too, against
+    the float64 references."""
+    monkeypatch.setattr(K, "STEM_ROW_LOOP", False)
     with forward_block_k(16):
         run_case(SMALL_C_CASES[name], device)
         run_case(SMALL_C_CASES[name], device, pool=True)
@@ -700,10 +702,147 @@ def test_small_channel_loop_over_several_k_steps(name, device):
 @pytest.mark.parametrize("block_k", [None, 16], ids=["interp-config", "block_k16"])
 @pytest.mark.parametrize("name", list(SMALL_C_CASES))
 def test_small_channel_row_loop(name, block_k, device, monkeypatch):
-    """The opt-in per-kernel-row loop (``STEM_ROW_LOOP``): every small-C case at the interpreter's config
+    """The per-kernel-row loop (``STEM_ROW_LOOP``, the default): every small-C case at the interpreter's config
     (BLOCK_K=256: one step per kernel row for all of them) and at BLOCK_K=16 (per row where a row's
     KW*C pairs fit, 3x3 with C=5; the others fall back to the flattened loop)."""
     monkeypatch.setattr(K, "STEM_ROW_LOOP", True)
     with forward_block_k(block_k):
         run_case(SMALL_C_CASES[name], device)
         run_case(SMALL_C_CASES[name], device, pool=True)
+
+
+# ------------------------------------------------------------------------------------------ two convs, one input
+
+
+def _stem_pair(device: str, *, bias_a: bool = False, affine_b: bool = True, c_b: int = 5):
+    """Two 7x7/s2 conv + eval BN on a 3-channel input with different widths (v1's stems, scaled down)."""
+    conv_a, bn_a, _, _ = make_modules(3, 6, 7, 2, bias=bias_a, bn=True, train=False, device=device)
+    conv_b, bn_b, _, _ = make_modules(3, c_b, 7, 2, bias=False, bn=True, train=False, device=device)
+    if not affine_b:
+        bn_b = nn.BatchNorm2d(c_b, affine=False).to(device).eval()
+        with torch.no_grad():
+            bn_b.running_mean.uniform_(-1.0, 1.0)
+            bn_b.running_var.uniform_(0.5, 2.0)
+    return (conv_a, bn_a), (conv_b, bn_b), torch.randn(2, 3, 37, 53, device=device)
+
+
+@pytest.fixture
+def apply_calls(monkeypatch):
+    """Every ``_apply`` call (one per conv kernel launch of the op) records its conv's output width."""
+    calls: list[int] = []
+    real = ops._apply
+    monkeypatch.setattr(ops, "_apply", lambda x, x2, conv, *a, **k: calls.append(conv.out_channels) or
+                        real(x, x2, conv, *a, **k))
+    return calls
+
+
+def _check_pair(a, b, x: Tensor, what: str) -> tuple[Tensor, Tensor]:
+    """Both outputs of :func:`ops.conv_bn_act_pair` against fp64 references of the modules' current state."""
+    with torch.no_grad():
+        got = ops.conv_bn_act_pair(x, a, b)
+        for g, (conv, bn), name in zip(got, (a, b), "ab", strict=True):
+            want = ref_forward(x.double(), copy.deepcopy(conv).double(), copy.deepcopy(bn).double(), None, True)
+            check(g, want, torch.float32, f"{what}: output {name}")
+    return got
+
+
+@pytest.mark.parametrize("bias_a,affine_b", [(False, True), (True, False)])
+def test_pair_merged_in_inference(bias_a: bool, affine_b: bool, device: str, poison, apply_calls) -> None:
+    a, b, x = _stem_pair(device, bias_a=bias_a, affine_b=affine_b)
+    out_a, out_b = _check_pair(a, b, x, "merged")
+    assert apply_calls == [11]  # one conv with both sets of channels
+    assert out_a.shape == (2, 6, 19, 27) and out_b.shape == (2, 5, 19, 27)
+    assert out_a.data_ptr() + 6 * out_a.element_size() == out_b.data_ptr()  # channel slices of one tensor
+    _check_pair(a, b, x.contiguous(memory_format=torch.channels_last), "channels_last input")
+    assert apply_calls == [11, 11]
+
+
+@pytest.mark.parametrize("source", ["conv_a.weight", "conv_a.bias", "bn_a.weight", "bn_a.bias", "bn_a.running_mean",
+                                    "bn_a.running_var", "conv_b.weight", "bn_b.weight", "bn_b.running_var"])
+def test_pair_never_stale(source: str, device: str) -> None:
+    a, b, x = _stem_pair(device, bias_a=True)
+    mods = {"conv_a": a[0], "bn_a": a[1], "conv_b": b[0], "bn_b": b[1]}
+    mod, attr = source.split(".")
+    t = getattr(mods[mod], attr)
+    _check_pair(a, b, x, "initial")
+    with torch.no_grad():
+        t.mul_(0.5).add_(0.3)  # keeps a variance positive
+    _check_pair(a, b, x, f"after in-place writes to {source}")
+    with torch.no_grad():
+        t[:1].add_(0.5)  # through a view
+    _check_pair(a, b, x, f"after a write to {source} through a view")
+    for i in range(3):  # replacements that could land at a freed address of an earlier one
+        t.data = torch.rand_like(t) + 0.5
+        _check_pair(a, b, x, f"after {source}.data replacement {i}")
+    t.data.mul_(2.0)  # bypasses the version counter: documented, needs a manual clear
+    ops.clear_packed_weights()
+    _check_pair(a, b, x, f"after {source}.data.mul_ and clear_packed_weights")
+
+
+def test_pair_never_stale_load_state_dict_and_to(device: str) -> None:
+    a, b, x = _stem_pair(device)
+    _check_pair(a, b, x, "initial")
+    other, _, _ = _stem_pair(device)
+    a[1].load_state_dict(other[1].state_dict())
+    a[0].load_state_dict(other[0].state_dict())
+    _check_pair(a, b, x, "after load_state_dict")
+    b[0].double()  # new parameter dtype: no merge (mixed dtypes), the two convs run separately
+    b[0].float()
+    _check_pair(a, b, x, "after a dtype round trip")
+
+
+def test_pair_merge_only_where_exact(device: str, apply_calls) -> None:
+    """Training BN, autograd, differing geometry or eps: two separate calls, with their usual semantics."""
+    a, b, x = _stem_pair(device)
+    a2, b2 = copy.deepcopy(a), copy.deepcopy(b)
+    a[1].train()
+    a2[1].train()
+    with torch.no_grad():
+        got = ops.conv_bn_act_pair(x, a, b)
+        want = (ops.conv_bn_act(x, *a2), ops.conv_bn_act(x, *b2))
+    assert apply_calls == [6, 5, 6, 5]
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    assert torch.equal(a[1].running_mean, a2[1].running_mean) and torch.equal(a[1].num_batches_tracked,
+                                                                              a2[1].num_batches_tracked)
+    a[1].eval()
+    apply_calls.clear()
+    out_a, out_b = ops.conv_bn_act_pair(x, a, b)  # grad mode, parameters require grad: a backward may follow
+    assert apply_calls == [6, 5]
+    (out_a.sum() + out_b.square().sum()).backward()
+    assert a[0].weight.grad is not None and b[1].weight.grad is not None
+    for change in ("stride", "eps"):
+        c, d, _ = _stem_pair(device)
+        if change == "stride":
+            d[0].stride = (1, 1)
+        else:
+            d[1].eps = 1e-3
+        apply_calls.clear()
+        _check_pair(c, d, x, f"different {change}")
+        assert apply_calls == [6, 5], change
+
+
+def test_pair_under_graph_capture(device: str, monkeypatch, apply_calls) -> None:
+    """While a CUDA graph is captured a valid merged conv is used as is; a stale one is not refreshed (its
+    copies would be recorded in the graph): the two convs run separately, and the cache is left alone."""
+    a, b, x = _stem_pair(device)
+    _check_pair(a, b, x, "eager")
+    monkeypatch.setattr(ops, "_capturing", lambda weight: True)
+    _check_pair(a, b, x, "capture, valid cache")
+    assert apply_calls == [11, 11]
+    with torch.no_grad():
+        b[1].running_var.add_(1.0)
+    _check_pair(a, b, x, "capture, stale cache")
+    assert apply_calls == [11, 11, 6, 5]
+    monkeypatch.setattr(ops, "_capturing", lambda weight: False)
+    _check_pair(a, b, x, "eager again: refreshed")
+    assert apply_calls == [11, 11, 6, 5, 11]
+
+
+def test_pair_cache_dies_with_its_modules(device: str) -> None:
+    a, b, x = _stem_pair(device)
+    _check_pair(a, b, x, "merged")
+    merged = weakref.ref(ops._MERGED[a[0]][b[0]].conv)
+    del a, b
+    gc.collect()
+    assert merged() is None

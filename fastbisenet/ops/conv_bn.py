@@ -55,7 +55,10 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from fastbisenet.kernels import conv_bn as K
 
-__all__ = ["ConvBNActFunction", "backward", "clear_packed_weights", "concat_conv_bn_act", "conv_bn_act", "forward"]
+__all__ = [
+    "ConvBNActFunction", "backward", "clear_packed_weights", "concat_conv_bn_act", "conv_bn_act", "conv_bn_act_pair",
+    "forward",
+]
 
 _STAT_M: int = K.STAT_M_DEFAULT
 """Rows per partial-statistics slot of the forward kernel (see :func:`K.bn_stats_kernel`)."""
@@ -95,8 +98,10 @@ _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def clear_packed_weights() -> None:
-    """Drop every cached packed weight (needed only after in-place writes through ``weight.data``)."""
+    """Drop every cached packed weight and merged conv pair (see :func:`conv_bn_act_pair`); needed only
+    after in-place writes through ``weight.data`` or a BN buffer's ``.data``."""
     _PACKED.clear()
+    _MERGED.clear()
 
 
 def _capturing(weight: Tensor) -> bool:
@@ -629,3 +634,106 @@ def concat_conv_bn_act(
     if a.dtype != b.dtype or a.device != b.device:
         raise ValueError("concat_conv_bn_act: inputs must share dtype and device")
     return _apply(a, b, conv, bn, None, True, pool)
+
+
+# ---------------------------------------------------------------------------------- two convs on one input
+
+ConvBN = tuple[nn.Conv2d, nn.BatchNorm2d]
+
+
+@dataclass
+class _Merged:
+    """One conv + eval BN with the output channels of two, refreshed from them when they change."""
+
+    ident: tuple  # (data_ptr, dtype, device, shape, version) of every source tensor when last copied
+    src: list  # detached aliases of the sources: their addresses cannot be reused while the entry lives
+    conv: nn.Conv2d
+    bn: nn.BatchNorm2d
+
+
+_MERGED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+"""first conv -> second conv -> :class:`_Merged` (both keys weak, by identity)."""
+
+
+def _pair_sources(a: ConvBN, b: ConvBN) -> list[Tensor | None]:
+    return [t for conv, bn in (a, b)
+            for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+
+
+def _ident(tensors: list[Tensor | None]) -> tuple:
+    return tuple(None if t is None else (t.data_ptr(), t.dtype, t.device, t.shape, t._version) for t in tensors)
+
+
+def _mergeable(x: Tensor, a: ConvBN, b: ConvBN) -> bool:
+    """Inference (nothing needs a gradient), both BNs in eval with running statistics and the same eps, and
+    the two convs the same geometry on the same parameter dtype/device."""
+    (ca, ba), (cb, bb) = a, b
+    if torch.compiler.is_compiling() or ba is None or bb is None:
+        return False
+    sources = _pair_sources(a, b)
+    if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in sources)):
+        return False
+    geometry = ("in_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    return (
+        not ba.training and not bb.training
+        and all(t is not None for t in (ba.running_mean, ba.running_var, bb.running_mean, bb.running_var))
+        and ba.eps == bb.eps
+        and all(getattr(ca, g) == getattr(cb, g) for g in geometry)
+        and ca.weight.dtype == cb.weight.dtype and ca.weight.device == cb.weight.device
+        and not ca.weight.is_inference() and not cb.weight.is_inference()
+    )
+
+
+def _merged(a: ConvBN, b: ConvBN) -> _Merged | None:
+    """The cached merged conv + BN of ``a`` and ``b``, refreshed (in place: a CUDA graph captured on it sees
+    the new values after an eager call) when any source tensor changed, as :func:`_packed_weight` does;
+    ``None`` while a CUDA graph is captured and the entry is missing or stale."""
+    (ca, ba), (cb, bb) = a, b
+    sources = _pair_sources(a, b)
+    ident = _ident(sources)
+    pairs = _MERGED.get(ca)
+    entry = pairs.get(cb) if pairs is not None else None
+    if entry is not None and entry.ident == ident:
+        return entry
+    if _capturing(ca.weight):
+        return None
+    same_storage = entry is not None and [i and i[:4] for i in entry.ident] == [i and i[:4] for i in ident]
+    w = ca.weight
+    with torch.inference_mode(False), torch.no_grad():
+        if not same_storage:
+            c_out = ca.out_channels + cb.out_channels
+            conv = nn.Conv2d(ca.in_channels, c_out, ca.kernel_size, ca.stride, ca.padding,
+                             bias=ca.bias is not None or cb.bias is not None, device=w.device, dtype=w.dtype)
+            bn = nn.BatchNorm2d(c_out, eps=ba.eps, device=w.device, dtype=ba.running_mean.dtype).eval()
+            entry = _Merged(ident, [], conv.requires_grad_(False), bn.requires_grad_(False))
+            _MERGED.setdefault(ca, WeakIdKeyDictionary())[cb] = entry
+        conv, bn = entry.conv, entry.bn
+        conv.weight.copy_(torch.cat([ca.weight, cb.weight]))
+        if conv.bias is not None:
+            conv.bias.copy_(torch.cat([c.bias if c.bias is not None else torch.zeros_like(c.weight[:, 0, 0, 0])
+                                       for c in (ca, cb)]))
+        for name, fill in (("weight", 1.0), ("bias", 0.0), ("running_mean", None), ("running_var", None)):
+            parts = [getattr(n, name) if getattr(n, name) is not None else torch.full_like(n.running_mean, fill)
+                     for n in (ba, bb)]
+            getattr(bn, name).copy_(torch.cat(parts))
+        entry.ident = _ident(sources)
+        entry.src = [t.detach() if t is not None else None for t in sources]
+    return entry
+
+
+def conv_bn_act_pair(x: Tensor, a: ConvBN, b: ConvBN) -> tuple[Tensor, Tensor]:
+    """``(conv_bn_act(x, *a), conv_bn_act(x, *b))``: two conv + BN + ReLU on the same input (v1's two 7x7
+    stems on the image), as one conv with both sets of output channels where that is exact.
+
+    Merged in inference (no gradient needed, both BNs in eval, same conv geometry and eps): the two
+    weights and BN parameters are concatenated once into a cached merged conv (refreshed when any of them
+    changes, see :func:`_merged`) and one kernel launch writes both outputs, returned as channel slices of
+    one channels_last tensor. The saving is the input gather of the conv's K loop, which dominates these
+    3-channel convs and is then done once per pixel tile for both. Otherwise: two :func:`conv_bn_act`
+    calls (training, autograd, ``torch.compile``).
+    """
+    if not _mergeable(x, a, b) or (merged := _merged(a, b)) is None:
+        return conv_bn_act(x, *a), conv_bn_act(x, *b)
+    out = _apply(x, None, merged.conv, merged.bn, None, True)
+    c = a[0].out_channels
+    return out[:, :c], out[:, c:]

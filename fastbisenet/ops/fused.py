@@ -40,12 +40,22 @@ conv_bn_act = _sync_bn_uses_reference(conv_bn.conv_bn_act)
 concat_conv_bn_act = _sync_bn_uses_reference(conv_bn.concat_conv_bn_act)
 bn_attention = _sync_bn_uses_reference(channel_attention.bn_attention)
 
+
+def conv_bn_act_pair(x, a, b):
+    """:func:`conv_bn_act_pair <fastbisenet.ops.conv_bn.conv_bn_act_pair>`; two :func:`conv_bn_act` calls
+    (each handing a training SyncBatchNorm to the reference) when either BN is a SyncBatchNorm."""
+    if isinstance(a[1], nn.SyncBatchNorm) or isinstance(b[1], nn.SyncBatchNorm):
+        return conv_bn_act(x, *a), conv_bn_act(x, *b)
+    return conv_bn.conv_bn_act_pair(x, a, b)
+
+
 __all__ = [
     "attend_add_upsample",
     "attend_residual",
     "bn_attention",
     "concat_conv_bn_act",
     "conv_bn_act",
+    "conv_bn_act_pair",
     "head_argmax",
     "head_logits",
     "max_pool2d",
