@@ -235,17 +235,26 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     * ``BLOCK_N`` wider than ``C_out`` (rounded up to a power of two, at least 32): the extra columns
       are masked work, and the 128x128 tiles of the 7x7 stem (C_out = 64) spill inside the K loop;
     * 128x128x64 tiles on 4-byte (fp32 / tf32) inputs: 192 KiB of shared memory for 3 stages and
-      ~60-165 spill instructions inside the K loop in every such variant the model launches.
+      ~60-165 spill instructions inside the K loop in every such variant the model launches;
+    * 128x128 tiles on convs with C_in < 32 (FLAT_C, the stems, also merged to C_out = 128): their
+      gathered A tile spills inside the K loop with either loop form (triton 3.6, bf16: 22 spill
+      instructions per step at BLOCK_K=32, 129 at 64; fp32: 8), while 64x128 tiles do not.
 
     Never returns an empty list (a single forced config, as in tests/test_autotune_configs.py, stays).
     """
     args = {**named_args, **kwargs}
     n_max = max(32, triton.next_power_of_2(args["C_out"]))
     wide = args["x_ptr"].element_size() >= 4
+    small_c = args["FLAT_C"] > 0
+
+    def big(c: triton.Config) -> bool:
+        return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128
+
     kept = [
         c for c in configs
         if c.kwargs["BLOCK_N"] <= n_max
-        and not (wide and c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128 and c.kwargs["BLOCK_K"] >= 64)
+        and not (wide and big(c) and c.kwargs["BLOCK_K"] >= 64)
+        and not (small_c and big(c))
     ]
     return kept or configs
 

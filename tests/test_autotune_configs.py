@@ -226,12 +226,15 @@ def test_conv_config_pruning():
     gpu = k_conv.gpu_fwd_configs()
     prune = k_conv._prune_fwd_configs
     bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
-    assert _tiles(prune(gpu, {"C_out": 256, "x_ptr": bf16})) == _tiles(gpu)
+    assert _tiles(prune(gpu, {"C_out": 256, "FLAT_C": 0, "x_ptr": bf16})) == _tiles(gpu)
     # C_out = 64 (the 7x7 stem, ResNet stage 1): no 128-wide N tiles; C_out = 19 rounds up to 32
-    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 64, "x_ptr": bf16}))} == {32, 64}
-    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 19, "x_ptr": bf16}))} == {32}
+    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 64, "FLAT_C": 0, "x_ptr": bf16}))} == {32, 64}
+    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 19, "FLAT_C": 0, "x_ptr": bf16}))} == {32}
     # fp32 (tf32 dots): no 128x128x64 tile, everything else stays
-    assert _tiles(gpu) - _tiles(prune(gpu, {"C_out": 256, "x_ptr": fp32})) == {(128, 128, 64)}
+    assert _tiles(gpu) - _tiles(prune(gpu, {"C_out": 256, "FLAT_C": 0, "x_ptr": fp32})) == {(128, 128, 64)}
+    # the merged stems (C_in = 3, C_out = 128): no 128x128 tile, 64x128 stays
+    stem = _tiles(prune(gpu, {"C_out": 128, "FLAT_C": 3, "x_ptr": bf16}))
+    assert _tiles(gpu) - stem == {(128, 128, 32), (128, 128, 64)} and (64, 128, 32) in stem
     # a single forced config (as test_forced_config_matches_reference forces them) is never pruned away
     wide = [c for c in gpu if c.kwargs["BLOCK_N"] == 128][:1]
-    assert prune(wide, {"C_out": 16}, x_ptr=bf16) == wide
+    assert prune(wide, {"C_out": 16, "FLAT_C": 0}, x_ptr=bf16) == wide
