@@ -61,7 +61,7 @@ E2E_CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
 """(aux_mode, input shape): "pred" = inference, "train" = training step."""
 
 OP_FAMILIES: dict[str, tuple[str, ...]] = {
-    "conv_bn": ("conv_bn_act", "concat_conv_bn_act"),
+    "conv_bn": ("conv_bn_act", "concat_conv_bn_act", "conv_bn_act_pair"),
     "attention": ("mean_hw", "bn_attention", "mlp_attention", "attend_residual"),
     "upsample": ("attend_add_upsample",),
     "head": ("head_logits", "head_argmax"),

@@ -492,6 +492,11 @@ def case_label(case: OpCase) -> str:
         return shape_str(t.shape)
 
     convs = [a for a in case.args if isinstance(a, ConvSpec)]
+    pairs = [a[0] for a in case.args if isinstance(a, tuple) and a and isinstance(a[0], ConvSpec)]
+    if case.op == "conv_bn_act_pair" and pairs:
+        c = pairs[0]
+        widths = "+".join(str(p.out_ch) for p in pairs)
+        return f"{c.kernel[0]}x{c.kernel[1]}s{c.stride[0]} {c.in_ch}->{widths} @{shp(tensors[0])}"
     if case.op in ("conv_bn_act", "concat_conv_bn_act") and convs:
         c = convs[0]
         s = f"{c.kernel[0]}x{c.kernel[1]}s{c.stride[0]} {c.in_ch}->{c.out_ch} @{shp(tensors[0])}"
@@ -554,6 +559,8 @@ def materialize(case: OpCase, device: torch.device | str, dtype: torch.dtype, *,
             return [make(s) for s in spec.items]
         if isinstance(spec, (ConvSpec, BNSpec)):
             return _make_module(spec, device, dtype, gen).train(train).requires_grad_(train)
+        if isinstance(spec, tuple):  # a (conv, bn) pair of conv_bn_act_pair
+            return tuple(make(s) for s in spec)
         return spec
 
     return [make(a) for a in case.args], {k: make(v) for k, v in case.kwargs}
@@ -563,7 +570,7 @@ def _leaves(args: Sequence[Any], kwargs: dict[str, Any]) -> list[Tensor]:
     """Tensors and parameters of a call, flattened, each once."""
     out: dict[int, Tensor] = {}
     for v in [*args, *kwargs.values()]:
-        items = v if isinstance(v, list) else [v]
+        items = v if isinstance(v, (list, tuple)) else [v]
         for item in items:
             if isinstance(item, Tensor):
                 out[id(item)] = item

@@ -184,9 +184,11 @@ def test_traced_ops_cover_the_model_and_add_up() -> None:
     assert model_bytes > 13_000_000 * 2  # at least the bf16 parameters
     pred = fb.trace_ops(shape, aux_mode="pred")
     assert [c for c in pred if c.op == "head_argmax"]
-    assert sum(c.calls for c in cases if c.op == "conv_bn_act") == 20 + 1 + 2 + 4 + 1 + 2  # resnet+cp+sp+head
+    # resnet (without its stem) + cp + sp (without its stem) + head; the two stems are one pair call
+    assert sum(c.calls for c in cases if c.op == "conv_bn_act") == 19 + 1 + 2 + 4 + 1 + 1
+    assert sum(c.calls for c in cases if c.op == "conv_bn_act_pair") == 1
     labels = {c.label for c in cases}
-    assert "7x7s2 3->64 @1x3x1024x2048" in labels
+    assert "7x7s2 3->64+64 @1x3x1024x2048" in labels
     assert "3x3s1 64->64 @1x64x256x512 +res" in labels
 
 
@@ -195,7 +197,7 @@ def test_op_workloads_run_on_cpu() -> None:
     cases = fb.trace_ops((2, 3, 32, 64), aux_mode="train")
     cases += [c for c in fb.trace_ops((2, 3, 32, 64), aux_mode="pred") if c.op == "head_argmax"]
     cases += [c for c in fb.trace_ops((2, 3, 32, 64), preset="face-parsing") if c.op == "mlp_attention"]
-    assert len({c.op for c in cases}) == 10
+    assert len({c.op for c in cases}) == 11
     for case in cases:
         for backward in (False, True) if case.op not in ("head_argmax", "max_pool2d") else (False,):
             step = fb.op_workload(case, "eager", torch.float32, backward=backward, device="cpu")
@@ -592,8 +594,8 @@ def test_floor_budget_accounts_for_the_whole_forward(monkeypatch) -> None:
     shape = (1, 3, 64, 128)
     rows = floor_budget.budget(shape)
     ops = {r.op for r in rows}
-    assert {"conv_bn_act", "concat_conv_bn_act", "max_pool2d", "bn_attention", "attend_add_upsample",
-            "attend_residual", "head_argmax", "mean_hw"} == ops
+    assert {"conv_bn_act", "conv_bn_act_pair", "concat_conv_bn_act", "max_pool2d", "bn_attention",
+            "attend_add_upsample", "attend_residual", "head_argmax", "mean_hw"} == ops
     conv = next(r for r in rows if r.op == "conv_bn_act")
     assert conv.floor_us(1.0, 1.0) == pytest.approx(conv.calls * max(conv.flops / 1e12, conv.nbytes / 1e9) * 1e6)
     text = floor_budget.render(rows, shape=shape, dtype=torch.bfloat16, aux_mode="pred", tflops=790, gbps=4800)

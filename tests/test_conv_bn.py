@@ -846,3 +846,16 @@ def test_pair_cache_dies_with_its_modules(device: str) -> None:
     del a, b
     gc.collect()
     assert merged() is None
+
+
+def test_pair_buffers_kept_alive_for_cuda_graphs(device: str) -> None:
+    """``packed_weights_of`` (what a captured graph holds on to) lists the merged conv, its BN tensors and
+    its packed weight: a graph replay reads them, also after the entry is replaced by a new one."""
+    a, b, x = _stem_pair(device)
+    holder = nn.ModuleList([*a, *b])
+    _check_pair(a, b, x, "merged")
+    entry = ops._MERGED[a[0]][b[0]]
+    held = {id(t) for t in ops.packed_weights_of(holder)}
+    packed = ops._packed_weight(entry.conv.weight, x.dtype)
+    for t in (packed, entry.conv.weight, entry.bn.weight, entry.bn.bias, entry.bn.running_mean, entry.bn.running_var):
+        assert id(t) in held

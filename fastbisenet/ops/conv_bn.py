@@ -149,9 +149,13 @@ def _packed_weight(weight: Tensor, dtype: torch.dtype, *, may_backward: bool = F
 
 
 def packed_weights_of(module: torch.nn.Module) -> list[Tensor]:
-    """The cached packed weights of ``module``'s parameters (a CUDA graph keeps them alive with these)."""
-    return [slot[1] for p in module.parameters() if (entry := _PACKED.get(p)) is not None
-            for slot in entry.by_key.values()]
+    """The cached tensors an inference of ``module`` reads besides its own parameters and buffers: packed
+    weights, and the merged convs of :func:`conv_bn_act_pair` with their packings (a CUDA graph keeps
+    them alive with these)."""
+    merged = [e for m in module.modules() if (pairs := _MERGED.get(m)) is not None for e in pairs.values()]
+    weights = [*module.parameters(), *(e.conv.weight for e in merged)]
+    packed = [slot[1] for p in weights if (entry := _PACKED.get(p)) is not None for slot in entry.by_key.values()]
+    return packed + [t for e in merged for t in (*e.conv.parameters(), *e.bn.parameters(), *e.bn.buffers())]
 
 
 def forward(
