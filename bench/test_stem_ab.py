@@ -1,0 +1,49 @@
+"""A/B of the stem conv's two K-loop forms (``kernels.conv_bn.STEM_ROW_LOOP``), fastbisenet only, bf16.
+
+The 7x7 stems on the 3-channel image are gather-bound: the per-kernel-row loop (the default) issues about
+half the sm_90 instructions per tile of the flattened loop (bench/results/compile-audit_2026-11-21), at
+40% more MMA work. No GPU had timed either when the default was chosen; these rows do: the merged stem
+pair, one stem alone, and the whole pred forward at 1x3x1024x2048, each with both loop forms (the
+autotune key includes the form, so each is tuned on its own).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import pytest
+from fastbisenet.kernels import conv_bn as K
+
+from bench import common
+from fastbisenet import benchmark as fb
+
+LOOPS = {"row": True, "flat": False}
+PRIORITY = (0, False, 0, 0)  # with the headline rows: the A/B must not be cut by a time budget
+
+
+def _stem_cases() -> list[fb.OpCase]:
+    pair = next(c for c in common.traced_cases() if c.op == "conv_bn_act_pair" and c.input_shape == common.MAIN_SHAPE)
+    image, (conv, bn), _ = pair.args
+    single = dataclasses.replace(pair, op="conv_bn_act", args=(image, conv, bn), calls=2)
+    return [pair, single]
+
+
+def _params() -> list[Any]:
+    params = [pytest.param(case, loop, marks=pytest.mark.bench_priority(PRIORITY), id=f"{case.op}-{loop}")
+              for case in _stem_cases() for loop in LOOPS]
+    params += [pytest.param(None, loop, marks=pytest.mark.bench_priority(PRIORITY), id=f"pred-e2e-{loop}")
+               for loop in LOOPS]
+    return params
+
+
+@pytest.mark.parametrize(("case", "loop"), _params())
+def test_stem_loop(benchmark: Any, case: fb.OpCase | None, loop: str, floors: dict, bench_env: dict,
+                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(K, "STEM_ROW_LOOP", LOOPS[loop])
+    if case is None:
+        common.run_e2e(benchmark, "pred", common.MAIN_SHAPE, "bf16", "fastbisenet", floors, bench_env)
+    else:
+        common.run_op(benchmark, case, "bf16", "fwd", "fastbisenet", floors, bench_env)
+    benchmark.group = f"stem loop A/B: {benchmark.group} loop={loop}"
+    benchmark.extra_info.update(op="stem loop A/B", stem_loop=loop)  # own report section, not in the e2e plot
