@@ -822,6 +822,14 @@ def test_pair_merge_only_where_exact(device: str, apply_calls) -> None:
         assert apply_calls == [6, 5], change
 
 
+def test_pair_unsupported_convs_raise_as_single_calls(device: str) -> None:
+    a, b, x = _stem_pair(device)
+    for conv in (a[0], b[0]):
+        conv.dilation = (2, 2)
+    with torch.no_grad(), pytest.raises(NotImplementedError, match="dilation"):
+        ops.conv_bn_act_pair(x, a, b)
+
+
 def test_pair_under_graph_capture(device: str, monkeypatch, apply_calls) -> None:
     """While a CUDA graph is captured a valid merged conv is used as is; a stale one is not refreshed (its
     copies would be recorded in the graph): the two convs run separately, and the cache is left alone."""

@@ -677,11 +677,14 @@ def _mergeable(x: Tensor, a: ConvBN, b: ConvBN) -> bool:
     sources = _pair_sources(a, b)
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in sources)):
         return False
-    geometry = ("in_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    geometry = ("in_channels", "kernel_size", "stride", "padding")
     return (
         not ba.training and not bb.training
         and all(t is not None for t in (ba.running_mean, ba.running_var, bb.running_mean, bb.running_var))
-        and ba.eps == bb.eps
+        and ba.eps == bb.eps and ba.running_mean.dtype == bb.running_mean.dtype
+        # what the kernel does not support stays on the unmerged path, which raises its usual errors
+        and all(c.groups == 1 and _pair(c.dilation) == (1, 1) and c.padding_mode == "zeros"
+                and not isinstance(c.padding, str) for c in (ca, cb))
         and all(getattr(ca, g) == getattr(cb, g) for g in geometry)
         and ca.weight.dtype == cb.weight.dtype and ca.weight.device == cb.weight.device
         and not ca.weight.is_inference() and not cb.weight.is_inference()
