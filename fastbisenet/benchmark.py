@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 SCHEMA = "fastbisenet-bench/2"
@@ -724,21 +723,26 @@ def op_workload(case: OpCase, variant: str, dtype: torch.dtype, *, backward: boo
 
 
 def ohem_ce(logits: Tensor, labels: Tensor, *, n_min: int, thresh: float = 0.7,
-            ignore_index: int = IGNORE_INDEX) -> Tensor:
+            ignore_index: int = IGNORE_INDEX, backend: str = "torch") -> Tensor:
     """OHEM cross-entropy without host syncs (capturable): mean CE over pixels with CE > -log(thresh),
-    or over the ``n_min`` largest CEs when fewer pass (``n_min`` = valid pixels // 16, from the host)."""
-    loss = F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none").flatten()
+    or over the ``n_min`` largest CEs when fewer pass (``n_min`` = valid pixels // 16, from the host).
+    The per-pixel CE is ``ops.impl(backend, logits).cross_entropy``, as in ``losses.OhemCELoss``."""
+    from fastbisenet import ops
+
+    loss = ops.impl(backend, logits).cross_entropy(logits, labels, ignore_index).flatten()
     hard = loss > -math.log(thresh)
     n_hard = hard.sum()
     mean_hard = (loss * hard).sum() / n_hard.clamp_min(1)
     return torch.where(n_hard >= n_min, mean_hard, loss.topk(max(n_min, 1)).values.mean())
 
 
-def make_criterion(labels: Tensor) -> tuple[Callable[[Tensor, Tensor], Tensor], str]:
+def make_criterion(labels: Tensor, backend: str = "torch") -> tuple[Callable[[Tensor, Tensor], Tensor], str]:
     """:func:`ohem_ce` for fixed ``labels``: the formula of ``fastbisenet.losses.OhemCELoss`` without
-    its host syncs, so the whole training step can be captured in a CUDA graph."""
+    its host syncs, so the whole training step can be captured in a CUDA graph. ``backend`` picks the
+    per-pixel CE (the model's backend: the Triton kernel for fastbisenet, PyTorch's op for the peers)."""
     n_min = int((labels != IGNORE_INDEX).sum().item()) // 16
-    return (lambda logits, lab: ohem_ce(logits, lab, n_min=n_min)), "ohem_ce (capturable OhemCELoss)"
+    return ((lambda logits, lab: ohem_ce(logits, lab, n_min=n_min, backend=backend)),
+            f"ohem_ce (capturable OhemCELoss), per-pixel CE: {backend}")
 
 
 def random_labels(shape: Sequence[int], n_classes: int, device: str, seed: int = 0) -> Tensor:
@@ -817,7 +821,7 @@ def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype,
 
     x = torch.randn(*input_shape).to(device=device, dtype=torch.float32, memory_format=fmt)
     labels = random_labels(input_shape, n_classes, device)
-    criterion, info["loss"] = make_criterion(labels)
+    criterion, info["loss"] = make_criterion(labels, backend)
     amp = None if dtype == torch.float32 else dtype
     dev_type = torch.device(device).type
     settings = _train_settings()

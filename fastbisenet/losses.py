@@ -6,8 +6,9 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from fastbisenet import ops
 
 
 class OhemCELoss(nn.Module):
@@ -17,6 +18,11 @@ class OhemCELoss(nn.Module):
     ``-log(thresh)``; if fewer than ``n_min = valid // min_kept_div`` remain, keep the ``n_min``
     largest losses instead; return their mean (0, with a gradient path, when nothing is valid).
     """
+
+    backend: str = "auto"
+    """Per-pixel CE through ``ops.impl(backend, logits)``: the Triton kernel for CUDA logits by default
+    (saves one fp32 log-sum-exp per pixel for backward instead of an fp32 log-softmax), PyTorch's op
+    on CPU or with ``"torch"``."""
 
     def __init__(self, thresh: float = 0.7, ignore_index: int = 255, min_kept_div: int = 16) -> None:
         super().__init__()
@@ -31,8 +37,7 @@ class OhemCELoss(nn.Module):
         if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
             raise ValueError(f"logits (N, C, H, W) and labels (N, H, W) expected, got "
                              f"{tuple(logits.shape)} and {tuple(labels.shape)}")
-        loss = F.cross_entropy(logits.float(), labels.long(), ignore_index=self.ignore_index,
-                               reduction="none").flatten()
+        loss = ops.impl(self.backend, logits).cross_entropy(logits, labels.long(), self.ignore_index).flatten()
         n_valid = int((labels != self.ignore_index).sum())
         n_min = n_valid // self.min_kept_div
         hard = loss[loss > self.loss_thresh]

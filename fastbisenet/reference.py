@@ -77,6 +77,11 @@ def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d, *, pooled: T
     return torch.sigmoid(conv2(F.relu(conv1(mean_hw(feat)))))
 
 
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Per-pixel cross-entropy in fp32, ``reduction="none"``: (N, C, H, W) logits -> (N, H, W)."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")
+
+
 def max_pool2d(x: Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
                padding: int | tuple[int, int] = 0) -> Tensor:
     """The backbone stem's max-pool (dilation 1, floor mode)."""

@@ -334,6 +334,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     mean, std = normalization_for(cfg.preset)
     augment = TrainAugment(tuple(cfg.crop), (cfg.scale_min, cfg.scale_max), cfg.flip, cfg.jitter, mean=mean, std=std)
     criterion = OhemCELoss(cfg.ohem_thresh)
+    criterion.backend = cfg.backend  # the per-pixel CE runs on the model's backend
     meta = {"classes": list(train_set.classes), "palette": [list(c) for c in train_set.palette],
             "n_classes": n_classes, "preset": cfg.preset, "backbone": cfg.backbone,
             "mean": list(mean), "std": list(std)}

@@ -21,8 +21,11 @@ from fastbisenet.ops import attend_add_upsample as U
 from fastbisenet.ops import attend_residual as AR
 from fastbisenet.ops import channel_attention as CA
 from fastbisenet.ops import conv_bn as CB
+from fastbisenet.ops import (
+    cross_entropy,  # noqa: F401 (registers fastbisenet::cross_entropy[_backward])
+    max_pool,  # noqa: F401 (registers fastbisenet::max_pool2d)
+)
 from fastbisenet.ops import head_upsample as H
-from fastbisenet.ops import max_pool  # noqa: F401 (registers fastbisenet::max_pool2d)
 
 ops = torch.ops.fastbisenet
 
@@ -41,6 +44,12 @@ def bn_state(affine: bool = True):
     gamma = torch.rand(C).add_(0.5).requires_grad_() if affine else None
     beta = torch.randn(C).requires_grad_() if affine else None
     return gamma, beta, torch.randn(C) * 0.1, torch.rand(C) + 0.5, torch.tensor(3)
+
+
+def _labels(ignore_index: int = 255) -> torch.Tensor:
+    labels = torch.randint(0, NCLS, (N, *HW))
+    labels[0, 0] = ignore_index
+    return labels
 
 
 def forward_cases():
@@ -77,6 +86,8 @@ def forward_cases():
          (x, a, leaf(N, C, 1, 1), [9, 4], "nearest", False)),
         ("head_logits-bias", ops.head_logits.default, (x, leaf(NCLS, C, 1, 1), leaf(NCLS), [10, 14], False)),
         ("head_logits-nobias", ops.head_logits.default, (x, leaf(NCLS, C, 1, 1), None, [10, 14], True)),
+        ("cross_entropy-nchw", ops.cross_entropy.default, (leaf(N, NCLS, *HW), _labels(), 255)),
+        ("cross_entropy-cl", ops.cross_entropy.default, (leaf(N, NCLS, *HW, channels_last=True), _labels(-100), -100)),
     ]
     cases += conv_forward_cases()
     return cases
@@ -172,6 +183,8 @@ def backward_cases():
          (torch.randn(N, NCLS, 10, 14), x, torch.randn(NCLS, C, 1, 1), torch.randn(NCLS), False)),
         ("head_argmax", ops.head_argmax.default, (x, torch.randn(NCLS, C, 1, 1), torch.randn(NCLS), [10, 14], False)),
         ("max_pool2d", ops.max_pool2d.default, (x, [3, 3], [2, 2], [1, 1])),
+        ("cross_entropy_backward", ops.cross_entropy_backward.default,
+         (torch.rand(N, *HW), torch.randn(N, NCLS, *HW), _labels(), torch.randn(N, *HW), 255)),
         *conv_backward_cases(),
     ]
 
@@ -201,7 +214,7 @@ def test_every_op_is_checked():
     registered = {name for name in dir(ops) if not name.startswith("_")}
     checked = {c[1].name().split("::")[1].split(".")[0] for c in FORWARD + BACKWARD}
     ours = {"mean_hw", "pixel_sums", "bn_attention", "mlp_attention", "attend_add_upsample", "attend_residual",
-            "head_logits", "head_argmax", "conv_bn_act", "max_pool2d"}
+            "head_logits", "head_argmax", "conv_bn_act", "max_pool2d", "cross_entropy"}
     ours |= {f"{name}_backward" for name in ours - {"head_argmax", "max_pool2d"}}  # inference-only ops
     assert ours <= registered
     assert checked == ours
