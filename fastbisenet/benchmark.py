@@ -845,7 +845,7 @@ def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype,
                 p.grad = None
         with torch.autocast(dev_type, dtype=amp, enabled=amp is not None, cache_enabled=False):
             outs = runner(x)
-        loss = sum(criterion(o.float(), labels) for o in outs)
+        loss = sum(criterion(o, labels) for o in outs)  # CE in fp32 inside (no saved fp32 copy of the logits)
         scaler.scale(loss).backward()
         if optimizer is None:
             return

@@ -19,13 +19,13 @@ class OhemCELoss(nn.Module):
     largest losses instead; return their mean (0, with a gradient path, when nothing is valid).
     """
 
-    backend: str = "auto"
-    """Per-pixel CE through ``ops.impl(backend, logits)``: the Triton kernel for CUDA logits by default
-    (saves one fp32 log-sum-exp per pixel for backward instead of an fp32 log-softmax), PyTorch's op
-    on CPU or with ``"torch"``."""
-
-    def __init__(self, thresh: float = 0.7, ignore_index: int = 255, min_kept_div: int = 16) -> None:
+    def __init__(self, thresh: float = 0.7, ignore_index: int = 255, min_kept_div: int = 16,
+                 backend: str = "auto") -> None:
+        """``backend``: where the per-pixel CE runs (``ops.impl``): ``"auto"`` takes the Triton kernel for
+        CUDA logits (it saves one fp32 log-sum-exp per pixel for backward instead of an fp32
+        log-softmax), PyTorch's op on CPU; ``"triton"``/``"torch"`` force one."""
         super().__init__()
+        self.backend = ops.check_backend(backend)
         if not 0 < thresh < 1:
             raise ValueError(f"thresh is a probability in (0, 1), got {thresh}")
         self.thresh = thresh
@@ -37,8 +37,15 @@ class OhemCELoss(nn.Module):
         if logits.dim() != 4 or labels.shape != (logits.shape[0], *logits.shape[2:]):
             raise ValueError(f"logits (N, C, H, W) and labels (N, H, W) expected, got "
                              f"{tuple(logits.shape)} and {tuple(labels.shape)}")
-        loss = ops.impl(self.backend, logits).cross_entropy(logits, labels.long(), self.ignore_index).flatten()
-        n_valid = int((labels != self.ignore_index).sum())
+        labels = labels.long()
+        loss = ops.impl(self.backend, logits).cross_entropy(logits, labels, self.ignore_index).flatten()
+        valid = labels != self.ignore_index
+        out_of_range = valid & ((labels < 0) | (labels >= logits.shape[1]))
+        n_valid, n_bad = (int(v) for v in torch.stack([valid.sum(), out_of_range.sum()]).tolist())  # one sync
+        if n_bad:
+            bad = labels[out_of_range][0].item()
+            raise IndexError(f"OhemCELoss: {n_bad} labels outside [0, {logits.shape[1]}) and not ignore_index="
+                             f"{self.ignore_index}, e.g. {bad}")
         n_min = n_valid // self.min_kept_div
         hard = loss[loss > self.loss_thresh]
         if hard.numel() < n_min:

@@ -133,8 +133,9 @@ class BiSeNet(nn.Module):
     def forward(self, x: Tensor) -> tuple[Tensor, ...] | Tensor:
         check_input(x)
         size = (x.shape[-2], x.shape[-1])
-        if self.sp is not None:
-            # the two 7x7 stems read the same image: one conv in inference (see ops conv_bn_act_pair)
+        if self.sp is not None and not self.training:
+            # eval: the two 7x7 stems read the same image, one conv on the fused backend (ops
+            # conv_bn_act_pair); forward hooks of the two stem modules do not fire on this path
             resnet = self.cp.resnet
             stem_cp, stem_sp = ops.impl(self.backend, x).conv_bn_act_pair(
                 x, (resnet.conv1, resnet.bn1), (self.sp.conv1.conv, self.sp.conv1.bn)
@@ -143,7 +144,7 @@ class BiSeNet(nn.Module):
             feat_sp = self.sp(x, stem=stem_sp)
         else:
             feat8, feat_cp8, feat_cp16 = self.cp(x)
-            feat_sp = feat8
+            feat_sp = self.sp(x) if self.sp is not None else feat8
         feat_fuse = self.ffm(feat_sp, feat_cp8)
         if self.aux_mode == "pred":
             return self.conv_out.predict(feat_fuse, size)

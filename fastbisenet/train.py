@@ -333,8 +333,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
                         persistent_workers=workers > 0)
     mean, std = normalization_for(cfg.preset)
     augment = TrainAugment(tuple(cfg.crop), (cfg.scale_min, cfg.scale_max), cfg.flip, cfg.jitter, mean=mean, std=std)
-    criterion = OhemCELoss(cfg.ohem_thresh)
-    criterion.backend = cfg.backend  # the per-pixel CE runs on the model's backend
+    criterion = OhemCELoss(cfg.ohem_thresh, backend=cfg.backend)  # the per-pixel CE on the model's backend
     meta = {"classes": list(train_set.classes), "palette": [list(c) for c in train_set.palette],
             "n_classes": n_classes, "preset": cfg.preset, "backbone": cfg.backbone,
             "mean": list(mean), "std": list(std)}
@@ -390,7 +389,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
             outputs = model(x)
-        loss = total_loss([o.float() for o in outputs], y, criterion)
+        loss = total_loss(outputs, y, criterion)  # the per-pixel CE computes in fp32 from any float dtype
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; lower --lr or use --amp bf16/none")
         optimizer.zero_grad(set_to_none=True)

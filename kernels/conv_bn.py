@@ -56,7 +56,8 @@ from . import INTERPRET
 STAT_M_DEFAULT: int = 32 if INTERPRET else 64
 """Rows per partial-statistics slot of the forward kernel; every ``BLOCK_M`` is a multiple of it."""
 
-STEM_ROW_LOOP: bool = os.environ.get("FASTBISENET_STEM_ROW_LOOP", "1") != "0"
+_OFF = ("0", "false", "no", "off")
+STEM_ROW_LOOP: bool = os.environ.get("FASTBISENET_STEM_ROW_LOOP", "1").strip().lower() not in _OFF
 """Convs with C_in < 32 (the 7x7 stems on the image) loop per kernel row with a transposed gather (ROW_K):
 ~2x fewer sm_90 instructions in the stem's K loop than the flattened loop (bench/compile_audit.py), at
 40% more MMA work. Not yet timed on a GPU: ``FASTBISENET_STEM_ROW_LOOP=0`` (or setting this to False

@@ -24,8 +24,8 @@ import triton.language as tl
 
 from . import INTERPRET
 
-MAX_CLASSES: int = 1024
-"""Largest C one tile covers (the ops fall back to PyTorch above it)."""
+MAX_CLASSES: int = 256
+"""Largest C one tile covers (the ops fall back to PyTorch above it: wider tiles would spill)."""
 
 
 @triton.jit
@@ -38,7 +38,7 @@ def _logits_tile(x_ptr, labels_ptr, n, offs_p, offs_c, HW, W, C, s_n, s_c, s_h, 
     off = n * s_n + (h.to(tl.int64) * s_h + w.to(tl.int64) * s_w)[:, None] + offs_c.to(tl.int64)[None, :] * s_c
     mask = p_mask[:, None] & c_mask[None, :]
     x = tl.load(x_ptr + off, mask=mask, other=float("-inf")).to(tl.float32)
-    y = tl.load(labels_ptr + n * HW + offs_p, mask=p_mask, other=ignore_index).to(tl.int32)
+    y = tl.load(labels_ptr + n * HW + offs_p, mask=p_mask, other=ignore_index).to(tl.int64)
     valid = p_mask & (y != ignore_index)
     return x, y, off, mask, p_mask, valid
 
@@ -104,8 +104,17 @@ def _blocks(C: int) -> tuple[int, int]:
     return max(16, (1024 if INTERPRET else 4096) // block_c), block_c
 
 
+def dense(logits: torch.Tensor) -> torch.Tensor:
+    """``logits`` if NCHW- or channels_last-dense, else a contiguous copy (the backward writes the gradient
+    through the logits' strides into an ``empty_like`` of them, which must then have the same strides)."""
+    if logits.is_contiguous() or logits.is_contiguous(memory_format=torch.channels_last):
+        return logits
+    return logits.contiguous()
+
+
 def ce_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch :func:`_ce_fwd_kernel`; returns fp32 ``(loss, lse)``, both (N, H, W) contiguous."""
+    logits = dense(logits)
     n, c, h, w = logits.shape
     labels = labels.contiguous()
     loss = torch.empty((n, h, w), device=logits.device, dtype=torch.float32)
@@ -119,9 +128,11 @@ def ce_fwd(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tup
 
 def ce_bwd(grad_loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor, lse: torch.Tensor,
            ignore_index: int) -> torch.Tensor:
-    """Launch :func:`_ce_bwd_kernel`; the gradient has the logits' dtype and layout."""
+    """Launch :func:`_ce_bwd_kernel`; the gradient has the logits' dtype and layout (dense)."""
+    logits = dense(logits)
     n, c, h, w = logits.shape
-    dx = torch.empty_like(logits)  # dense logits: same strides
+    dx = torch.empty_like(logits)
+    assert dx.stride() == logits.stride()
     block_p, block_c = _blocks(c)
     grid = (triton.cdiv(h * w, block_p), n)
     _ce_bwd_kernel[grid](logits, labels.contiguous(), lse, grad_loss.contiguous().float(), dx, c, h * w, w,

@@ -858,7 +858,7 @@ def test_pair_cache_dies_with_its_modules(device: str) -> None:
 
 def test_pair_buffers_kept_alive_for_cuda_graphs(device: str) -> None:
     """``packed_weights_of`` (what a captured graph holds on to) lists the merged conv, its BN tensors and
-    its packed weight: a graph replay reads them, also after the entry is replaced by a new one."""
+    its packed weight: a graph replay reads them, whatever becomes of the cache entry later."""
     a, b, x = _stem_pair(device)
     holder = nn.ModuleList([*a, *b])
     _check_pair(a, b, x, "merged")
@@ -867,3 +867,39 @@ def test_pair_buffers_kept_alive_for_cuda_graphs(device: str) -> None:
     packed = ops._packed_weight(entry.conv.weight, x.dtype)
     for t in (packed, entry.conv.weight, entry.bn.weight, entry.bn.bias, entry.bn.running_mean, entry.bn.running_var):
         assert id(t) in held
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_pair_after_training_mode_updates(backend: str, device: str) -> None:
+    """Running-statistics updates do not bump the buffers' version counters (neither PyTorch's BN nor the
+    kernels); the merged pair still sees them, through ``num_batches_tracked``."""
+    from fastbisenet import reference
+
+    a, b, x = _stem_pair(device)
+    _check_pair(a, b, x, "merged, before training")
+    for bn in (a[1], b[1]):
+        bn.train()
+    with torch.no_grad():
+        for _ in range(2):
+            (ops if backend == "triton" else reference).conv_bn_act_pair(x * 3.0 + 1.0, a, b)
+    for bn in (a[1], b[1]):
+        bn.eval()
+    _check_pair(a, b, x, f"after {backend} training-mode updates")
+
+
+def test_pair_sees_hyperparameter_changes(device: str) -> None:
+    a, b, x = _stem_pair(device)
+    _check_pair(a, b, x, "initial")
+    for conv in (a[0], b[0]):
+        conv.stride = (1, 1)
+    _check_pair(a, b, x, "stride 1")
+    for bn in (a[1], b[1]):
+        bn.eps = 0.5
+    _check_pair(a, b, x, "eps 0.5")
+
+
+def test_pair_with_inference_tensor_buffers(device: str) -> None:
+    a, b, x = _stem_pair(device)
+    with torch.inference_mode():
+        a[1].running_mean = a[1].running_mean.clone()  # an inference tensor: no version counter
+    _check_pair(a, b, x, "inference-tensor running_mean")

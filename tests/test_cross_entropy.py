@@ -119,8 +119,7 @@ def test_ohem_loss_uses_the_backend(device, monkeypatch):
     monkeypatch.setattr(fused, "cross_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
     logits = torch.randn(2, 5, 9, 11, device=device, requires_grad=True)
     labels = labels_for(2, 5, 9, 11, device, 255)
-    crit = OhemCELoss()
-    crit.backend = "triton"
+    crit = OhemCELoss(backend="triton")
     got = crit(logits, labels)
     got.backward()
     grad, logits.grad = logits.grad, None
@@ -136,8 +135,46 @@ def test_train_step_of_the_model_with_the_fused_loss(device):
     model = BiSeNet(4, "train", backend="triton").to(device).train()
     x = torch.randn(2, 3, 32, 48, device=device)
     labels = labels_for(2, 4, 32, 48, device, 255)
-    crit = OhemCELoss()
-    crit.backend = "triton"
+    crit = OhemCELoss(backend="triton")
     loss = sum(crit(o, labels) for o in model(x))
     loss.backward()
     assert torch.isfinite(loss) and all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_ohem_loss_rejects_out_of_range_labels(backend, device):
+    """Both backends raise for a label outside [0, C) (the kernel alone would give NaN, which OHEM's
+    threshold would drop from the loss while the gradient carried it)."""
+    logits = torch.randn(1, 5, 4, 6, device=device, requires_grad=True)
+    labels = torch.randint(0, 5, (1, 4, 6), device=device)
+    labels[0, 2, 3] = 5
+    with pytest.raises(IndexError):
+        OhemCELoss(backend=backend)(logits, labels)
+    with pytest.raises(ValueError, match="backend"):
+        OhemCELoss(backend="cudnn")
+
+
+def test_non_dense_logits(device):
+    """A strided view (as the public custom op may get under torch.compile): right values and gradient."""
+    base = torch.randn(2, 6, 7, 18, device=device, requires_grad=True)
+    logits = base[..., ::2]
+    labels = torch.randint(0, 6, (2, 7, 9), device=device)
+    grad = torch.rand(2, 7, 9, device=device)
+    loss = torch.ops.fastbisenet.cross_entropy(logits, labels, 255)[0]
+    loss.backward(grad)
+    want_loss, want_grad = reference(logits, labels, grad, 255)
+    close(loss, want_loss, torch.float32, scale=4.0)
+    close(base.grad[..., ::2], want_grad, torch.float32)
+    assert torch.all(base.grad[..., 1::2] == 0)
+
+
+def test_non_finite_logits_propagate(device):
+    """NaN and +inf logits give NaN losses for their pixels, as PyTorch's op does; others are unaffected."""
+    logits = torch.randn(1, 4, 3, 3, device=device)
+    logits[0, 1, 0, 0] = float("nan")
+    logits[0, 2, 1, 1] = float("inf")
+    labels = torch.zeros(1, 3, 3, dtype=torch.long, device=device)
+    got = ce.cross_entropy(logits, labels, 255)
+    want = F.cross_entropy(logits.double().cpu(), labels.cpu(), reduction="none")
+    assert torch.equal(got.isnan().cpu(), want.isnan())
+    close(got.nan_to_num(), want.nan_to_num(), torch.float32)

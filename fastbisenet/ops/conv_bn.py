@@ -645,7 +645,8 @@ def concat_conv_bn_act(
 
 # ---------------------------------------------------------------------------------- two convs on one input
 
-ConvBN = tuple[nn.Conv2d, nn.BatchNorm2d]
+ConvBN = tuple[nn.Conv2d, nn.BatchNorm2d | None]
+"""A conv and the BatchNorm after it (``None``: no BN)."""
 
 
 @dataclass
@@ -663,12 +664,20 @@ _MERGED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
 def _pair_sources(a: ConvBN, b: ConvBN) -> list[Tensor | None]:
-    return [t for conv, bn in (a, b)
-            for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+    """The tensors a merged pair is copied from, then each BN's ``num_batches_tracked``: running-statistics
+    updates (PyTorch's BN or the kernels) write the buffers without bumping their version counters, but
+    every training-mode forward that updates them increments ``num_batches_tracked`` through autograd-
+    visible ops, which does."""
+    copied = [t for conv, bn in (a, b)
+              for t in (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+    return [*copied, a[1].num_batches_tracked, b[1].num_batches_tracked]
 
 
-def _ident(tensors: list[Tensor | None]) -> tuple:
-    return tuple(None if t is None else (t.data_ptr(), t.dtype, t.device, t.shape, t._version) for t in tensors)
+def _ident(a: ConvBN, b: ConvBN, tensors: list[Tensor | None]) -> tuple:
+    """What the merged pair depends on: every source's address, layout and version, and the hyper-parameters."""
+    hyper = tuple((c.kernel_size, c.stride, c.padding, bn.eps) for c, bn in (a, b))
+    return hyper + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device, t.shape, t._version)
+                         for t in tensors)
 
 
 def _mergeable(x: Tensor, a: ConvBN, b: ConvBN) -> bool:
@@ -680,6 +689,8 @@ def _mergeable(x: Tensor, a: ConvBN, b: ConvBN) -> bool:
     sources = _pair_sources(a, b)
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in sources)):
         return False
+    if any(t is not None and t.is_inference() for t in sources):  # no version counter to watch
+        return False
     geometry = ("in_channels", "kernel_size", "stride", "padding")
     return (
         not ba.training and not bb.training
@@ -690,7 +701,6 @@ def _mergeable(x: Tensor, a: ConvBN, b: ConvBN) -> bool:
                 and not isinstance(c.padding, str) for c in (ca, cb))
         and all(getattr(ca, g) == getattr(cb, g) for g in geometry)
         and ca.weight.dtype == cb.weight.dtype and ca.weight.device == cb.weight.device
-        and not ca.weight.is_inference() and not cb.weight.is_inference()
     )
 
 
@@ -700,14 +710,16 @@ def _merged(a: ConvBN, b: ConvBN) -> _Merged | None:
     ``None`` while a CUDA graph is captured and the entry is missing or stale."""
     (ca, ba), (cb, bb) = a, b
     sources = _pair_sources(a, b)
-    ident = _ident(sources)
+    ident = _ident(a, b, sources)
     pairs = _MERGED.get(ca)
     entry = pairs.get(cb) if pairs is not None else None
     if entry is not None and entry.ident == ident:
         return entry
     if _capturing(ca.weight):
         return None
-    same_storage = entry is not None and [i and i[:4] for i in entry.ident] == [i and i[:4] for i in ident]
+    n_hyper = 2
+    same_storage = entry is not None and entry.ident[:n_hyper] == ident[:n_hyper] and \
+        [i and i[:4] for i in entry.ident[n_hyper:]] == [i and i[:4] for i in ident[n_hyper:]]
     w = ca.weight
     with torch.inference_mode(False), torch.no_grad():
         if not same_storage:
@@ -726,7 +738,7 @@ def _merged(a: ConvBN, b: ConvBN) -> _Merged | None:
             parts = [getattr(n, name) if getattr(n, name) is not None else torch.full_like(n.running_mean, fill)
                      for n in (ba, bb)]
             getattr(bn, name).copy_(torch.cat(parts))
-        entry.ident = _ident(sources)
+        entry.ident = _ident(a, b, sources)
         entry.src = [t.detach() if t is not None else None for t in sources]
     return entry
 
@@ -734,6 +746,9 @@ def _merged(a: ConvBN, b: ConvBN) -> _Merged | None:
 def conv_bn_act_pair(x: Tensor, a: ConvBN, b: ConvBN) -> tuple[Tensor, Tensor]:
     """``(conv_bn_act(x, *a), conv_bn_act(x, *b))``: two conv + BN + ReLU on the same input (v1's two 7x7
     stems on the image), as one conv with both sets of output channels where that is exact.
+
+    Layout: merged outputs are channel slices of one channels_last tensor (not dense on their own:
+    ``.view`` may fail on them, as on any slice); unmerged ones are dense channels_last tensors.
 
     Merged in inference (no gradient needed, both BNs in eval, same conv geometry and eps): the two
     weights and BN parameters are concatenated once into a cached merged conv (refreshed when any of them

@@ -23,11 +23,10 @@ class CrossEntropyFunction(torch.autograd.Function):
         loss, lse = K.ce_fwd(logits, labels, ignore_index)
         ctx.save_for_backward(logits, labels, lse)
         ctx.ignore_index = ignore_index
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        return loss
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
+    def backward(ctx, grad_loss):
         logits, labels, lse = ctx.saved_tensors
         return K.ce_bwd(grad_loss, logits, labels, lse, ctx.ignore_index), None, None
 
@@ -52,7 +51,7 @@ def cross_entropy_backward_op(grad_loss: Tensor, logits: Tensor, labels: Tensor,
 
 @cross_entropy_backward_op.register_fake
 def _(grad_loss, logits, labels, lse, ignore_index):
-    return torch.empty_like(logits)
+    return torch.empty_like(K.dense(logits))
 
 
 def _setup(ctx, inputs, output):
@@ -70,10 +69,6 @@ def _backward(ctx, grad_loss, _grad_lse):
 cross_entropy_op.register_autograd(_backward, setup_context=_setup)
 
 
-def _dense(x: Tensor) -> bool:
-    return x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
-
-
 def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     """``F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction="none")``: fp32 (N, H, W).
 
@@ -88,7 +83,5 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
     )
     if not covered:
         return reference.cross_entropy(logits, labels, ignore_index)
-    if not _dense(logits):
-        logits = logits.contiguous()
-    out = call(CrossEntropyFunction.apply, torch.ops.fastbisenet.cross_entropy, logits, labels, int(ignore_index))
-    return out[0] if isinstance(out, tuple) else out  # eager: (loss, lse); compiled: ``call`` returns loss
+    return call(CrossEntropyFunction.apply, torch.ops.fastbisenet.cross_entropy, K.dense(logits), labels,
+                int(ignore_index))

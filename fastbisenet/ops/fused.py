@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 
-from torch import nn
+from torch import Tensor, nn
 
 from fastbisenet import reference
 from fastbisenet.ops import channel_attention, conv_bn
@@ -42,7 +42,7 @@ concat_conv_bn_act = _sync_bn_uses_reference(conv_bn.concat_conv_bn_act)
 bn_attention = _sync_bn_uses_reference(channel_attention.bn_attention)
 
 
-def conv_bn_act_pair(x, a, b):
+def conv_bn_act_pair(x: Tensor, a: conv_bn.ConvBN, b: conv_bn.ConvBN) -> tuple[Tensor, Tensor]:
     """:func:`conv_bn_act_pair <fastbisenet.ops.conv_bn.conv_bn_act_pair>`; two :func:`conv_bn_act` calls
     (each handing a training SyncBatchNorm to the reference) when either BN is a SyncBatchNorm."""
     if isinstance(a[1], nn.SyncBatchNorm) or isinstance(b[1], nn.SyncBatchNorm):
