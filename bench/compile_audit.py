@@ -332,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     if bad := [d for d in dtypes if d not in DTYPES]:
         parser.error(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
 
+    commit = git_commit()  # now: the code compiled is what is checked out when the run starts
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
+                           cwd=Path(__file__).parent).stdout.strip()
+    if dirty and commit != "unknown" and not os.environ.get("FASTBISENET_GIT_COMMIT"):
+        commit += " + uncommitted changes"
     driver.set_active(TargetDriver(args.arch))
     recorder = Recorder(all_configs=args.configs == "all")
     recorder.install()
@@ -350,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarise(recorder.records, args.arch)
     meta = {"arch": args.arch, "triton": triton.__version__, "torch": torch.__version__,
             "host": platform.machine(), "date": time.strftime("%Y-%m-%d", time.gmtime()),
-            "commit": git_commit(), "workloads": names, "configs": args.configs, "compiled": len(recorder.records),
+            "commit": commit, "workloads": names, "configs": args.configs, "compiled": len(recorder.records),
             "seconds": time.perf_counter() - t0}
     text = markdown(rows, meta)
     if args.md:
