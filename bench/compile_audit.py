@@ -333,10 +333,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown dtype(s) {bad}; choose from {list(DTYPES)}")
 
     commit = git_commit()  # now: the code compiled is what is checked out when the run starts
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True,
-                           cwd=Path(__file__).parent).stdout.strip()
-    if dirty and commit != "unknown" and not os.environ.get("FASTBISENET_GIT_COMMIT"):
-        commit += " + uncommitted changes"
+    if commit != "unknown" and not os.environ.get("FASTBISENET_GIT_COMMIT"):
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                text=True, cwd=Path(__file__).parent)
+        if status.stdout.strip():
+            commit += " + uncommitted changes"
     driver.set_active(TargetDriver(args.arch))
     recorder = Recorder(all_configs=args.configs == "all")
     recorder.install()
