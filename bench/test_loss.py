@@ -21,7 +21,8 @@ def _cases() -> list[fb.OpCase]:
     cases = []
     for shape in common.OP_INPUTS:
         n, _, h, w = shape
-        args = (fb.TensorSpec((n, N_CLASSES, h, w), "float"), fb.TensorSpec((n, h, w), "int64"), IGNORE_INDEX)
+        logits = fb.TensorSpec((n, N_CLASSES, h, w), "float", channels_last=False)  # the heads write NCHW
+        args = (logits, fb.TensorSpec((n, h, w), "int64"), IGNORE_INDEX)
         cases.append(fb.OpCase("cross_entropy", args, (), 3, ("conv_out", "conv_out16", "conv_out32"), shape, "v1"))
     return cases
 

@@ -358,6 +358,8 @@ class TensorSpec:
     shape: tuple[int, ...]
     dtype: str = "float"
     """``"float"`` (the benchmark dtype) or a fixed dtype name such as ``"int64"``."""
+    channels_last: bool = True
+    """4-D float tensors are made channels_last (the fused model's activations) unless this is False."""
 
 
 @dataclass(frozen=True)
@@ -523,7 +525,7 @@ def _make_tensor(spec: TensorSpec, device: torch.device | str, dtype: torch.dtyp
         t = torch.empty(spec.shape, device="meta", dtype=dtype)
     else:  # generated on the device: fast for the large activations
         t = torch.randn(spec.shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 and spec.channels_last else t
 
 
 def _make_module(spec: ConvSpec | BNSpec, device: torch.device | str, dtype: torch.dtype,
