@@ -653,7 +653,7 @@ ConvBN = tuple[nn.Conv2d, nn.BatchNorm2d | None]
 class _Merged:
     """One conv + eval BN with the output channels of two, refreshed from them when they change."""
 
-    ident: tuple  # (data_ptr, dtype, device, shape, version) of every source tensor when last copied
+    ident: tuple  # :func:`_ident` of the sources when last copied
     src: list  # detached aliases of the sources: their addresses cannot be reused while the entry lives
     conv: nn.Conv2d
     bn: nn.BatchNorm2d
@@ -673,11 +673,13 @@ def _pair_sources(a: ConvBN, b: ConvBN) -> list[Tensor | None]:
     return [*copied, a[1].num_batches_tracked, b[1].num_batches_tracked]
 
 
-def _ident(a: ConvBN, b: ConvBN, tensors: list[Tensor | None]) -> tuple:
-    """What the merged pair depends on: every source's address, layout and version, and the hyper-parameters."""
+def _ident(a: ConvBN, b: ConvBN, tensors: list[Tensor | None]) -> tuple[tuple, tuple]:
+    """What the merged pair depends on: ``(storage, versions)``. ``storage``: the hyper-parameters and every
+    source's address, dtype, device and shape (a change needs new merged modules); ``versions``: the
+    sources' version counters (a change needs a refresh of the values in place)."""
     hyper = tuple((c.kernel_size, c.stride, c.padding, bn.eps) for c, bn in (a, b))
-    return hyper + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device, t.shape, t._version)
-                         for t in tensors)
+    storage = hyper + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device, t.shape) for t in tensors)
+    return storage, tuple(None if t is None else t._version for t in tensors)
 
 
 def _mergeable(x: Tensor, a: ConvBN, b: ConvBN) -> bool:
@@ -691,14 +693,16 @@ def _mergeable(x: Tensor, a: ConvBN, b: ConvBN) -> bool:
         return False
     if any(t is not None and t.is_inference() for t in sources):  # no version counter to watch
         return False
+    try:  # what the kernel does not support stays on the unmerged path, which raises its usual errors
+        _check_conv(ca)
+        _check_conv(cb)
+    except NotImplementedError:
+        return False
     geometry = ("in_channels", "kernel_size", "stride", "padding")
     return (
         not ba.training and not bb.training
         and all(t is not None for t in (ba.running_mean, ba.running_var, bb.running_mean, bb.running_var))
         and ba.eps == bb.eps and ba.running_mean.dtype == bb.running_mean.dtype
-        # what the kernel does not support stays on the unmerged path, which raises its usual errors
-        and all(c.groups == 1 and _pair(c.dilation) == (1, 1) and c.padding_mode == "zeros"
-                and not isinstance(c.padding, str) for c in (ca, cb))
         and all(getattr(ca, g) == getattr(cb, g) for g in geometry)
         and ca.weight.dtype == cb.weight.dtype and ca.weight.device == cb.weight.device
     )
@@ -717,12 +721,9 @@ def _merged(a: ConvBN, b: ConvBN) -> _Merged | None:
         return entry
     if _capturing(ca.weight):
         return None
-    n_hyper = 2
-    same_storage = entry is not None and entry.ident[:n_hyper] == ident[:n_hyper] and \
-        [i and i[:4] for i in entry.ident[n_hyper:]] == [i and i[:4] for i in ident[n_hyper:]]
     w = ca.weight
     with torch.inference_mode(False), torch.no_grad():
-        if not same_storage:
+        if entry is None or entry.ident[0] != ident[0]:  # new storage or hyper-parameters: new modules
             c_out = ca.out_channels + cb.out_channels
             conv = nn.Conv2d(ca.in_channels, c_out, ca.kernel_size, ca.stride, ca.padding,
                              bias=ca.bias is not None or cb.bias is not None, device=w.device, dtype=w.dtype)
@@ -738,7 +739,7 @@ def _merged(a: ConvBN, b: ConvBN) -> _Merged | None:
             parts = [getattr(n, name) if getattr(n, name) is not None else torch.full_like(n.running_mean, fill)
                      for n in (ba, bb)]
             getattr(bn, name).copy_(torch.cat(parts))
-        entry.ident = _ident(a, b, sources)
+        entry.ident = ident
         entry.src = [t.detach() if t is not None else None for t in sources]
     return entry
 
