@@ -66,6 +66,7 @@ OP_FAMILIES: dict[str, tuple[str, ...]] = {
     "upsample": ("attend_add_upsample",),
     "head": ("head_logits", "head_argmax"),
     "pool": ("max_pool2d",),
+    "loss": ("cross_entropy",),  # not a model op: bench/test_loss.py builds its cases
 }
 INFERENCE_ONLY = frozenset({"head_argmax", "max_pool2d"})
 """Ops without a Triton backward: no forward+backward rows (max_pool2d with a gradient is PyTorch's op)."""
@@ -111,11 +112,12 @@ def _priority(*, e2e_main: bool, batch1: bool, e2e: bool, dtype: str, variant: s
     return (DTYPES.index(dtype), variant == "max-autotune", kind, VARIANTS.index(variant))
 
 
-def op_params(family: str) -> list[Any]:
-    """``pytest.param(case, dtype, pass, variant)`` for every op of ``family``: one row each."""
+def op_params(family: str, cases: Sequence[fb.OpCase] | None = None) -> list[Any]:
+    """``pytest.param(case, dtype, pass, variant)`` for every op of ``family`` among ``cases`` (default: the
+    model's traced cases): one row each."""
     ops = OP_FAMILIES[family]
     params = []
-    for case in traced_cases():
+    for case in traced_cases() if cases is None else cases:
         if case.op not in ops:
             continue
         passes = ["fwd", "fwd+bwd"] if trains(case) else ["fwd"]

@@ -27,20 +27,7 @@ def _cases() -> list[fb.OpCase]:
     return cases
 
 
-def _params() -> list[Any]:
-    params = []
-    for case in _cases():
-        for dtype in common.DTYPES:
-            for pass_ in ("fwd", "fwd+bwd"):
-                for variant in common.VARIANTS:
-                    prio = common._priority(e2e_main=False, batch1=case.input_shape[0] == 1, e2e=False,
-                                            dtype=dtype, variant=variant)
-                    params.append(pytest.param(case, dtype, pass_, variant, marks=pytest.mark.bench_priority(prio),
-                                               id=f"cross_entropy-{fb.shape_str(case.input_shape)}-{dtype}-{pass_}-{variant}"))
-    return params
-
-
-@pytest.mark.parametrize(("case", "dtype", "pass_", "variant"), _params())
+@pytest.mark.parametrize(("case", "dtype", "pass_", "variant"), common.op_params("loss", _cases()))
 def test_cross_entropy(benchmark: Any, case: Any, dtype: str, pass_: str, variant: str, floors: dict,
                        bench_env: dict) -> None:
     common.run_op(benchmark, case, dtype, pass_, variant, floors, bench_env)
