@@ -21,6 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+FLOAT_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.float16, torch.bfloat16)
+"""The float dtypes the kernels take (fp32 accumulation inside)."""
+
 
 def call(function: Callable[..., Tensor], op: Callable[..., Any], *args: Any) -> Tensor:
     """``op(*args)`` (its first output) while ``torch.compile`` traces, else ``function(*args)``.

@@ -25,9 +25,7 @@ from torch import Tensor, nn
 
 from fastbisenet import reference
 from fastbisenet.kernels import channel_attention as K
-from fastbisenet.ops._library import call, is_channels_last, memory_format
-
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastbisenet.ops._library import FLOAT_DTYPES, call, is_channels_last, memory_format
 
 
 def check_map(x: Tensor, name: str = "x") -> None:

@@ -57,6 +57,7 @@ from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastbisenet.kernels import conv_bn as K
+from fastbisenet.ops._library import FLOAT_DTYPES
 
 __all__ = [
     "ConvBNActFunction", "backward", "clear_packed_weights", "concat_conv_bn_act", "conv_bn_act", "conv_bn_act_pair",
@@ -547,7 +548,7 @@ def _apply(
 ) -> Tensor | tuple[Tensor, Tensor]:
     stride, padding = _check_conv(conv)
     x, x2, residual = _autocast(x, x2, residual)
-    if x.is_cuda and x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    if x.is_cuda and x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"conv_bn_act: the Triton kernels take float32/float16/bfloat16 on GPU, got {x.dtype} "
                          "(use backend='torch' for other dtypes)")
     if residual is not None and residual.dtype != x.dtype:

@@ -12,9 +12,7 @@ from torch import Tensor
 
 from fastbisenet import reference
 from fastbisenet.kernels import cross_entropy as K
-from fastbisenet.ops._library import call
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastbisenet.ops._library import FLOAT_DTYPES, call
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -78,7 +76,7 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
     """
     covered = (
         logits.dim() == 4 and labels.dim() == 3 and labels.shape == (logits.shape[0], *logits.shape[2:])
-        and logits.dtype in _DTYPES and labels.dtype == torch.int64 and labels.device == logits.device
+        and logits.dtype in FLOAT_DTYPES and labels.dtype == torch.int64 and labels.device == logits.device
         and 0 < logits.shape[1] <= K.MAX_CLASSES and logits.numel() > 0 and 0 < logits.shape[0] <= 65535
     )
     if not covered:

@@ -13,9 +13,7 @@ from torch import Tensor
 
 from fastbisenet import reference
 from fastbisenet.kernels import max_pool as K
-from fastbisenet.ops._library import call
-
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+from fastbisenet.ops._library import FLOAT_DTYPES, call
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int] | None:
@@ -57,7 +55,7 @@ def max_pool2d(x: Tensor, kernel_size: int | tuple[int, int], stride: int | tupl
     covered = (
         k is not None and s is not None and p is not None
         and x.dim() == 4
-        and x.dtype in _DTYPES
+        and x.dtype in FLOAT_DTYPES
         and 0 < x.shape[0] <= 65535 and min(x.shape[1:]) > 0  # the batch is grid axis z
         and not (torch.is_grad_enabled() and x.requires_grad)
         and all(kk > 0 and ss > 0 and 0 <= pp <= kk // 2 for kk, ss, pp in zip(k, s, p, strict=True))
