@@ -683,13 +683,10 @@ def _ident(a: ConvBN, b: ConvBN, tensors: list[Tensor | None]) -> tuple[tuple, t
     return storage, tuple(None if t is None else t._version for t in tensors)
 
 
-def _mergeable(x: Tensor, a: ConvBN, b: ConvBN) -> bool:
+def _mergeable(x: Tensor, a: ConvBN, b: ConvBN, sources: list[Tensor | None]) -> bool:
     """Inference (nothing needs a gradient), both BNs in eval with running statistics and the same eps, and
-    the two convs the same geometry on the same parameter dtype/device."""
+    the two convs the same geometry on the same parameter dtype/device. ``sources``: :func:`_pair_sources`."""
     (ca, ba), (cb, bb) = a, b
-    if torch.compiler.is_compiling() or ba is None or bb is None:
-        return False
-    sources = _pair_sources(a, b)
     if torch.is_grad_enabled() and (x.requires_grad or any(t is not None and t.requires_grad for t in sources)):
         return False
     if any(t is not None and t.is_inference() for t in sources):  # no version counter to watch
@@ -709,12 +706,11 @@ def _mergeable(x: Tensor, a: ConvBN, b: ConvBN) -> bool:
     )
 
 
-def _merged(a: ConvBN, b: ConvBN) -> _Merged | None:
+def _merged(a: ConvBN, b: ConvBN, sources: list[Tensor | None]) -> _Merged | None:
     """The cached merged conv + BN of ``a`` and ``b``, refreshed (in place: a CUDA graph captured on it sees
     the new values after an eager call) when any source tensor changed, as :func:`_packed_weight` does;
     ``None`` while a CUDA graph is captured and the entry is missing or stale."""
     (ca, ba), (cb, bb) = a, b
-    sources = _pair_sources(a, b)
     ident = _ident(a, b, sources)
     pairs = _MERGED.get(ca)
     entry = pairs.get(cb) if pairs is not None else None
@@ -759,7 +755,12 @@ def conv_bn_act_pair(x: Tensor, a: ConvBN, b: ConvBN) -> tuple[Tensor, Tensor]:
     3-channel convs and is then done once per pixel tile for both. Otherwise: two :func:`conv_bn_act`
     calls (training, autograd, ``torch.compile``).
     """
-    if not _mergeable(x, a, b) or (merged := _merged(a, b)) is None:
+    merged = None
+    if not torch.compiler.is_compiling() and a[1] is not None and b[1] is not None:
+        sources = _pair_sources(a, b)
+        if _mergeable(x, a, b, sources):
+            merged = _merged(a, b, sources)
+    if merged is None:
         return conv_bn_act(x, *a), conv_bn_act(x, *b)
     out = _apply(x, None, merged.conv, merged.bn, None, True)
     c = a[0].out_channels
