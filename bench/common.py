@@ -64,7 +64,7 @@ OP_FAMILIES: dict[str, tuple[str, ...]] = {
     "conv_bn": ("conv_bn_act", "concat_conv_bn_act", "conv_bn_act_pair"),
     "attention": ("mean_hw", "bn_attention", "mlp_attention", "attend_residual"),
     "upsample": ("attend_add_upsample",),
-    "head": ("head_logits", "head_argmax"),
+    "head": ("head_logits", "head_argmax", "head_cross_entropy"),
     "pool": ("max_pool2d",),
     "loss": ("cross_entropy",),  # not a model op: bench/test_loss.py builds its cases
 }
@@ -78,11 +78,12 @@ floors_measured: dict[str, float] = {}
 @functools.cache
 def traced_cases() -> tuple[fb.OpCase, ...]:
     """Distinct op calls of the model at each of :data:`OP_INPUTS`: v1 with its aux heads (every
-    conv, attention, context stage and head), v1 "pred" for the argmax head, face-parsing for the MLP
-    attention."""
+    conv, attention, context stage and head), its training loss ``model(x, labels)`` for the fused
+    head + CE, v1 "pred" for the argmax head, face-parsing for the MLP attention."""
     out: list[fb.OpCase] = []
     for shape in OP_INPUTS:
         out += fb.trace_ops(shape, aux_mode="train")
+        out += [c for c in fb.trace_ops(shape, aux_mode="train", labels=True) if c.op == "head_cross_entropy"]
         out += [c for c in fb.trace_ops(shape, aux_mode="pred") if c.op == "head_argmax"]
         out += [c for c in fb.trace_ops(shape, aux_mode="train", preset="face-parsing") if c.op == "mlp_attention"]
     return tuple(out)

@@ -239,8 +239,14 @@ def workloads(dtypes: list[str], quick: bool) -> Iterator[tuple[str, Callable[[]
                 model.train()
                 labels = torch.randint(0, 19, (2, 96, 160))
                 labels[:, :4] = 255
-                outs = model(x)  # the loss through the fused per-pixel CE, as OhemCELoss runs it on a GPU
-                sum(fused.cross_entropy(o, labels, 255).mean() for o in outs).backward()
+                # the training loss as `fastbisenet train` computes it: fused heads + per-pixel CE
+                sum(loss.mean() for loss in model(x, labels, ignore_index=255)).backward()
+                # a loss of the logits (model(x) in training): the head logits kernels, backward included,
+                # and OhemCELoss's per-pixel CE kernels
+                head = model.conv_out16
+                feat = torch.randn(2, 64, 12, 20).to(dtype=dtype, memory_format=torch.channels_last)
+                logits = fused.head_logits(feat.requires_grad_(), head.conv_out, (96, 160), head.align_corners)
+                fused.cross_entropy(logits, labels, 255).mean().backward()
                 model.eval()
                 with torch.no_grad():
                     for mode in ("eval", "pred"):

@@ -1,4 +1,5 @@
-"""Segmentation heads: 1x1 classifier + bilinear upsample to full size, and the fused argmax (pred).
+"""Segmentation heads: 1x1 classifier + bilinear upsample to full size, the fused argmax (pred), and
+the fused head + per-pixel CE of the training loss (peers: head logits then ``F.cross_entropy``).
 
 Shapes are traced from the model (bench.common.traced_cases); one row per variant, grouped by op+shape.
 """

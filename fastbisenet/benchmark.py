@@ -450,8 +450,9 @@ def _recording_ops(sink: list[tuple[str, str, tuple, tuple]]) -> Iterator[list[s
 
 
 def trace_ops(input_shape: Sequence[int], *, aux_mode: str = "train", preset: str = "v1",
-              backbone: str = "resnet18", n_classes: int = 19) -> list[OpCase]:
-    """Distinct fused-op calls of one forward of the model at ``input_shape`` (run on ``meta``)."""
+              backbone: str = "resnet18", n_classes: int = 19, labels: bool = False) -> list[OpCase]:
+    """Distinct fused-op calls of one forward of the model at ``input_shape`` (run on ``meta``); with
+    ``labels``, the training loss's forward ``model(x, labels)`` (heads + per-pixel CE)."""
     from fastbisenet.model import BiSeNet
 
     with torch.device("meta"):
@@ -471,7 +472,12 @@ def trace_ops(input_shape: Sequence[int], *, aux_mode: str = "train", preset: st
             handles += [m.register_forward_pre_hook(enter), m.register_forward_hook(leave)]
         try:
             with torch.no_grad():
-                model(torch.empty(*input_shape, device="meta"))
+                x = torch.empty(*input_shape, device="meta")
+                if labels:
+                    n, _, h, w = input_shape
+                    model(x, torch.empty((n, h, w), dtype=torch.int64, device="meta"), ignore_index=IGNORE_INDEX)
+                else:
+                    model(x)
         finally:
             for h in handles:
                 h.remove()
@@ -650,9 +656,11 @@ def model_cost(input_shape: Sequence[int], dtype: torch.dtype, *, aux_mode: str,
     train = aux_mode == "train"
 
     def work() -> Any:
-        out = model(x)
-        if train:
-            torch.autograd.backward(sum(o.float().sum() for o in out))
+        if not train:
+            return model(x)
+        n, _, h, w = input_shape
+        out = model(x, torch.zeros((n, h, w), dtype=torch.int64, device="meta"))  # the heads' per-pixel CE
+        torch.autograd.backward(sum(o.sum() for o in out))
         return out
 
     with torch.set_grad_enabled(train):
@@ -724,27 +732,24 @@ def op_workload(case: OpCase, variant: str, dtype: torch.dtype, *, backward: boo
     return train_step
 
 
-def ohem_ce(logits: Tensor, labels: Tensor, *, n_min: int, thresh: float = 0.7,
-            ignore_index: int = IGNORE_INDEX, backend: str = "torch") -> Tensor:
-    """OHEM cross-entropy without host syncs (capturable): mean CE over pixels with CE > -log(thresh),
-    or over the ``n_min`` largest CEs when fewer pass (``n_min`` = valid pixels // 16, from the host).
-    The per-pixel CE is ``ops.impl(backend, logits).cross_entropy``, as in ``losses.OhemCELoss``."""
-    from fastbisenet import ops
-
-    loss = ops.impl(backend, logits).cross_entropy(logits, labels, ignore_index).flatten()
+def ohem_reduce(pixel_loss: Tensor, *, n_min: int, thresh: float = 0.7) -> Tensor:
+    """The OHEM mean of a per-pixel CE without host syncs: mean over pixels with CE > -log(thresh), or
+    over the ``n_min`` largest CEs when fewer pass (``n_min`` = valid pixels // 16, from the host)."""
+    loss = pixel_loss.flatten()
     hard = loss > -math.log(thresh)
     n_hard = hard.sum()
     mean_hard = (loss * hard).sum() / n_hard.clamp_min(1)
     return torch.where(n_hard >= n_min, mean_hard, loss.topk(max(n_min, 1)).values.mean())
 
 
-def make_criterion(labels: Tensor, backend: str = "torch") -> tuple[Callable[[Tensor, Tensor], Tensor], str]:
-    """:func:`ohem_ce` for fixed ``labels``: the formula of ``fastbisenet.losses.OhemCELoss`` without
-    its host syncs, so the whole training step can be captured in a CUDA graph. ``backend`` picks the
-    per-pixel CE (the model's backend: the Triton kernel for fastbisenet, PyTorch's op for the peers)."""
+def make_criterion(labels: Tensor) -> tuple[Callable[[Tensor], Tensor], str]:
+    """:func:`ohem_reduce` for fixed ``labels``, applied to a per-pixel CE (``BiSeNet(x, labels)``'s
+    outputs): ``fastbisenet.losses.OhemCELoss.reduce`` without its host syncs, so the whole training
+    step can be captured in a CUDA graph."""
     n_min = int((labels != IGNORE_INDEX).sum().item()) // 16
-    return ((lambda logits, lab: ohem_ce(logits, lab, n_min=n_min, backend=backend)),
-            f"ohem_ce (capturable OhemCELoss), per-pixel CE: {backend}")
+    return ((lambda pixel_loss: ohem_reduce(pixel_loss, n_min=n_min)),
+            "ohem (capturable OhemCELoss.reduce) of model(x, labels)'s per-pixel CE: fused head + CE "
+            "kernels on backend triton, head logits + F.cross_entropy on backend torch")
 
 
 def random_labels(shape: Sequence[int], n_classes: int, device: str, seed: int = 0) -> Tensor:
@@ -788,7 +793,8 @@ def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype,
 
     Training (``"train"``): what one iteration of ``fastbisenet train`` runs on the device -- fp32
     master weights and fp32 input; forward under ``torch.autocast(dtype)`` (none for fp32); OHEM CE
-    on the three outputs (main + out16 + out32, in fp32 as ``total_loss`` takes them); backward; the
+    on the three heads (main + out16 + out32: ``model(x, labels)``, the per-pixel CE as ``fastbisenet
+    train`` computes it, fused with the heads on the Triton backend, fp32); backward; the
     SGD step of ``fastbisenet.schedule.build_optimizer`` (momentum, weight decay, foreach: no host
     syncs, so it is captured in the CUDA graph with the rest). fp16 adds the ``GradScaler``: scale,
     backward, ``unscale_`` (the inf check is a device kernel), step, ``update``. Only the scaler's
@@ -823,7 +829,7 @@ def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype,
 
     x = torch.randn(*input_shape).to(device=device, dtype=torch.float32, memory_format=fmt)
     labels = random_labels(input_shape, n_classes, device)
-    criterion, info["loss"] = make_criterion(labels, backend)
+    criterion, info["loss"] = make_criterion(labels)
     amp = None if dtype == torch.float32 else dtype
     dev_type = torch.device(device).type
     settings = _train_settings()
@@ -846,8 +852,8 @@ def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype,
             for p in params:
                 p.grad = None
         with torch.autocast(dev_type, dtype=amp, enabled=amp is not None, cache_enabled=False):
-            outs = runner(x)
-        loss = sum(criterion(o, labels) for o in outs)  # CE in fp32 inside (no saved fp32 copy of the logits)
+            pixel_losses = runner(x, labels, ignore_index=IGNORE_INDEX)
+        loss = sum(criterion(pl) for pl in pixel_losses)
         scaler.scale(loss).backward()
         if optimizer is None:
             return

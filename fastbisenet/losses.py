@@ -38,13 +38,23 @@ class OhemCELoss(nn.Module):
             raise ValueError(f"logits (N, C, H, W) and labels (N, H, W) expected, got "
                              f"{tuple(logits.shape)} and {tuple(labels.shape)}")
         labels = labels.long()
-        loss = ops.impl(self.backend, logits).cross_entropy(logits, labels, self.ignore_index).flatten()
+        loss = ops.impl(self.backend, logits).cross_entropy(logits, labels, self.ignore_index)
+        return self.reduce(loss, labels, logits.shape[1])
+
+    def reduce(self, pixel_loss: Tensor, labels: Tensor, n_classes: int) -> Tensor:
+        """The OHEM mean of a per-pixel cross-entropy ``pixel_loss`` (N, H, W) computed against ``labels``
+        with this loss's ``ignore_index``, e.g. an output of ``BiSeNet(x, labels)`` (the logits never
+        materialised). Raises ``IndexError`` for labels outside ``[0, n_classes)``."""
+        if pixel_loss.shape != labels.shape:
+            raise ValueError(f"pixel_loss and labels must have the same (N, H, W) shape, got "
+                             f"{tuple(pixel_loss.shape)} and {tuple(labels.shape)}")
+        loss = pixel_loss.flatten()
         valid = labels != self.ignore_index
-        out_of_range = valid & ((labels < 0) | (labels >= logits.shape[1]))
+        out_of_range = valid & ((labels < 0) | (labels >= n_classes))
         n_valid, n_bad = (int(v) for v in torch.stack([valid.sum(), out_of_range.sum()]).tolist())  # one sync
         if n_bad:
             bad = labels[out_of_range][0].item()
-            raise IndexError(f"OhemCELoss: {n_bad} labels outside [0, {logits.shape[1]}) and not ignore_index="
+            raise IndexError(f"OhemCELoss: {n_bad} labels outside [0, {n_classes}) and not ignore_index="
                              f"{self.ignore_index}, e.g. {bad}")
         n_min = n_valid // self.min_kept_div
         hard = loss[loss > self.loss_thresh]
@@ -60,4 +70,9 @@ def total_loss(outputs: Sequence[Tensor], labels: Tensor, criterion: nn.Module) 
     return torch.stack([criterion(o, labels) for o in outputs]).sum()
 
 
-__all__ = ["OhemCELoss", "total_loss"]
+def total_pixel_loss(pixel_losses: Sequence[Tensor], labels: Tensor, criterion: OhemCELoss, n_classes: int) -> Tensor:
+    """:func:`total_loss` from per-pixel losses (``BiSeNet(x, labels)``'s outputs): sum of ``criterion.reduce``."""
+    return torch.stack([criterion.reduce(o, labels, n_classes) for o in pixel_losses]).sum()
+
+
+__all__ = ["OhemCELoss", "total_loss", "total_pixel_loss"]

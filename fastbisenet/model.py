@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor, nn
 
 from fastbisenet import ops
@@ -51,6 +52,12 @@ class BiSeNet(nn.Module):
 
     Input: a float tensor (N, 3, H, W), NCHW or channels_last, with H, W >= 32 (any size; the public
     model needs multiples of 32 and gives the same outputs on those).
+
+    ``model(x, labels)`` (aux_mode ``"train"`` or ``"eval"``) returns, in place of each output's logits,
+    their per-pixel cross-entropy against ``labels`` (N, H, W) integer class ids: fp32 (N, H, W), 0 where
+    the label is ``ignore_index`` (default 255), the input to an OHEM or mean reduction
+    (:meth:`fastbisenet.losses.OhemCELoss.reduce`). The Triton backend then never writes the
+    full-resolution logits (a fused head + loss kernel; less memory and traffic in training).
     """
 
     def __init__(
@@ -130,9 +137,12 @@ class BiSeNet(nn.Module):
         return f"n_classes={self.n_classes}, aux_mode={self.aux_mode!r}, preset={self.preset!r}, " \
                f"backbone={self.backbone!r}, backend={self.backend!r}"
 
-    def forward(self, x: Tensor) -> tuple[Tensor, ...] | Tensor:
+    def forward(self, x: Tensor, labels: Tensor | None = None, *, ignore_index: int = 255
+                ) -> tuple[Tensor, ...] | Tensor:
         check_input(x)
         size = (x.shape[-2], x.shape[-1])
+        if labels is not None:
+            labels = self._check_labels(x, labels)
         if self.sp is not None and not self.training:
             # eval: the two 7x7 stems read the same image, one conv on the fused backend (ops
             # conv_bn_act_pair); forward hooks of the two stem modules do not fire on this path
@@ -146,12 +156,34 @@ class BiSeNet(nn.Module):
             feat8, feat_cp8, feat_cp16 = self.cp(x)
             feat_sp = self.sp(x) if self.sp is not None else feat8
         feat_fuse = self.ffm(feat_sp, feat_cp8)
+        if labels is not None:
+            heads = [(self.conv_out, feat_fuse)]
+            if self.aux_mode == "train":
+                heads += [(self.conv_out16, feat_cp8), (self.conv_out32, feat_cp16)]
+            return tuple(head(feat, size, labels, ignore_index) for head, feat in heads)
         if self.aux_mode == "pred":
             return self.conv_out.predict(feat_fuse, size)
         out = self.conv_out(feat_fuse, size)
         if self.aux_mode == "eval":
             return (out,)
         return out, self.conv_out16(feat_cp8, size), self.conv_out32(feat_cp16, size)
+
+    def _check_labels(self, x: Tensor, labels: Tensor) -> Tensor:
+        """``labels`` as int64, or ``ValueError`` naming what is wrong with them."""
+        if self.aux_mode == "pred":
+            raise ValueError("labels are for the losses of aux_mode 'train' or 'eval'; aux_mode 'pred' returns "
+                             "the class map")
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() \
+                or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got "
+                             f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}")
+        want = (x.shape[0], *x.shape[2:])
+        if tuple(labels.shape) != want:
+            raise ValueError(f"labels must have shape (N, H, W) = {want} for input {tuple(x.shape)}, got "
+                             f"{tuple(labels.shape)}")
+        if labels.device != x.device:
+            raise ValueError(f"labels are on {labels.device}, the input on {x.device}")
+        return labels.long()
 
 
 def _drop_missing_aux_head_keys(module: BiSeNet, state_dict: dict, prefix: str, *_) -> None:

@@ -105,7 +105,8 @@ class FeatureFusion(nn.Module):
 class SegmentationHead(nn.Module):
     """``conv`` = CBR3x3(in, mid), ``conv_out`` = 1x1(mid, n_classes), then bilinear resize.
 
-    ``forward(x, size)`` returns logits at ``size``; ``predict(x, size)`` the int32 argmax.
+    ``forward(x, size)`` returns logits at ``size`` (``forward(x, size, labels)`` their per-pixel
+    cross-entropy); ``predict(x, size)`` the int32 argmax.
     """
 
     backend: str = "auto"
@@ -117,13 +118,20 @@ class SegmentationHead(nn.Module):
         self.conv_out = nn.Conv2d(mid_ch, n_classes, 1, bias=bias)
         init_conv(self.conv_out)
 
-    def forward(self, x: Tensor, size: tuple[int, int]) -> Tensor:
+    def forward(self, x: Tensor, size: tuple[int, int], labels: Tensor | None = None,
+                ignore_index: int = 255) -> Tensor:
+        """Logits at ``size``; with ``labels`` (N, *size) int64, their fp32 (N, H, W) per-pixel
+        cross-entropy instead (the Triton backend never writes the full-resolution logits)."""
         x = self.conv(x)
-        return ops.impl(self.backend, x).head_logits(x, self.conv_out, size, self.align_corners)
+        op = ops.impl(self.backend, x)
+        if labels is not None:
+            return op.head_cross_entropy(x, self.conv_out, labels, self.align_corners, ignore_index)
+        return op.head_logits(x, self.conv_out, size, self.align_corners)
 
     def predict(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         x = self.conv(x)
         return ops.impl(self.backend, x).head_argmax(x, self.conv_out, size, self.align_corners)
+
 
 
 class SpatialPath(nn.Module):

@@ -125,6 +125,12 @@ def head_logits(
     return upsample(conv_out(x), size, "bilinear", align_corners)
 
 
+def head_cross_entropy(x: Tensor, conv_out: nn.Conv2d, labels: Tensor, align_corners: bool,
+                       ignore_index: int = -100) -> Tensor:
+    """Per-pixel fp32 cross-entropy (N, H, W) of :func:`head_logits` at the labels' size: a head's training loss."""
+    return cross_entropy(head_logits(x, conv_out, tuple(labels.shape[-2:]), align_corners), labels, ignore_index)
+
+
 def head_argmax(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
     """``argmax_c(head_logits(...))`` as int32 (N, H, W); ties go to the lowest class index."""
     return head_logits(x, conv_out, size, align_corners).argmax(dim=1).to(torch.int32)

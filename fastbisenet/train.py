@@ -237,7 +237,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     from fastbisenet import BiSeNet
     from fastbisenet.data import TrainAugment, build_dataset, collate
     from fastbisenet.evaluate import evaluate, normalization_for, resolve_amp
-    from fastbisenet.losses import OhemCELoss, total_loss
+    from fastbisenet.losses import OhemCELoss, total_pixel_loss
     from fastbisenet.metrics import format_iou_table
     from fastbisenet.schedule import WarmupPolyLR, build_optimizer
 
@@ -388,8 +388,9 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            outputs = model(x)
-        loss = total_loss(outputs, y, criterion)  # the per-pixel CE computes in fp32 from any float dtype
+            # the three heads' per-pixel CE (fp32); on the Triton backend the logits are never written
+            pixel_losses = model(x, y, ignore_index=criterion.ignore_index)
+        loss = total_pixel_loss(pixel_losses, y, criterion, n_classes)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; lower --lr or use --amp bf16/none")
         optimizer.zero_grad(set_to_none=True)

@@ -44,6 +44,30 @@ def _logits_tile(x_ptr, labels_ptr, n, offs_p, offs_c, HW, W, C, s_n, s_c, s_h, 
 
 
 @triton.jit
+def ce_loss(x, y, mask, p_mask, valid, offs_c, C):
+    """``(loss, lse)`` per row of an fp32 logits tile ``x`` (-inf outside ``mask``) with labels ``y``:
+    ``lse - x[y]`` where ``valid``, 0 elsewhere, NaN for a valid label outside ``[0, C)``."""
+    m = tl.max(x, axis=1)
+    m = tl.where(p_mask, m, 0.0)  # rows outside the map are all -inf
+    e = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
+    lse = m + tl.log(tl.where(p_mask, tl.sum(e, axis=1), 1.0))
+    picked = tl.sum(tl.where(offs_c[None, :] == y[:, None], x, 0.0), axis=1)
+    loss = tl.where(valid, lse - picked, 0.0)
+    loss = tl.where(valid & ((y < 0) | (y >= C)), float("nan"), loss)
+    return loss, lse
+
+
+@triton.jit
+def ce_grad(x, y, lse, g, valid, offs_c, C):
+    """Logits gradient ``g * (softmax(x) - onehot(y))`` of a tile (0 on rows not ``valid``, NaN for a
+    valid label outside ``[0, C)``); the softmax is recomputed from the forward's ``lse``."""
+    g = tl.where(valid, g, 0.0)
+    g = tl.where(valid & ((y < 0) | (y >= C)), float("nan"), g)
+    soft = tl.exp(x - lse[:, None])
+    return g[:, None] * (soft - tl.where(offs_c[None, :] == y[:, None], 1.0, 0.0))
+
+
+@triton.jit
 def _ce_fwd_kernel(
     x_ptr,  # (N, C, H, W) logits, strides below, any float dtype
     labels_ptr,  # (N, H, W) contiguous integer labels
@@ -60,13 +84,7 @@ def _ce_fwd_kernel(
     offs_c = tl.arange(0, BLOCK_C)
     x, y, _, mask, p_mask, valid = _logits_tile(x_ptr, labels_ptr, n, offs_p, offs_c, HW, W, C,
                                                 s_n, s_c, s_h, s_w, ignore_index)
-    m = tl.max(x, axis=1)
-    m = tl.where(p_mask, m, 0.0)  # rows outside the map are all -inf
-    e = tl.where(mask, tl.exp(x - m[:, None]), 0.0)
-    lse = m + tl.log(tl.where(p_mask, tl.sum(e, axis=1), 1.0))
-    picked = tl.sum(tl.where(offs_c[None, :] == y[:, None], x, 0.0), axis=1)
-    loss = tl.where(valid, lse - picked, 0.0)
-    loss = tl.where(valid & ((y < 0) | (y >= C)), float("nan"), loss)
+    loss, lse = ce_loss(x, y, mask, p_mask, valid, offs_c, C)
     tl.store(loss_ptr + n * HW + offs_p, loss, mask=p_mask)
     tl.store(lse_ptr + n * HW + offs_p, lse, mask=p_mask)
 
@@ -91,10 +109,7 @@ def _ce_bwd_kernel(
                                                   s_n, s_c, s_h, s_w, ignore_index)
     lse = tl.load(lse_ptr + n * HW + offs_p, mask=p_mask, other=0.0)
     g = tl.load(g_ptr + n * HW + offs_p, mask=p_mask, other=0.0)
-    g = tl.where(valid, g, 0.0)
-    g = tl.where(valid & ((y < 0) | (y >= C)), float("nan"), g)
-    soft = tl.exp(x - lse[:, None])
-    d = g[:, None] * (soft - tl.where(offs_c[None, :] == y[:, None], 1.0, 0.0))
+    d = ce_grad(x, y, lse, g, valid, offs_c, C)
     tl.store(dx_ptr + off, d.to(dx_ptr.dtype.element_ty), mask=mask)
 
 

@@ -115,17 +115,47 @@ def _head_conv1x1_kernel(
     tl.store(z_ptr + z_off, acc, mask=pmask[:, None])
 
 
-@triton.autotune(
-    configs=configs(
-        [
-            triton.Config({"BLOCK_P": 64}, num_warps=4),
-            triton.Config({"BLOCK_P": 128}, num_warps=4),
-            triton.Config({"BLOCK_P": 256}, num_warps=8),
-        ],
-        triton.Config({"BLOCK_P": 256}, num_warps=4),
-    ),
-    key=["NCLS", "OH", "OW"],
+FULL_RES_CONFIGS = configs(
+    [
+        triton.Config({"BLOCK_P": 64}, num_warps=4),
+        triton.Config({"BLOCK_P": 128}, num_warps=4),
+        triton.Config({"BLOCK_P": 256}, num_warps=8),
+    ],
+    triton.Config({"BLOCK_P": 256}, num_warps=4),
 )
+"""Tiles of the kernels that walk full-resolution pixels with all classes of one pixel in a tile row."""
+
+
+@triton.jit
+def interp_logits(
+    z_ptr,  # fp32 (N, IH*IW, BLOCK_CLS) low-res logits from _head_conv1x1_kernel (zero padding classes)
+    n,  # sample
+    oh, ow,  # [BLOCK_P] output rows and columns
+    pmask,  # [BLOCK_P] pixels inside the output
+    IH, IW,  # low-res size
+    scale_h, scale_w,  # fp32 bilinear source scales
+    ALIGN: tl.constexpr,  # align_corners
+    BLOCK_CLS: tl.constexpr,  # z's row length
+):
+    """fp32 [BLOCK_P, BLOCK_CLS] bilinear logits at the output pixels ``(oh, ow)`` (padding classes 0;
+    0 for pixels outside ``pmask``)."""
+    h0, h1, lh0, lh1 = src_index(oh, IH, scale_h, 1, ALIGN)
+    w0, w1, lw0, lw1 = src_index(ow, IW, scale_w, 1, ALIGN)
+    zb = z_ptr + (n * IH * IW).to(tl.int64) * BLOCK_CLS + tl.arange(0, BLOCK_CLS)[None, :]
+    r0 = (h0 * IW).to(tl.int64)
+    r1 = (h1 * IW).to(tl.int64)
+    # whole rows (padding classes are 0): masked by pixel only, so each tap is read as 16-byte vectors
+    row_mask = pmask[:, None]
+    t00 = tl.load(zb + ((r0 + w0) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
+    t01 = tl.load(zb + ((r0 + w1) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
+    t10 = tl.load(zb + ((r1 + w0) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
+    t11 = tl.load(zb + ((r1 + w1) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
+    lw0 = lw0[:, None]
+    lw1 = lw1[:, None]
+    return lh0[:, None] * (lw0 * t00 + lw1 * t01) + lh1[:, None] * (lw0 * t10 + lw1 * t11)
+
+
+@triton.autotune(configs=FULL_RES_CONFIGS, key=["NCLS", "OH", "OW"])
 @triton.jit
 def _upsample_logits_kernel(
     z_ptr,  # fp32 (N, IH*IW, BLOCK_CLS) low-res logits from _head_conv1x1_kernel (zero padding classes)
@@ -149,20 +179,7 @@ def _upsample_logits_kernel(
     mask = pmask[:, None] & omask[None, :]
     oh = offs_p // OW
     ow = offs_p - oh * OW
-    h0, h1, lh0, lh1 = src_index(oh, IH, scale_h, 1, ALIGN)
-    w0, w1, lw0, lw1 = src_index(ow, IW, scale_w, 1, ALIGN)
-    zb = z_ptr + (n * IH * IW).to(tl.int64) * BLOCK_CLS + offs_o[None, :]
-    r0 = (h0 * IW).to(tl.int64)
-    r1 = (h1 * IW).to(tl.int64)
-    # whole rows (padding classes are 0): masked by pixel only, so each tap is read as 16-byte vectors
-    row_mask = pmask[:, None]
-    t00 = tl.load(zb + ((r0 + w0) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
-    t01 = tl.load(zb + ((r0 + w1) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
-    t10 = tl.load(zb + ((r1 + w0) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
-    t11 = tl.load(zb + ((r1 + w1) * BLOCK_CLS)[:, None], mask=row_mask, other=0.0)
-    lw0 = lw0[:, None]
-    lw1 = lw1[:, None]
-    v = lh0[:, None] * (lw0 * t00 + lw1 * t01) + lh1[:, None] * (lw0 * t10 + lw1 * t11)
+    v = interp_logits(z_ptr, n, oh, ow, pmask, IH, IW, scale_h, scale_w, ALIGN, BLOCK_CLS)
     if ARGMAX:
         v = tl.where(omask[None, :], v, float("-inf"))
         best = tl.max(v, axis=1)
@@ -219,26 +236,34 @@ def _upsample_bwd_w_kernel(
 
 @triton.jit
 def _upsample_bwd_h_kernel(
-    t_ptr,  # fp32 (N, NCLS, OH, IW) contiguous, from pass 1
+    t_ptr,  # fp32 contiguous, from pass 1: (N, NCLS, OH, IW), or (N, OH, IW, NCLS) when PIXEL_MAJOR
     dz_ptr,  # out: fp32 (N, IH*IW, NCLS) gradient of the low-res logits
     NCLS,  # classes
     IH, IW,  # low-res size
     OH,  # output height
     scale_h, inv_h, off_h, WIN_H,  # H: forward scale, 1/scale (0 if scale is 0), src offset, window
     ALIGN: tl.constexpr,  # align_corners
+    PIXEL_MAJOR: tl.constexpr,  # t's layout (classes fastest: the fused head cross-entropy's pass 1)
     BLOCK_I: tl.constexpr,  # low-res rows per program
     BLOCK_K: tl.constexpr,  # window taps per step
-    BLOCK_B: tl.constexpr,  # (class, low-res column) pairs per program (iw fastest: t is read coalesced)
+    BLOCK_B: tl.constexpr,  # (class, low-res column) pairs per program, in t's order (read coalesced)
 ):
     """Pass 2: ``dz[n, ih, iw, c] = sum_oh wgt_h(oh, ih) * t[n, c, oh, iw]`` over the window of ``ih``."""
     n = tl.program_id(2)
     offs_b = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     ih = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     bmask = offs_b < NCLS * IW
-    c = offs_b // IW
-    iw = offs_b - c * IW
     plane = OH * IW
-    tb = t_ptr + n.to(tl.int64) * NCLS * plane + (c.to(tl.int64) * plane + iw)[None, None, :]
+    if PIXEL_MAJOR:  # b = iw * NCLS + c: a row of t and of dz is the same (IW, NCLS) block
+        row_stride = IW * NCLS
+        tb = t_ptr + n.to(tl.int64) * NCLS * plane + offs_b[None, None, :]
+        b_out = offs_b
+    else:  # b = c * IW + iw
+        c = offs_b // IW
+        iw = offs_b - c * IW
+        row_stride = IW
+        tb = t_ptr + n.to(tl.int64) * NCLS * plane + (c.to(tl.int64) * plane + iw)[None, None, :]
+        b_out = iw * NCLS + c
     lo = tl.maximum(tl.floor((ih - 1 - off_h) * inv_h).to(tl.int32), 0)
     taps = tl.arange(0, BLOCK_K)[None, :]
     acc = tl.zeros((BLOCK_I, BLOCK_K, BLOCK_B), tl.float32)
@@ -246,10 +271,10 @@ def _upsample_bwd_h_kernel(
         oh = lo[:, None] + k0 + taps  # [BLOCK_I, BLOCK_K]
         wgt = _window_weight(oh, ih[:, None], IH, OH, scale_h, 1, ALIGN)  # 0 for oh >= OH, ih >= IH
         m = (wgt != 0.0)[:, :, None] & bmask[None, None, :]
-        v = tl.load(tb + (oh.to(tl.int64) * IW)[:, :, None], mask=m, other=0.0)
+        v = tl.load(tb + (oh.to(tl.int64) * row_stride)[:, :, None], mask=m, other=0.0)
         acc += wgt[:, :, None] * v
     dz = tl.sum(acc, axis=1)
-    dz_off = (n * IH + ih).to(tl.int64)[:, None] * IW * NCLS + (iw * NCLS + c)[None, :]
+    dz_off = (n * IH + ih).to(tl.int64)[:, None] * IW * NCLS + b_out[None, :]
     tl.store(dz_ptr + dz_off, dz, mask=(ih < IH)[:, None] & bmask[None, :])
 
 
@@ -270,7 +295,7 @@ _upsample_bwd_h_tuned = triton.autotune(
         triton.Config({"BLOCK_I": 4, "BLOCK_B": 256}, num_warps=8),
         triton.Config({"BLOCK_I": 2, "BLOCK_B": 512}, num_warps=8),
     ],
-    key=["NCLS", "IH", "IW", "OH", "BLOCK_K"],
+    key=["NCLS", "IH", "IW", "OH", "BLOCK_K", "PIXEL_MAJOR"],
 )(_upsample_bwd_h_kernel)
 
 
@@ -431,11 +456,9 @@ def upsample_logits_bwd(g: torch.Tensor, in_hw: tuple[int, int], align: bool) ->
     if dz.numel() == 0:
         return dz
     t = torch.empty((n, ncls, oh, iw), device=g.device, dtype=torch.float32)
-    sh, inv_h, off_h, win_h = dim_params(ih, oh, BILINEAR, align)
     sw, inv_w, off_w, win_w = dim_params(iw, ow, BILINEAR, align)
     rows = n * ncls * oh
     w_args = (g, t, rows, ncls, oh, iw, ow, sw, inv_w, off_w, win_w, *g.stride())
-    h_args = (t, dz, ncls, ih, iw, oh, sh, inv_h, off_h, win_h)
     # 8 taps per step along W: a warp's 32 lanes read 4 low-res columns x 8 consecutive output columns;
     # padded taps past the window get their exact weight (0), so any power of two >= 2 is correct
     block_kw = max(2, min(triton.next_power_of_2(win_w), 8))
@@ -445,19 +468,32 @@ def upsample_logits_bwd(g: torch.Tensor, in_hw: tuple[int, int], align: bool) ->
         grid = (triton.cdiv(rows, block_r), triton.cdiv(iw, block_iw))
         _upsample_bwd_w_kernel[grid](*w_args, ALIGN=bool(align), BLOCK_R=block_r, BLOCK_IW=block_iw,
                                      BLOCK_K=block_kw)
-        block_kh = max(2, min(triton.next_power_of_2(win_h), 64))  # usually the whole window in one step
-        block_b = min(triton.next_power_of_2(ncls * iw), 4096)
-        block_i = _interp_rows(ih, block_b * block_kh)
-        grid = (triton.cdiv(ncls * iw, block_b), triton.cdiv(ih, block_i), n)
-        _upsample_bwd_h_kernel[grid](*h_args, ALIGN=bool(align), BLOCK_I=block_i, BLOCK_K=block_kh,
-                                     BLOCK_B=block_b)
     else:
         grid = lambda meta: (triton.cdiv(rows, meta["BLOCK_R"]), triton.cdiv(iw, meta["BLOCK_IW"]))
         _upsample_bwd_w_tuned[grid](*w_args, ALIGN=bool(align), BLOCK_K=block_kw)
-        block_kh = max(2, min(triton.next_power_of_2(win_h), 4))
-        grid = lambda meta: (triton.cdiv(ncls * iw, meta["BLOCK_B"]), triton.cdiv(ih, meta["BLOCK_I"]), n)
-        _upsample_bwd_h_tuned[grid](*h_args, ALIGN=bool(align), BLOCK_K=block_kh)
+    reduce_h(t, dz, in_hw, oh, align, pixel_major=False)
     return dz
+
+
+def reduce_h(t: torch.Tensor, dz: torch.Tensor, in_hw: tuple[int, int], oh: int, align: bool,
+             pixel_major: bool) -> None:
+    """Pass 2 of the upsample's backward into ``dz`` (fp32 (N, h*w, n_classes)) from the W-reduced
+    fp32 ``t``: (N, n_classes, H, w), or (N, H, w, n_classes) when ``pixel_major``."""
+    n, _, ncls = dz.shape
+    ih, iw = in_hw
+    assert t.is_contiguous() and t.numel() == n * ncls * oh * iw and dz.is_contiguous()
+    h_args = (t, dz, ncls, ih, iw, oh, *dim_params(ih, oh, BILINEAR, align))
+    flags = dict(ALIGN=bool(align), PIXEL_MAJOR=bool(pixel_major))
+    if INTERPRET:
+        block_kh = max(2, min(triton.next_power_of_2(h_args[-1]), 64))  # usually the whole window in one step
+        block_b = min(triton.next_power_of_2(ncls * iw), 4096)
+        block_i = _interp_rows(ih, block_b * block_kh)
+        grid = (triton.cdiv(ncls * iw, block_b), triton.cdiv(ih, block_i), n)
+        _upsample_bwd_h_kernel[grid](*h_args, **flags, BLOCK_I=block_i, BLOCK_K=block_kh, BLOCK_B=block_b)
+    else:
+        block_kh = max(2, min(triton.next_power_of_2(h_args[-1]), 4))
+        grid = lambda meta: (triton.cdiv(ncls * iw, meta["BLOCK_B"]), triton.cdiv(ih, meta["BLOCK_I"]), n)
+        _upsample_bwd_h_tuned[grid](*h_args, **flags, BLOCK_K=block_kh)
 
 
 def head_conv1x1_bwd(

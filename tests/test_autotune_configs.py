@@ -22,6 +22,7 @@ from fastbisenet.kernels import attend_add_upsample as k_up
 from fastbisenet.kernels import attend_residual as k_res
 from fastbisenet.kernels import channel_attention as k_att
 from fastbisenet.kernels import conv_bn as k_conv
+from fastbisenet.kernels import head_cross_entropy as k_hce
 from fastbisenet.kernels import head_upsample as k_head
 from fastbisenet.kernels import max_pool as k_pool
 from torch import nn
@@ -32,6 +33,7 @@ from fastbisenet.ops import attend_add_upsample as o_up
 from fastbisenet.ops import attend_residual as o_res
 from fastbisenet.ops import channel_attention as o_att
 from fastbisenet.ops import conv_bn as o_conv
+from fastbisenet.ops import head_cross_entropy as o_hce
 from fastbisenet.ops import head_upsample as o_head
 from fastbisenet.ops import max_pool as o_pool
 
@@ -146,6 +148,23 @@ def head_case(device: str) -> None:
             logits = reference.head_logits(x.double(), conv64, (48, 56), ac)
         picked = logits.gather(1, labels.long().unsqueeze(1)).squeeze(1)
         assert (logits.max(1).values - picked).max() <= 1e-3 * logits.abs().max(), f"head_argmax {ac}"
+    head_ce_case(device)  # its backward's pass 2 is head_upsample's H reduction (pixel-major t)
+
+
+def head_ce_case(device: str) -> None:
+    # 40 low-res columns: several column blocks per row and several output-column chunks per block
+    x = torch.randn(2, 24, 3, 40, device=device).to(memory_format=torch.channels_last)
+    conv = nn.Conv2d(24, 19, 1).to(device)
+    conv64 = copy.deepcopy(conv).double()
+    labels = torch.randint(0, 19, (2, 11, 321), device=device)
+    labels[0, 0] = 255
+    for ac in (False, True):
+        got = fwd_bwd(functools.partial(o_hce.head_cross_entropy, conv_out=conv, labels=labels, align_corners=ac,
+                                        ignore_index=255), x, params=(conv.weight, conv.bias))
+        want = fwd_bwd(functools.partial(reference.head_cross_entropy, conv_out=conv64, labels=labels,
+                                         align_corners=ac, ignore_index=255),
+                       x.double(), params=(conv64.weight, conv64.bias))
+        compare(got, want, f"head_cross_entropy {ac}")
 
 
 def max_pool_case(device: str) -> None:
@@ -161,6 +180,7 @@ CASES: dict[str, tuple[object, Callable[[str], None]]] = {
     "attend_add_upsample": (k_up, upsample_case),
     "attend_residual": (k_res, residual_case),
     "head_upsample": (k_head, head_case),
+    "head_cross_entropy": (k_hce, head_ce_case),
     "max_pool": (k_pool, max_pool_case),
 }
 

@@ -197,7 +197,10 @@ def test_op_workloads_run_on_cpu() -> None:
     cases = fb.trace_ops((2, 3, 32, 64), aux_mode="train")
     cases += [c for c in fb.trace_ops((2, 3, 32, 64), aux_mode="pred") if c.op == "head_argmax"]
     cases += [c for c in fb.trace_ops((2, 3, 32, 64), preset="face-parsing") if c.op == "mlp_attention"]
-    assert len({c.op for c in cases}) == 11
+    loss = [c for c in fb.trace_ops((2, 3, 32, 64), labels=True) if c.op == "head_cross_entropy"]
+    assert {c.where for c in loss} == {("conv_out",), ("conv_out16",), ("conv_out32",)}
+    cases += loss
+    assert len({c.op for c in cases}) == 12
     for case in cases:
         for backward in (False, True) if case.op not in ("head_argmax", "max_pool2d") else (False,):
             step = fb.op_workload(case, "eager", torch.float32, backward=backward, device="cpu")
@@ -206,29 +209,31 @@ def test_op_workloads_run_on_cpu() -> None:
             assert nbytes > 0 and flops >= 0
 
 
-def test_ohem_ce_matches_definition() -> None:
+def test_ohem_reduce_matches_definition() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 8, 8)
     labels = torch.randint(0, 5, (2, 8, 8))
     labels[0, :2] = fb.IGNORE_INDEX
-    ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=fb.IGNORE_INDEX, reduction="none").flatten()
+    pixel_ce = torch.nn.functional.cross_entropy(logits, labels, ignore_index=fb.IGNORE_INDEX, reduction="none")
+    ce = pixel_ce.flatten()
     n_min = int((labels != fb.IGNORE_INDEX).sum()) // 16
     thresh = -math.log(0.7)
     hard = ce[ce > thresh]
     expected = hard.mean() if hard.numel() >= n_min else ce.sort(descending=True).values[:n_min].mean()
-    assert fb.ohem_ce(logits, labels, n_min=n_min) == pytest.approx(float(expected), rel=1e-6)
+    assert fb.ohem_reduce(pixel_ce, n_min=n_min) == pytest.approx(float(expected), rel=1e-6)
     # when few pixels are hard, the top n_min are used
     big_n = int((ce > thresh).sum()) + 5
     top = ce.sort(descending=True).values[:big_n].mean()
-    assert fb.ohem_ce(logits, labels, n_min=big_n) == pytest.approx(float(top), rel=1e-6)
+    assert fb.ohem_reduce(pixel_ce, n_min=big_n) == pytest.approx(float(top), rel=1e-6)
     losses = pytest.importorskip("fastbisenet.losses")
     crit, _ = fb.make_criterion(labels)
-    assert float(crit(logits, labels)) == pytest.approx(float(losses.OhemCELoss()(logits, labels)), rel=1e-6)
+    assert float(crit(pixel_ce)) == pytest.approx(float(losses.OhemCELoss()(logits, labels)), rel=1e-6)
     labels_few = labels.clone()
     labels_few[1] = fb.IGNORE_INDEX
     crit, _ = fb.make_criterion(labels_few)
-    assert float(crit(logits * 0.01, labels_few)) == pytest.approx(
-        float(losses.OhemCELoss()(logits * 0.01, labels_few)), rel=1e-6)
+    few_ce = torch.nn.functional.cross_entropy(logits * 0.01, labels_few, ignore_index=fb.IGNORE_INDEX,
+                                               reduction="none")
+    assert float(crit(few_ce)) == pytest.approx(float(losses.OhemCELoss()(logits * 0.01, labels_few)), rel=1e-6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the benchmarks")
@@ -303,7 +308,7 @@ def test_benchmark_rows_pipeline_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
     assert [b.extra_info["cache"] for b in benches] == ["cold-l2-flush"] * 4 + ["warm"]
     assert benches[0].extra_info["l2_flush_bytes"] == 1 << 27 and benches[-1].extra_info["l2_flush_bytes"] is None
     train = benches[-1].extra_info
-    assert train["loss"].startswith("ohem_ce")
+    assert train["loss"].startswith("ohem")
     assert train["includes_optimizer_step"] is True and train["precision"] == "fp32 master weights, no autocast"
     assert train["compile_mode"] is None and train["autocast"] is None
     assert benches[-1].extra_info["flops"] > 0 and benches[-1].group == "end_to_end train 2x3x32x64 fp32"

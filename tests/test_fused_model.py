@@ -66,8 +66,9 @@ def test_eval_forward_parity(preset, aux_mode, device):
 
 
 def _train_step(model: BiSeNet, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    outs = model(x)
-    loss = sum(F.cross_entropy(o.float(), target) for o in outs)
+    """Mean CE of the three heads through ``model(x, labels)``, as ``fastbisenet train`` computes the
+    loss (on the Triton backend the heads and the per-pixel CE are fused kernels)."""
+    loss = sum(pixel.mean() for pixel in model(x, target))
     loss.backward()
     return loss.detach()
 
@@ -273,6 +274,22 @@ def test_dispatch_resolution():
         ops.impl("cudnn", x)
 
 
+def test_fused_namespace_mirrors_the_reference():
+    """The dispatch contract: every fused op is a reference op of the same name and parameters, and every
+    reference op but the ``upsample`` helper has a fused op."""
+    import inspect
+
+    from fastbisenet import reference
+    from fastbisenet.ops import fused
+
+    ops = {n for n, f in vars(reference).items()
+           if inspect.isfunction(f) and f.__module__ == reference.__name__ and not n.startswith("_")}
+    assert set(fused.__all__) == ops - {"upsample"}
+    for name in fused.__all__:
+        want = list(inspect.signature(getattr(reference, name)).parameters)
+        assert list(inspect.signature(getattr(fused, name)).parameters) == want, name
+
+
 def test_compiled_model_fullgraph_trains_like_eager(device):
     """``torch.compile(model, fullgraph=True)`` traces the fused model (train mode: BN buffer updates
     included) in one graph, and forward, gradients and buffers equal the eager fused model's."""
@@ -290,6 +307,7 @@ def test_compiled_model_fullgraph_trains_like_eager(device):
     assert counter.frame_count == 1
     targets = {str(n.target) for g in counter.graphs for n in g.graph.nodes}
     assert any("fastbisenet.conv_bn_act" in t for t in targets), targets
+    assert any("fastbisenet.head_cross_entropy" in t for t in targets), targets
     assert rel_err(got, want) < 1e-6
     twin_params = dict(twin.named_parameters())
     for name, p in eager.named_parameters():

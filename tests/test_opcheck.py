@@ -23,6 +23,7 @@ from fastbisenet.ops import channel_attention as CA
 from fastbisenet.ops import conv_bn as CB
 from fastbisenet.ops import (
     cross_entropy,  # noqa: F401 (registers fastbisenet::cross_entropy[_backward])
+    head_cross_entropy,  # noqa: F401 (registers fastbisenet::head_cross_entropy[_backward])
     max_pool,  # noqa: F401 (registers fastbisenet::max_pool2d)
 )
 from fastbisenet.ops import head_upsample as H
@@ -46,8 +47,8 @@ def bn_state(affine: bool = True):
     return gamma, beta, torch.randn(C) * 0.1, torch.rand(C) + 0.5, torch.tensor(3)
 
 
-def _labels(ignore_index: int = 255) -> torch.Tensor:
-    labels = torch.randint(0, NCLS, (N, *HW))
+def _labels(ignore_index: int = 255, hw: tuple[int, int] = HW) -> torch.Tensor:
+    labels = torch.randint(0, NCLS, (N, *hw))
     labels[0, 0] = ignore_index
     return labels
 
@@ -88,6 +89,10 @@ def forward_cases():
         ("head_logits-nobias", ops.head_logits.default, (x, leaf(NCLS, C, 1, 1), None, [10, 14], True)),
         ("cross_entropy-nchw", ops.cross_entropy.default, (leaf(N, NCLS, *HW), _labels(), 255)),
         ("cross_entropy-cl", ops.cross_entropy.default, (leaf(N, NCLS, *HW, channels_last=True), _labels(-100), -100)),
+        ("head_cross_entropy-bias", ops.head_cross_entropy.default,
+         (x, leaf(NCLS, C, 1, 1), leaf(NCLS), _labels(255, (10, 14)), False, 255)),
+        ("head_cross_entropy-nobias-nchw", ops.head_cross_entropy.default,
+         (leaf(N, C, *HW), leaf(NCLS, C, 1, 1), None, _labels(-100, (9, 11)), True, -100)),
     ]
     cases += conv_forward_cases()
     return cases
@@ -185,6 +190,10 @@ def backward_cases():
         ("max_pool2d", ops.max_pool2d.default, (x, [3, 3], [2, 2], [1, 1])),
         ("cross_entropy_backward", ops.cross_entropy_backward.default,
          (torch.rand(N, *HW), torch.randn(N, NCLS, *HW), _labels(), torch.randn(N, *HW), 255)),
+        # (grad, x, weight, bias, labels, z (N, h*w, 16: the padded class row), lse, align_corners, ignore_index)
+        ("head_cross_entropy_backward", ops.head_cross_entropy_backward.default,
+         (torch.rand(N, 10, 14), x, torch.randn(NCLS, C, 1, 1), torch.randn(NCLS), _labels(255, (10, 14)),
+          torch.randn(N, HW[0] * HW[1], 16), torch.randn(N, 10, 14) + 3, False, 255)),
         *conv_backward_cases(),
     ]
 
@@ -214,7 +223,7 @@ def test_every_op_is_checked():
     registered = {name for name in dir(ops) if not name.startswith("_")}
     checked = {c[1].name().split("::")[1].split(".")[0] for c in FORWARD + BACKWARD}
     ours = {"mean_hw", "pixel_sums", "bn_attention", "mlp_attention", "attend_add_upsample", "attend_residual",
-            "head_logits", "head_argmax", "conv_bn_act", "max_pool2d", "cross_entropy"}
+            "head_logits", "head_argmax", "conv_bn_act", "max_pool2d", "cross_entropy", "head_cross_entropy"}
     ours |= {f"{name}_backward" for name in ours - {"head_argmax", "max_pool2d"}}  # inference-only ops
     assert ours <= registered
     assert checked == ours

@@ -20,6 +20,7 @@ from fastbisenet.ops.attend_add_upsample import attend_add_upsample
 from fastbisenet.ops.attend_residual import attend_residual
 from fastbisenet.ops.channel_attention import mean_hw, mlp_attention
 from fastbisenet.ops.cross_entropy import cross_entropy
+from fastbisenet.ops.head_cross_entropy import head_cross_entropy
 from fastbisenet.ops.head_upsample import head_argmax, head_logits
 from fastbisenet.ops.max_pool import max_pool2d
 
@@ -59,6 +60,7 @@ __all__ = [
     "conv_bn_act_pair",
     "cross_entropy",
     "head_argmax",
+    "head_cross_entropy",
     "head_logits",
     "max_pool2d",
     "mean_hw",
