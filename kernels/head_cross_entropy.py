@@ -40,13 +40,13 @@ from . import INTERPRET
 from .attend_add_upsample import BILINEAR, _window_weight, dim_params
 from .channel_attention import configs
 from .cross_entropy import ce_grad, ce_loss
-from .head_upsample import FULL_RES_CONFIGS, _cls_block, interp_logits, reduce_h
+from .head_upsample import _cls_block, full_res_configs, interp_logits, reduce_h
 
 DOT_PRECISION: str = "ieee" if INTERPRET else "tf32x3"
 """``tl.dot`` precision of the bilinear-transpose matmul: three tf32 products (fp32-accurate) on a GPU."""
 
 
-@triton.autotune(configs=FULL_RES_CONFIGS, key=["NCLS", "OH", "OW"])
+@triton.autotune(configs=full_res_configs(), key=["NCLS", "OH", "OW"])
 @triton.jit
 def _head_ce_fwd_kernel(
     z_ptr,  # fp32 (N, IH*IW, BLOCK_CLS) low-res logits (zero padding classes)

@@ -115,15 +115,17 @@ def _head_conv1x1_kernel(
     tl.store(z_ptr + z_off, acc, mask=pmask[:, None])
 
 
-FULL_RES_CONFIGS = configs(
-    [
-        triton.Config({"BLOCK_P": 64}, num_warps=4),
-        triton.Config({"BLOCK_P": 128}, num_warps=4),
-        triton.Config({"BLOCK_P": 256}, num_warps=8),
-    ],
-    triton.Config({"BLOCK_P": 256}, num_warps=4),
-)
-"""Tiles of the kernels that walk full-resolution pixels with all classes of one pixel in a tile row."""
+def full_res_configs() -> list[triton.Config]:
+    """Tiles of the kernels that walk full-resolution pixels with all classes of a pixel in a tile row;
+    a fresh list each."""
+    return configs(
+        [
+            triton.Config({"BLOCK_P": 64}, num_warps=4),
+            triton.Config({"BLOCK_P": 128}, num_warps=4),
+            triton.Config({"BLOCK_P": 256}, num_warps=8),
+        ],
+        triton.Config({"BLOCK_P": 256}, num_warps=4),
+    )
 
 
 @triton.jit
@@ -155,7 +157,7 @@ def interp_logits(
     return lh0[:, None] * (lw0 * t00 + lw1 * t01) + lh1[:, None] * (lw0 * t10 + lw1 * t11)
 
 
-@triton.autotune(configs=FULL_RES_CONFIGS, key=["NCLS", "OH", "OW"])
+@triton.autotune(configs=full_res_configs(), key=["NCLS", "OH", "OW"])
 @triton.jit
 def _upsample_logits_kernel(
     z_ptr,  # fp32 (N, IH*IW, BLOCK_CLS) low-res logits from _head_conv1x1_kernel (zero padding classes)

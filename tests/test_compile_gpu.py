@@ -52,6 +52,7 @@ def test_model_kernels_compile_for_sm90(tmp_path: Path) -> None:
                  "_attend_add_upsample_bwd_kernel", "_attend_residual_kernel", "_attend_residual_bwd_kernel",
                  "_head_conv1x1_kernel", "_upsample_logits_kernel", "_upsample_bwd_w_kernel",
                  "_upsample_bwd_h_kernel", "_head_dx_kernel", "_head_dw_kernel", "_max_pool_kernel",
+                 "_max_pool_bwd_kernel",
                  "_ce_fwd_kernel", "_ce_bwd_kernel", "_head_ce_fwd_kernel", "_head_ce_bwd_w_kernel"):
         assert name in kernels, f"{name} was never launched by the audit's workloads"
     assert all(v["error"] is None for v in variants)

@@ -89,6 +89,8 @@ def forward_cases():
         ("head_logits-nobias", ops.head_logits.default, (x, leaf(NCLS, C, 1, 1), None, [10, 14], True)),
         ("cross_entropy-nchw", ops.cross_entropy.default, (leaf(N, NCLS, *HW), _labels(), 255)),
         ("cross_entropy-cl", ops.cross_entropy.default, (leaf(N, NCLS, *HW, channels_last=True), _labels(-100), -100)),
+        ("max_pool2d_train-cl", ops.max_pool2d_train.default, (x, [3, 3], [2, 2], [1, 1])),
+        ("max_pool2d_train-nchw-rect", ops.max_pool2d_train.default, (leaf(N, C, *HW), [3, 2], [2, 1], [1, 0])),
         ("head_cross_entropy-bias", ops.head_cross_entropy.default,
          (x, leaf(NCLS, C, 1, 1), leaf(NCLS), _labels(255, (10, 14)), False, 255)),
         ("head_cross_entropy-nobias-nchw", ops.head_cross_entropy.default,
@@ -188,6 +190,10 @@ def backward_cases():
          (torch.randn(N, NCLS, 10, 14), x, torch.randn(NCLS, C, 1, 1), torch.randn(NCLS), False)),
         ("head_argmax", ops.head_argmax.default, (x, torch.randn(NCLS, C, 1, 1), torch.randn(NCLS), [10, 14], False)),
         ("max_pool2d", ops.max_pool2d.default, (x, [3, 3], [2, 2], [1, 1])),
+        # (grad, int8 window positions, x shape, x channels_last, dtype, kernel, stride, padding)
+        ("max_pool2d_train_backward", ops.max_pool2d_train_backward.default,
+         (torch.randn(N, C, 3, 4), torch.randint(0, 9, (N, C, 3, 4), dtype=torch.int8), [N, C, *HW], True,
+          torch.float32, [3, 3], [2, 2], [1, 1])),
         ("cross_entropy_backward", ops.cross_entropy_backward.default,
          (torch.rand(N, *HW), torch.randn(N, NCLS, *HW), _labels(), torch.randn(N, *HW), 255)),
         # (grad, x, weight, bias, labels, z (N, h*w, 16: the padded class row), lse, align_corners, ignore_index)
@@ -223,7 +229,8 @@ def test_every_op_is_checked():
     registered = {name for name in dir(ops) if not name.startswith("_")}
     checked = {c[1].name().split("::")[1].split(".")[0] for c in FORWARD + BACKWARD}
     ours = {"mean_hw", "pixel_sums", "bn_attention", "mlp_attention", "attend_add_upsample", "attend_residual",
-            "head_logits", "head_argmax", "conv_bn_act", "max_pool2d", "cross_entropy", "head_cross_entropy"}
+            "head_logits", "head_argmax", "conv_bn_act", "max_pool2d", "max_pool2d_train", "cross_entropy",
+            "head_cross_entropy"}
     ours |= {f"{name}_backward" for name in ours - {"head_argmax", "max_pool2d"}}  # inference-only ops
     assert ours <= registered
     assert checked == ours

@@ -1,9 +1,12 @@
-"""Triton ``max_pool2d`` for inference: values only, no int64 indices (see :mod:`fastbisenet.kernels.max_pool`).
+"""Triton ``max_pool2d`` without int64 indices (see :mod:`fastbisenet.kernels.max_pool`), with backward.
 
-A call whose input needs a gradient (training) runs PyTorch's op, which keeps the indices its backward
-uses; so do inputs the kernel does not cover (not 4-D, not fp32/fp16/bf16) and invalid arguments (PyTorch
-raises its own error). Under ``torch.compile`` the inference path is the custom op
-``fastbisenet::max_pool2d``.
+Inference writes the values only. A call whose input needs a gradient goes through
+:class:`MaxPool2dFunction`: the forward also writes the int8 window position of each maximum, the only
+tensor saved for backward (PyTorch saves an int64 index per output), and the backward gathers the
+gradient from it. Inputs the kernel does not cover (not 4-D, not fp32/fp16/bf16, windows over 127
+elements with a gradient) and invalid arguments run PyTorch's op (which raises its own error). Under
+``torch.compile`` the paths are the custom ops ``fastbisenet::max_pool2d`` (inference) and
+``fastbisenet::max_pool2d_train`` + ``fastbisenet::max_pool2d_backward``.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from torch import Tensor
 
 from fastbisenet import reference
 from fastbisenet.kernels import max_pool as K
-from fastbisenet.ops._library import FLOAT_DTYPES, call
+from fastbisenet.ops._library import FLOAT_DTYPES, call, is_channels_last, memory_format
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int] | None:
@@ -25,12 +28,50 @@ def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int] | None:
     return None
 
 
+def _out_hw(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> tuple[int, int]:
+    return tuple((size + 2 * p - k) // s + 1 for size, k, s, p in zip(x.shape[2:], kernel_size, stride, padding,
+                                                                     strict=True))
+
+
 def max_pool2d_fwd(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]) -> Tensor:
     """``F.max_pool2d(x, kernel_size, stride, padding)`` (values), channels_last in ``x``'s dtype."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel_size, stride, padding
-    oh = (x.shape[2] + 2 * ph - kh) // sh + 1
-    ow = (x.shape[3] + 2 * pw - kw) // sw + 1
-    return K.max_pool_fwd(x, (kh, kw), (sh, sw), (ph, pw), (oh, ow))
+    geometry = (tuple(kernel_size), tuple(stride), tuple(padding))
+    return K.max_pool_fwd(x, *geometry, _out_hw(x, kernel_size, stride, padding))[0]
+
+
+def max_pool2d_train_fwd(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]
+                         ) -> tuple[Tensor, Tensor]:
+    """The values and the int8 window positions of the maxima (what the backward needs)."""
+    geometry = (tuple(kernel_size), tuple(stride), tuple(padding))
+    return K.max_pool_fwd(x, *geometry, _out_hw(x, kernel_size, stride, padding), argmax=True)
+
+
+def max_pool2d_bwd(grad: Tensor, arg: Tensor, x_shape: list[int], x_channels_last: bool, dtype: torch.dtype,
+                   kernel_size: list[int], stride: list[int], padding: list[int]) -> Tensor:
+    """The input gradient, in the input's shape, layout and dtype."""
+    dx = torch.empty(x_shape, device=grad.device, dtype=dtype, memory_format=memory_format(x_channels_last))
+    return K.max_pool_bwd(grad, arg, dx, tuple(kernel_size), tuple(stride), tuple(padding))
+
+
+class MaxPool2dFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel_size, stride, padding):
+        y, arg = max_pool2d_train_fwd(x, kernel_size, stride, padding)
+        ctx.save_for_backward(arg)
+        ctx.args = (list(x.shape), is_channels_last(x), x.dtype, kernel_size, stride, padding)
+        ctx.mark_non_differentiable(arg)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (arg,) = ctx.saved_tensors
+        return max_pool2d_bwd(grad, arg, *ctx.args), None, None, None
+
+
+def _fake_out(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int],
+              dtype: torch.dtype | None = None) -> Tensor:
+    shape = (x.shape[0], x.shape[1], *_out_hw(x, kernel_size, stride, padding))
+    return x.new_empty(shape, dtype=dtype or x.dtype).contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.custom_op("fastbisenet::max_pool2d", mutates_args=())
@@ -40,15 +81,52 @@ def max_pool2d_op(x: Tensor, kernel_size: list[int], stride: list[int], padding:
 
 @max_pool2d_op.register_fake
 def _(x, kernel_size, stride, padding):
-    oh = (x.shape[2] + 2 * padding[0] - kernel_size[0]) // stride[0] + 1
-    ow = (x.shape[3] + 2 * padding[1] - kernel_size[1]) // stride[1] + 1
-    return x.new_empty((x.shape[0], x.shape[1], oh, ow)).contiguous(memory_format=torch.channels_last)
+    return _fake_out(x, kernel_size, stride, padding)
+
+
+@torch.library.custom_op("fastbisenet::max_pool2d_train", mutates_args=())
+def max_pool2d_train_op(x: Tensor, kernel_size: list[int], stride: list[int], padding: list[int]
+                        ) -> tuple[Tensor, Tensor]:
+    """``(values, int8 window positions)``."""
+    return max_pool2d_train_fwd(x, kernel_size, stride, padding)
+
+
+@max_pool2d_train_op.register_fake
+def _(x, kernel_size, stride, padding):
+    return _fake_out(x, kernel_size, stride, padding), _fake_out(x, kernel_size, stride, padding, torch.int8)
+
+
+@torch.library.custom_op("fastbisenet::max_pool2d_train_backward", mutates_args=())
+def max_pool2d_train_backward_op(grad: Tensor, arg: Tensor, x_shape: list[int], x_channels_last: bool,
+                                 dtype: torch.dtype, kernel_size: list[int], stride: list[int],
+                                 padding: list[int]) -> Tensor:
+    return max_pool2d_bwd(grad, arg, x_shape, x_channels_last, dtype, kernel_size, stride, padding)
+
+
+@max_pool2d_train_backward_op.register_fake
+def _(grad, arg, x_shape, x_channels_last, dtype, kernel_size, stride, padding):
+    return grad.new_empty(x_shape, dtype=dtype).contiguous(memory_format=memory_format(x_channels_last))
+
+
+def _setup(ctx, inputs, output):
+    x, kernel_size, stride, padding = inputs
+    ctx.save_for_backward(output[1])
+    ctx.args = (list(x.shape), is_channels_last(x), x.dtype, kernel_size, stride, padding)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, grad, _grad_arg):
+    (arg,) = ctx.saved_tensors
+    return torch.ops.fastbisenet.max_pool2d_train_backward(grad, arg, *ctx.args), None, None, None
+
+
+max_pool2d_train_op.register_autograd(_backward, setup_context=_setup)
 
 
 def max_pool2d(x: Tensor, kernel_size: int | tuple[int, int], stride: int | tuple[int, int] | None = None,
                padding: int | tuple[int, int] = 0) -> Tensor:
-    """``F.max_pool2d(x, kernel_size, stride, padding)`` with the same values: from the kernel (channels_last
-    output) in inference, else from PyTorch's op (its layout rules, and its errors for invalid arguments)."""
+    """``F.max_pool2d(x, kernel_size, stride, padding)`` with the same values and gradient: from the kernels
+    (channels_last output), else from PyTorch's op (its layout rules, and its errors for invalid arguments)."""
     k = _pair(kernel_size)
     s = _pair(kernel_size if stride is None or (isinstance(stride, (tuple, list)) and not stride) else stride)
     p = _pair(padding)
@@ -57,10 +135,12 @@ def max_pool2d(x: Tensor, kernel_size: int | tuple[int, int], stride: int | tupl
         and x.dim() == 4
         and x.dtype in FLOAT_DTYPES
         and 0 < x.shape[0] <= 65535 and min(x.shape[1:]) > 0  # the batch is grid axis z
-        and not (torch.is_grad_enabled() and x.requires_grad)
         and all(kk > 0 and ss > 0 and 0 <= pp <= kk // 2 for kk, ss, pp in zip(k, s, p, strict=True))
         and all(size + 2 * pp >= kk for size, kk, pp in zip(x.shape[2:], k, p, strict=True))
     )
-    if not covered:
+    grad = torch.is_grad_enabled() and x.requires_grad
+    if not covered or (grad and k[0] * k[1] > 127):  # window positions are stored as int8
         return reference.max_pool2d(x, kernel_size, stride, padding)
+    if grad:
+        return call(MaxPool2dFunction.apply, torch.ops.fastbisenet.max_pool2d_train, x, list(k), list(s), list(p))
     return call(max_pool2d_fwd, torch.ops.fastbisenet.max_pool2d, x, list(k), list(s), list(p))
