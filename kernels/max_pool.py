@@ -30,7 +30,20 @@ import triton.language as tl
 from .channel_attention import pixel_tile_configs
 
 
-@triton.autotune(configs=pixel_tile_configs(), key=["C", "OH", "OW", "KH", "KW"])
+def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """With ``ARGMAX`` on 4-byte inputs, tiles of more than 16 elements per thread: every window tap is
+    loaded before the compares and the int32 positions ride along, so the 64-pixel tiles used all 255
+    registers and spilled 384 bytes per thread for sm_90 (triton 3.9, bench/compile_audit.py). Never
+    returns an empty list (a single forced config stays)."""
+    args = {**named_args, **kwargs}
+    if not (args["ARGMAX"] and args["x_ptr"].element_size() >= 4):
+        return configs
+    kept = [c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_C"] <= 16 * 32 * c.num_warps]
+    return kept or configs
+
+
+@triton.autotune(configs=pixel_tile_configs(), key=["C", "OH", "OW", "KH", "KW", "ARGMAX"],
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _max_pool_kernel(
     x_ptr,  # (N, C, H, W) input, strides below
@@ -119,10 +132,9 @@ def _max_pool_bwd_kernel(
             oh64 = oh.to(tl.int64)
             ow64 = ow.to(tl.int64)
             arg = tl.load(arg_ptr + n * sa_n + (oh64 * sa_h + ow64 * sa_w)[:, None] + c64 * sa_c, mask=m, other=-1)
-            picked = m & (arg.to(tl.int32) == (kh * KW + kw)[:, None])
-            g = tl.load(g_ptr + n * sg_n + (oh64 * sg_h + ow64 * sg_w)[:, None] + c64 * sg_c, mask=picked,
-                        other=0.0)
-            acc += g.to(tl.float32)
+            # masked by window only (not by the pick, which differs per element): vector loads
+            g = tl.load(g_ptr + n * sg_n + (oh64 * sg_h + ow64 * sg_w)[:, None] + c64 * sg_c, mask=m, other=0.0)
+            acc += tl.where(arg.to(tl.int32) == (kh * KW + kw)[:, None], g.to(tl.float32), 0.0)
     dx_off = n * sd_n + (ih.to(tl.int64) * sd_h + iw.to(tl.int64) * sd_w)[:, None] + c64 * sd_c
     tl.store(dx_ptr + dx_off, acc.to(dx_ptr.dtype.element_ty), mask=pmask[:, None] & cmask[None, :])
 

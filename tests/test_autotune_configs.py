@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+import triton
 from fastbisenet.kernels import attend_add_upsample as k_up
 from fastbisenet.kernels import attend_residual as k_res
 from fastbisenet.kernels import channel_attention as k_att
@@ -262,3 +263,16 @@ def test_conv_config_pruning():
     # a single forced config (as test_forced_config_matches_reference forces them) is never pruned away
     wide = [c for c in gpu if c.kwargs["BLOCK_N"] == 128][:1]
     assert prune(wide, {"C_out": 16, "FLAT_C": 0}, x_ptr=bf16) == wide
+
+
+def test_max_pool_config_pruning():
+    """Training (ARGMAX) on fp32 drops the 64-pixel tiles that spilled for sm_90; nothing else changes."""
+    tiles = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+             for p, c, w in [(32, 64, 4), (64, 64, 4), (16, 128, 4), (64, 128, 8)]]
+    prune = k_pool._prune_fwd_configs
+    fp32, bf16 = torch.empty(1), torch.empty(1, dtype=torch.bfloat16)
+    kept = prune(tiles, {"x_ptr": fp32, "ARGMAX": True})
+    assert [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"]) for c in kept] == [(32, 64), (16, 128)]
+    assert prune(tiles, {"x_ptr": bf16, "ARGMAX": True}) == tiles
+    assert prune(tiles, {"x_ptr": fp32, "ARGMAX": False}) == tiles
+    assert prune(tiles[1:2], {"x_ptr": fp32, "ARGMAX": True}) == tiles[1:2]  # a forced config stays
