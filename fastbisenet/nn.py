@@ -122,6 +122,8 @@ class SegmentationHead(nn.Module):
                 ignore_index: int = 255) -> Tensor:
         """Logits at ``size``; with ``labels`` (N, *size) int64, their fp32 (N, H, W) per-pixel
         cross-entropy instead (the Triton backend never writes the full-resolution logits)."""
+        if labels is not None and tuple(labels.shape[-2:]) != tuple(size):
+            raise ValueError(f"labels of shape {tuple(labels.shape)} do not match the output size {tuple(size)}")
         x = self.conv(x)
         op = ops.impl(self.backend, x)
         if labels is not None:
@@ -131,7 +133,6 @@ class SegmentationHead(nn.Module):
     def predict(self, x: Tensor, size: tuple[int, int]) -> Tensor:
         x = self.conv(x)
         return ops.impl(self.backend, x).head_argmax(x, self.conv_out, size, self.align_corners)
-
 
 
 class SpatialPath(nn.Module):

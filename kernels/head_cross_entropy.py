@@ -27,7 +27,8 @@ distributes ``d`` to its two low-res columns as a matmul with the chunk's biline
 matrix has two non-zeros per column). ``t`` is (N, H, w, C), classes fastest, and pass 2 is
 :func:`head_upsample.reduce_h` (``PIXEL_MAJOR``): the transpose of the H interpolation into ``dz``.
 No atomics: deterministic. Labels outside ``[0, C)`` other than ``ignore_index`` give NaN loss and
-gradient (here also in the low-res columns next to the pixel: NaN times a zero weight is NaN).
+a NaN gradient in the low-res logits that pixel reads (as the unfused chain). NaN or inf logits (from
+the features) spread further: through the matmul to the program's whole column block.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ from .channel_attention import configs
 from .cross_entropy import ce_grad, ce_loss
 from .head_upsample import _cls_block, full_res_configs, interp_logits, reduce_h
 
+MAX_CLASSES: int = 32
+"""Classes of one 32-wide class block: the tiles bench/compile_audit.py checked for sm_90 (no spills); the
+ops run the unfused head logits + cross-entropy kernels above it (e.g. ADE20K's 150 classes)."""
 DOT_PRECISION: str = "ieee" if INTERPRET else "tf32x3"
 """``tl.dot`` precision of the bilinear-transpose matmul: three tf32 products (fp32-accurate) on a GPU."""
 
@@ -87,7 +91,7 @@ def _head_ce_fwd_kernel(
         ],  # 32 x 128 at 8 warps spilled ~100 bytes per thread in the loop for sm_90 (bench/compile_audit.py)
         triton.Config({"BLOCK_IW": 32, "BLOCK_OW": 128}, num_warps=4),  # interpreted: few, big steps
     ),
-    key=["NCLS", "IW", "OW"],
+    key=["NCLS", "IW", "OH", "OW"],
 )
 @triton.jit
 def _head_ce_bwd_w_kernel(
@@ -123,6 +127,7 @@ def _head_ce_bwd_w_kernel(
     oh_v = tl.zeros((BLOCK_OW,), tl.int32) + oh
     row = r.to(tl.int64) * OW
     acc = tl.zeros((BLOCK_IW, BLOCK_CLS), tl.float32)
+    n_bad = tl.zeros((BLOCK_IW,), tl.int32)
     for o0 in range(o_lo, o_hi, BLOCK_OW):
         ow = o0 + tl.arange(0, BLOCK_OW)
         p_mask = ow < o_hi
@@ -132,9 +137,14 @@ def _head_ce_bwd_w_kernel(
         y = tl.load(labels_ptr + row + ow, mask=p_mask, other=ignore_index).to(tl.int64)
         lse = tl.load(lse_ptr + row + ow, mask=p_mask, other=0.0)
         g = tl.load(g_ptr + row + ow, mask=p_mask, other=0.0)
-        d = ce_grad(x, y, lse, g, p_mask & (y != ignore_index), offs_c, NCLS)  # 0 outside p_mask
+        valid = p_mask & (y != ignore_index)
+        bad = valid & ((y < 0) | (y >= NCLS))
+        # bad labels enter the dot as 0 (a NaN row would reach every column of the tile: 0 * NaN) ...
+        d = ce_grad(x, y, lse, g, valid & ~bad, offs_c, NCLS)  # 0 outside p_mask
         wgt = _window_weight(ow[None, :], iw[:, None], IW, OW, scale_w, 1, ALIGN)  # [BLOCK_IW, BLOCK_OW]
         acc += tl.dot(wgt, d, input_precision=DOT_PRECISION)
+        n_bad += tl.sum(tl.where(bad[None, :] & (wgt != 0.0), 1, 0), axis=1)
+    acc = tl.where(n_bad[:, None] > 0, float("nan"), acc)  # ... and as NaN in the columns that read them
     t_off = (r.to(tl.int64) * IW + iw)[:, None] * NCLS + offs_c[None, :]
     tl.store(t_ptr + t_off, acc, mask=(iw < IW)[:, None] & c_mask[None, :])
 

@@ -42,7 +42,7 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     return kept or configs
 
 
-@triton.autotune(configs=pixel_tile_configs(), key=["C", "OH", "OW", "KH", "KW", "ARGMAX"],
+@triton.autotune(configs=pixel_tile_configs(), key=["C", "H", "W", "OH", "OW", "KH", "KW", "ARGMAX"],
                  prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _max_pool_kernel(
@@ -92,7 +92,8 @@ def _max_pool_kernel(
         tl.store(arg_ptr + y_off, arg.to(tl.int8), mask=mask)
 
 
-@triton.autotune(configs=pixel_tile_configs(), key=["C", "H", "W", "KH", "KW"])
+@triton.autotune(configs=pixel_tile_configs(), key=["C", "H", "W", "KH", "KW", "STRIDE_H", "STRIDE_W", "PAD_H",
+                                                   "PAD_W"])
 @triton.jit
 def _max_pool_bwd_kernel(
     g_ptr,  # (N, C, OH, OW) output gradient, strides below

@@ -59,7 +59,7 @@ def check(x, conv, labels, align_corners, dtype=torch.float32):
     (2, (5, 40), (37, 321), 16, 19, True, True),  # wide rows: several column blocks and chunks per program
     (1, (9, 10), (7, 6), 8, 3, True, False),  # downsampling
     (2, (4, 4), (16, 16), 8, 1, True, True),  # one class: loss 0, gradient 0
-    (1, (4, 6), (20, 30), 12, 40, False, True),  # classes above 32: a 64-wide class block
+    (1, (4, 6), (20, 30), 12, 40, False, True),  # classes above 32: the unfused kernels
 ])
 def test_matches_float64_reference(n, in_hw, size, mid, ncls, bias, channels_last, align_corners, device):
     x = make_map(n, mid, *in_hw, channels_last, device)
@@ -100,10 +100,11 @@ def test_matches_the_unfused_ops(device):
 
 def test_out_of_range_label_is_nan_not_silent(device):
     """No host sync in the kernel: a label outside [0, C) that is not ignore_index gives NaN for that
-    pixel's loss, and NaN gradients (OhemCELoss raises IndexError before that)."""
-    x = make_map(1, 8, 4, 4, True, device)
+    pixel's loss, and NaN gradients in exactly the low-res pixels it reads (OhemCELoss raises IndexError
+    before that)."""
+    x = make_map(1, 8, 4, 6, True, device)
     conv = make_head(8, 5, True, device)
-    labels = make_labels(1, 5, (16, 16), device)
+    labels = make_labels(1, 5, (16, 24), device)
     labels[0, 5, 7] = 5
     labels[0, 9, 2] = -1
     loss = HC.head_cross_entropy(x, conv, labels, False, IGNORE)
@@ -112,6 +113,35 @@ def test_out_of_range_label_is_nan_not_silent(device):
     assert loss[bad].isnan().all() and not loss[~bad].isnan().any()
     loss.sum().backward()
     assert conv.weight.grad.isnan().any()
+    # the low-res pixels the bad ones read: where the resize's transpose of a one-hot at them is non-zero
+    z = torch.zeros(1, 1, 4, 6, dtype=torch.float64, requires_grad=True)
+    up = F.interpolate(z, size=(16, 24), mode="bilinear", align_corners=False)
+    (read,) = torch.autograd.grad(up, z, bad.cpu().double().unsqueeze(1))
+    assert torch.equal(x.grad.isnan().any(1).cpu(), (read != 0)[:, 0])
+
+
+def test_many_classes_take_the_unfused_kernels(device, monkeypatch):
+    """Above one 32-wide class block: the head logits + cross-entropy kernels, same values."""
+    calls = []
+    real = HC.head_logits
+    monkeypatch.setattr(HC, "head_logits", lambda *a: calls.append(1) or real(*a))
+    x = make_map(1, 8, 3, 4, True, device)
+    conv = make_head(8, 40, True, device)
+    labels = make_labels(1, 40, (9, 11), device)
+    got = HC.head_cross_entropy(x, conv, labels, True, IGNORE)
+    assert calls == [1]
+    close(got, R.head_cross_entropy(f64(x), copy.deepcopy(conv).cpu().double(), labels.cpu(), True, IGNORE)
+          .detach(), torch.float32, scale=4.0)
+
+
+def test_double_backward_raises(device):
+    """The kernels' backward is not differentiable: a ``create_graph`` backward raises instead of giving
+    gradients with missing terms."""
+    x = make_map(1, 8, 3, 4, True, device)
+    conv = make_head(8, 5, True, device)
+    loss = HC.head_cross_entropy(x, conv, make_labels(1, 5, (9, 11), device), False, IGNORE)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(loss.sum(), x, create_graph=True)
 
 
 def test_saves_no_full_resolution_tensor(device):
@@ -187,6 +217,8 @@ def test_model_with_labels_checks_them(device):
     model.aux_mode = "pred"
     with pytest.raises(ValueError, match="pred"):
         model(x, torch.zeros(1, 32, 32, dtype=torch.long, device=device))
+    with pytest.raises(ValueError, match="output size"):  # a head called directly
+        model.conv_out(torch.randn(1, 256, 4, 4, device=device), (32, 32), torch.zeros(1, 32, 31, dtype=torch.long))
 
 
 def test_ohem_reduce_raises_on_bad_labels(device):

@@ -135,6 +135,17 @@ def test_train_saves_one_byte_per_output(device):
     assert [(t.dtype, t.shape) for t in saved] == [(torch.int8, y.shape)]
 
 
+def test_train_double_backward_raises(device):
+    """The gather backward is not differentiable: a ``create_graph`` backward raises instead of giving
+    gradients without the pool's second-order terms."""
+    x = torch.randn(1, 2, 6, 6, device=device, requires_grad=True)
+    y = max_pool.max_pool2d(x * 2, 3, 2, 1)
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    (gx,) = torch.autograd.grad(y.pow(2).sum(), x)  # first order is fine
+    assert torch.isfinite(gx).all()
+
+
 def test_train_large_window_uses_pytorch(device):
     """Window positions are int8: windows over 127 elements with a gradient take PyTorch's op."""
     x = torch.randn(1, 2, 14, 14, device=device, requires_grad=True)

@@ -15,6 +15,7 @@ forward computes (spatial means, BN statistics, pre-activations) are extra outpu
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -45,3 +46,19 @@ def is_channels_last(x: Tensor) -> bool:
 def memory_format(channels_last: bool) -> torch.memory_format:
     """The memory format a :func:`is_channels_last` flag stands for."""
     return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def first_order_only(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Decorate an ``autograd.Function.backward`` that runs kernels (so autograd records nothing inside):
+    under ``create_graph=True`` it raises instead of returning gradients cut off from the graph (which
+    would silently drop terms of a higher-order gradient, even where PyTorch's ``once_differentiable``
+    lets a gradient through as a constant)."""
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grads: Any) -> Any:
+        if torch.is_grad_enabled():
+            raise RuntimeError("fastbisenet: the fused kernels have no double backward (create_graph=True); "
+                               "use backend='torch' for higher-order gradients")
+        return backward(ctx, *grads)
+
+    return wrapper

@@ -16,7 +16,7 @@ from torch import Tensor
 from fastbisenet import reference
 from fastbisenet.kernels import attend_add_upsample as K
 from fastbisenet.kernels.channel_attention import finish_partials
-from fastbisenet.ops._library import call
+from fastbisenet.ops._library import call, first_order_only
 from fastbisenet.ops.channel_attention import check_map
 
 MODES = {"nearest": K.NEAREST, "bilinear": K.BILINEAR}
@@ -74,6 +74,7 @@ class AttendAddUpsampleFunction(torch.autograd.Function):
         return attend_add_upsample_fwd(x, attention, other, size, kmode, align_corners)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         x, attention = ctx.saved_tensors
         dx, da, dother = attend_add_upsample_bwd(grad, x, attention, *ctx.meta)

@@ -12,7 +12,7 @@ from torch import Tensor
 from fastbisenet import reference
 from fastbisenet.kernels import attend_residual as K
 from fastbisenet.kernels.channel_attention import finish_partials, map_strides
-from fastbisenet.ops._library import call
+from fastbisenet.ops._library import call, first_order_only
 from fastbisenet.ops.channel_attention import check_map
 
 
@@ -35,6 +35,7 @@ class AttendResidualFunction(torch.autograd.Function):
         return attend_residual_fwd(feat, attention)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         feat, attention = ctx.saved_tensors
         return attend_residual_bwd(grad, feat, attention)

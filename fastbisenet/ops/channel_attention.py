@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from fastbisenet import reference
 from fastbisenet.kernels import channel_attention as K
-from fastbisenet.ops._library import FLOAT_DTYPES, call, is_channels_last, memory_format
+from fastbisenet.ops._library import FLOAT_DTYPES, call, first_order_only, is_channels_last, memory_format
 
 
 def check_map(x: Tensor, name: str = "x") -> None:
@@ -99,6 +99,7 @@ class MeanHWFunction(torch.autograd.Function):
         return mean_hw_fwd(x)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad: Tensor) -> Tensor:
         return mean_hw_bwd(grad, *ctx.meta)
 
@@ -170,6 +171,7 @@ class PixelSumsFunction(torch.autograd.Function):
         return pixel_sums_fwd(x)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad: Tensor) -> Tensor:
         return pixel_sums_bwd(grad, *ctx.meta)
 
@@ -308,6 +310,7 @@ class BNAttentionFunction(torch.autograd.Function):
         return a
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         y, mean, smean, sinvstd, weight, gamma, beta = ctx.saved_tensors
         batch_stats, split, hw = ctx.meta
@@ -476,6 +479,7 @@ class MLPAttentionFunction(torch.autograd.Function):
         return a
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         u, z, mean, w1, w2 = ctx.saved_tensors
         dmean, dw1, dw2 = mlp_attention_bwd(grad, u, z, mean, w1, w2)

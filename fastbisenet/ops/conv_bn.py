@@ -53,11 +53,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastbisenet.kernels import conv_bn as K
-from fastbisenet.ops._library import FLOAT_DTYPES
+from fastbisenet.ops._library import FLOAT_DTYPES, first_order_only
 
 __all__ = [
     "ConvBNActFunction", "backward", "clear_packed_weights", "concat_conv_bn_act", "conv_bn_act", "conv_bn_act_pair",
@@ -358,7 +357,7 @@ class ConvBNActFunction(torch.autograd.Function):
         return (out, sums) if pool else out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad_out, grad_sums=None):
         x, x2, weight, bias, bn_weight, out, y, mean, invstd = ctx.saved_tensors
         has_bn, batch_stats, residual_dtype = ctx.flags

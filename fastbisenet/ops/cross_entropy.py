@@ -12,7 +12,7 @@ from torch import Tensor
 
 from fastbisenet import reference
 from fastbisenet.kernels import cross_entropy as K
-from fastbisenet.ops._library import FLOAT_DTYPES, call
+from fastbisenet.ops._library import FLOAT_DTYPES, call, first_order_only
 
 
 class CrossEntropyFunction(torch.autograd.Function):
@@ -24,6 +24,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad_loss):
         logits, labels, lse = ctx.saved_tensors
         return K.ce_bwd(grad_loss, logits, labels, lse, ctx.ignore_index), None, None

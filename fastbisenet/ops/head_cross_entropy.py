@@ -18,10 +18,10 @@ from torch import Tensor, nn
 from fastbisenet import reference
 from fastbisenet.kernels import head_cross_entropy as K
 from fastbisenet.kernels.channel_attention import map_strides
-from fastbisenet.kernels.cross_entropy import MAX_CLASSES
 from fastbisenet.kernels.head_upsample import _cls_block, head_conv1x1, head_conv1x1_bwd
-from fastbisenet.ops._library import FLOAT_DTYPES, call
-from fastbisenet.ops.head_upsample import is_classifier
+from fastbisenet.ops._library import FLOAT_DTYPES, call, first_order_only
+from fastbisenet.ops.cross_entropy import cross_entropy
+from fastbisenet.ops.head_upsample import head_logits, is_classifier
 
 
 def head_ce_fwd(
@@ -53,6 +53,7 @@ class HeadCrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         dx, dw, db = head_ce_bwd(grad, *ctx.saved_tensors, *ctx.args)
         return dx, dw, db, None, None, None
@@ -110,19 +111,22 @@ def head_cross_entropy(x: Tensor, conv_out: nn.Conv2d, labels: Tensor, align_cor
     fp32 (N, H, W) per-pixel loss, 0 where the label is ``ignore_index``, NaN where a label is outside
     ``[0, n_classes)``; the full-resolution logits are never written.
 
-    Inputs the kernels do not cover (a classifier that is not a plain 1x1 conv, labels that are not
-    int64 (N, H, W) on ``x``'s device, more than :data:`MAX_CLASSES` classes, empty maps) run the
-    reference formula, with PyTorch's errors.
+    Above :data:`K.MAX_CLASSES` classes this is the unfused chain of the fused ``head_logits`` and
+    ``cross_entropy`` ops. Inputs the kernels do not cover (a classifier that is not a plain 1x1 conv,
+    labels that are not int64 (N, H, W) on ``x``'s device, empty maps) run the reference formula, with
+    PyTorch's errors.
     """
     covered = (
         is_classifier(conv_out) and x.dim() == 4 and x.shape[1] == conv_out.in_channels
         and x.dtype in FLOAT_DTYPES and x.numel() > 0 and 0 < x.shape[0] <= 65535
         and labels.dim() == 3 and labels.shape[0] == x.shape[0] and labels.numel() > 0
         and labels.dtype == torch.int64 and labels.device == x.device
-        and 0 < conv_out.out_channels <= MAX_CLASSES
     )
     if not covered:
         return reference.head_cross_entropy(x, conv_out, labels, align_corners, ignore_index)
+    if conv_out.out_channels > K.MAX_CLASSES:
+        logits = head_logits(x, conv_out, tuple(labels.shape[-2:]), align_corners)
+        return cross_entropy(logits, labels, ignore_index)
     return call(
         HeadCrossEntropyFunction.apply, torch.ops.fastbisenet.head_cross_entropy,
         x, conv_out.weight, conv_out.bias, labels, bool(align_corners), int(ignore_index),

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fastbisenet import reference
 from fastbisenet.kernels import head_upsample as K
 from fastbisenet.kernels.channel_attention import map_strides
-from fastbisenet.ops._library import call
+from fastbisenet.ops._library import call, first_order_only
 from fastbisenet.ops.attend_add_upsample import check_size
 from fastbisenet.ops.channel_attention import check_map
 
@@ -67,6 +67,7 @@ class HeadLogitsFunction(torch.autograd.Function):
         return head_logits_fwd(x, weight, bias, size, align_corners)
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         x, weight, bias = ctx.saved_tensors
         dx, dw, db = head_logits_bwd(grad, x, weight, bias, ctx.align_corners)

@@ -6,7 +6,7 @@ tensor saved for backward (PyTorch saves an int64 index per output), and the bac
 gradient from it. Inputs the kernel does not cover (not 4-D, not fp32/fp16/bf16, windows over 127
 elements with a gradient) and invalid arguments run PyTorch's op (which raises its own error). Under
 ``torch.compile`` the paths are the custom ops ``fastbisenet::max_pool2d`` (inference) and
-``fastbisenet::max_pool2d_train`` + ``fastbisenet::max_pool2d_backward``.
+``fastbisenet::max_pool2d_train`` + ``fastbisenet::max_pool2d_train_backward``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fastbisenet import reference
 from fastbisenet.kernels import max_pool as K
-from fastbisenet.ops._library import FLOAT_DTYPES, call, is_channels_last, memory_format
+from fastbisenet.ops._library import FLOAT_DTYPES, call, first_order_only, is_channels_last, memory_format
 
 
 def _pair(v: int | tuple[int, ...] | list[int]) -> tuple[int, int] | None:
@@ -63,6 +63,7 @@ class MaxPool2dFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only
     def backward(ctx, grad):
         (arg,) = ctx.saved_tensors
         return max_pool2d_bwd(grad, arg, *ctx.args), None, None, None
