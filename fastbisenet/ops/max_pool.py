@@ -53,13 +53,19 @@ def max_pool2d_bwd(grad: Tensor, arg: Tensor, x_shape: list[int], x_channels_las
     return K.max_pool_bwd(grad, arg, dx, tuple(kernel_size), tuple(stride), tuple(padding))
 
 
+def _save_for_backward(ctx, x: Tensor, arg: Tensor, kernel_size: list[int], stride: list[int],
+                       padding: list[int]) -> None:
+    """What :func:`max_pool2d_bwd` needs: the window positions and the input's shape, layout and dtype."""
+    ctx.save_for_backward(arg)
+    ctx.args = (list(x.shape), is_channels_last(x), x.dtype, kernel_size, stride, padding)
+    ctx.mark_non_differentiable(arg)
+
+
 class MaxPool2dFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel_size, stride, padding):
         y, arg = max_pool2d_train_fwd(x, kernel_size, stride, padding)
-        ctx.save_for_backward(arg)
-        ctx.args = (list(x.shape), is_channels_last(x), x.dtype, kernel_size, stride, padding)
-        ctx.mark_non_differentiable(arg)
+        _save_for_backward(ctx, x, arg, kernel_size, stride, padding)
         return y
 
     @staticmethod
@@ -110,10 +116,7 @@ def _(grad, arg, x_shape, x_channels_last, dtype, kernel_size, stride, padding):
 
 
 def _setup(ctx, inputs, output):
-    x, kernel_size, stride, padding = inputs
-    ctx.save_for_backward(output[1])
-    ctx.args = (list(x.shape), is_channels_last(x), x.dtype, kernel_size, stride, padding)
-    ctx.mark_non_differentiable(output[1])
+    _save_for_backward(ctx, inputs[0], output[1], *inputs[1:])
 
 
 def _backward(ctx, grad, _grad_arg):
