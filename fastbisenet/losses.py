@@ -45,10 +45,11 @@ class OhemCELoss(nn.Module):
         """The OHEM mean of a per-pixel cross-entropy ``pixel_loss`` (N, H, W) computed against ``labels``
         with this loss's ``ignore_index``, e.g. an output of ``BiSeNet(x, labels)`` (the logits never
         materialised). Raises ``IndexError`` for labels outside ``[0, n_classes)``."""
-        if pixel_loss.shape != labels.shape:
-            raise ValueError(f"pixel_loss and labels must have the same (N, H, W) shape, got "
-                             f"{tuple(pixel_loss.shape)} and {tuple(labels.shape)}")
-        loss = pixel_loss.flatten()
+        _check_shapes(pixel_loss, labels)
+        return self._ohem(pixel_loss, self._count_valid(labels, n_classes))
+
+    def _count_valid(self, labels: Tensor, n_classes: int) -> int:
+        """Pixels not at ``ignore_index`` (one host sync); ``IndexError`` for labels outside ``[0, n_classes)``."""
         valid = labels != self.ignore_index
         out_of_range = valid & ((labels < 0) | (labels >= n_classes))
         n_valid, n_bad = (int(v) for v in torch.stack([valid.sum(), out_of_range.sum()]).tolist())  # one sync
@@ -56,6 +57,11 @@ class OhemCELoss(nn.Module):
             bad = labels[out_of_range][0].item()
             raise IndexError(f"OhemCELoss: {n_bad} labels outside [0, {n_classes}) and not ignore_index="
                              f"{self.ignore_index}, e.g. {bad}")
+        return n_valid
+
+    def _ohem(self, pixel_loss: Tensor, n_valid: int) -> Tensor:
+        """The hard-pixel mean of ``pixel_loss`` given its ``n_valid`` labelled pixels."""
+        loss = pixel_loss.flatten()
         n_min = n_valid // self.min_kept_div
         hard = loss[loss > self.loss_thresh]
         if hard.numel() < n_min:
@@ -71,8 +77,18 @@ def total_loss(outputs: Sequence[Tensor], labels: Tensor, criterion: nn.Module) 
 
 
 def total_pixel_loss(pixel_losses: Sequence[Tensor], labels: Tensor, criterion: OhemCELoss, n_classes: int) -> Tensor:
-    """:func:`total_loss` from per-pixel losses (``BiSeNet(x, labels)``'s outputs): sum of ``criterion.reduce``."""
-    return torch.stack([criterion.reduce(o, labels, n_classes) for o in pixel_losses]).sum()
+    """:func:`total_loss` from per-pixel losses (``BiSeNet(x, labels)``'s outputs): the sum of
+    ``criterion.reduce`` over them, with the labels checked and counted once for all heads."""
+    for o in pixel_losses:
+        _check_shapes(o, labels)
+    n_valid = criterion._count_valid(labels, n_classes)
+    return torch.stack([criterion._ohem(o, n_valid) for o in pixel_losses]).sum()
+
+
+def _check_shapes(pixel_loss: Tensor, labels: Tensor) -> None:
+    if pixel_loss.shape != labels.shape:
+        raise ValueError(f"pixel_loss and labels must have the same (N, H, W) shape, got "
+                         f"{tuple(pixel_loss.shape)} and {tuple(labels.shape)}")
 
 
 __all__ = ["OhemCELoss", "total_loss", "total_pixel_loss"]

@@ -333,7 +333,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
                         persistent_workers=workers > 0)
     mean, std = normalization_for(cfg.preset)
     augment = TrainAugment(tuple(cfg.crop), (cfg.scale_min, cfg.scale_max), cfg.flip, cfg.jitter, mean=mean, std=std)
-    criterion = OhemCELoss(cfg.ohem_thresh, backend=cfg.backend)  # the per-pixel CE on the model's backend
+    criterion = OhemCELoss(cfg.ohem_thresh, backend=cfg.backend)  # reduces the model's per-pixel CE (below)
     meta = {"classes": list(train_set.classes), "palette": [list(c) for c in train_set.palette],
             "n_classes": n_classes, "preset": cfg.preset, "backbone": cfg.backbone,
             "mean": list(mean), "std": list(std)}
