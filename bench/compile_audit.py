@@ -255,6 +255,18 @@ def workloads(dtypes: list[str], quick: bool) -> Iterator[tuple[str, Callable[[]
 
             yield f"{preset}/{backbone}/{name}", run
 
+    def large_map_statistics() -> None:
+        """The BN reductions' parallel level runs only past PARTIALS_CHUNK slots (maps far larger than above)."""
+        from fastbisenet.kernels import conv_bn as K
+
+        slots, c = 3 * K.PARTIALS_CHUNK, 96
+        part = torch.rand(2, slots, c)
+        K.bn_stats(part, 64 * slots, 64, 1e-5, torch.ones(c))
+        K.bn_bwd_coefficients(part, 64 * slots, torch.ones(c), torch.ones(c), batch_stats=True,
+                              dgamma_dtype=torch.float32, dbeta_dtype=torch.float32)
+
+    yield "bn-statistics/large-map", large_map_statistics
+
 
 def summarise(records: list[Compiled], arch: int) -> list[dict]:
     """One row per kernel and config: variants compiled, worst registers/spills/shared memory, MMA kinds."""

@@ -23,11 +23,16 @@ Kernels:
                                  this one launch and nothing else: no host-side fold, no side ops.
                                  POOL also writes per-image pixel sums of the output (the spatial mean
                                  a channel attention needs, gathered here instead of re-reading the map).
-    :func:`bn_stats_kernel`      batch mean/invstd from the forward's partial statistics, running-stat update.
+    :func:`bn_stats_kernel`      batch mean/invstd from the forward's partial statistics, running-stat update
+                                 and ``num_batches_tracked`` count.
+    :func:`partials_reduce_kernel`  one parallel level of those reductions for large maps (the finishing
+                                 kernels run one program per 64 channels, which alone would read the
+                                 32768 partial slots of an 8x1024x1024 stem from a single SM).
     :func:`bn_act_kernel`        ``relu((y - mean) * scale + shift + residual)``: train-mode second pass
                                  (POOL: pixel sums of its output, as the forward kernel's).
     :func:`bn_act_bwd_reduce_kernel`  per-tile partial sums of ``g`` and ``g * xhat`` (``g`` = masked
                                  upstream gradient), the two BN backward reductions in one pass.
+    :func:`bn_bwd_coef_kernel`   the sums finished into the coefficients ``a, b, c`` and ``dgamma``/``dbeta``.
     :func:`bn_act_bwd_kernel`    ``dy = a * g + b * (y - mean) + c`` and ``dres = g`` in one pass.
 
 The backward kernels take the pixel sums' gradient as an optional extra input, gathered per slot
@@ -419,44 +424,94 @@ def bn_act_kernel(
 
 
 @triton.jit
+def _combine_partials(
+    part_ptr, t_begin, t_end, offs_c, c_mask, M, C, n_part, slot_m,
+    CHAN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Combine slots ``[t_begin, t_end)`` of fp32 (2, n_part, C) partials for the channels ``offs_c``.
+
+    CHAN: slot ``t`` holds the mean and centred sum of squares of ``min(slot_m, M - t * slot_m)`` rows;
+    returns their ``(mean, M2)``, merged block by block with Chan's formula
+    ``M2 = M2_a + M2_b + delta**2 * n_a * n_b / (n_a + n_b)`` (one read of each slot, no cancellation).
+    Else the slots are plain sums; returns ``(sum of part[0], sum of part[1])``. BLOCK_T slots per step.
+    """
+    offs_t = tl.arange(0, BLOCK_T)
+    first = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    second = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    rows = tl.zeros((BLOCK_C,), dtype=tl.float32)  # rows merged so far (the same for every channel)
+    for t0 in range(t_begin, t_end, BLOCK_T):
+        t = t0 + offs_t
+        valid = t < t_end
+        mask = valid[:, None] & c_mask[None, :]
+        off = t[:, None] * C + offs_c[None, :]
+        p0 = tl.load(part_ptr + off, mask=mask, other=0.0)
+        p1 = tl.load(part_ptr + n_part * C + off, mask=mask, other=0.0)
+        if CHAN:
+            cnt = tl.where(valid, tl.minimum(M - t * slot_m, slot_m), 0).to(tl.float32)
+            n_b = tl.sum(cnt, axis=0)
+            mean_b = tl.sum(cnt[:, None] * p0, axis=0) / n_b
+            d = p0 - mean_b[None, :]
+            m2_b = tl.sum(tl.where(mask, p1 + cnt[:, None] * d * d, 0.0), axis=0)
+            n_ab = rows + n_b
+            delta = mean_b - first
+            first += delta * (n_b / n_ab)
+            second += m2_b + delta * delta * (rows * (n_b / n_ab))
+            rows = n_ab
+        else:
+            first += tl.sum(p0, axis=0)
+            second += tl.sum(p1, axis=0)
+    return first, second
+
+
+@triton.jit
+def partials_reduce_kernel(
+    part_ptr, out_ptr, M, C, n_part, slot_m, chunk,
+    CHAN: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One level of a parallel reduction of fp32 (2, n_part, C) partials into (2, cdiv(n_part, chunk), C).
+
+    Program ``(j, cb)`` combines slots ``[j * chunk, (j + 1) * chunk)`` for one block of channels
+    (:func:`_combine_partials`); with CHAN its output slot ``j`` is the (mean, M2) of
+    ``min(slot_m * chunk, M - j * slot_m * chunk)`` rows, i.e. the same layout with ``slot_m * chunk``
+    rows per slot. Without it, outputs are plain sums. Grid ``(cdiv(n_part, chunk), cdiv(C, BLOCK_C))``:
+    the single-program finish that follows reads ``chunk`` times fewer slots, so the partials of a
+    large map (e.g. 32768 slots of the 7x7 stem at 8x1024x1024) are spread over many SMs.
+    """
+    j = tl.program_id(0)
+    offs_c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    t_begin = j * chunk
+    t_end = tl.minimum(t_begin + chunk, n_part)
+    first, second = _combine_partials(part_ptr, t_begin, t_end, offs_c, c_mask, M, C, n_part, slot_m,
+                                      CHAN, BLOCK_T, BLOCK_C)
+    n_out = tl.num_programs(0)
+    tl.store(out_ptr + j * C + offs_c, first, mask=c_mask)
+    tl.store(out_ptr + (n_out + j) * C + offs_c, second, mask=c_mask)
+
+
+@triton.jit
 def bn_stats_kernel(
     part_ptr, gamma_ptr, rmean_ptr, rvar_ptr, nbt_ptr, mean_ptr, invstd_ptr, scale_ptr,
-    M, C, n_part, eps, momentum,
-    HAS_GAMMA: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, STAT_M: tl.constexpr,
+    M, C, n_part, slot_m, eps, momentum,
+    HAS_GAMMA: tl.constexpr, UPDATE: tl.constexpr, CUMULATIVE: tl.constexpr, COUNT: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Batch statistics from :func:`conv_bn_fwd_kernel`'s partials, and the running-statistics update.
 
     part_ptr fp32 (2, n_part, C): per-slot mean and centred sum of squares, slot ``t`` holding
-    ``min(STAT_M, M - t * STAT_M)`` rows; combined with Chan's formula
-    ``M2 = sum(M2_t) + sum(n_t * (mean_t - mean)**2)``. gamma_ptr (C,) BN weight (HAS_GAMMA, else 1).
+    ``min(slot_m, M - t * slot_m)`` rows (combined by :func:`_combine_partials`). gamma_ptr (C,) BN
+    weight (HAS_GAMMA, else 1).
     Outputs fp32 (C,): mean_ptr batch mean, invstd_ptr ``1/sqrt(var + eps)`` with the biased variance,
     scale_ptr ``gamma * invstd``. UPDATE: ``r = (1 - f) * r + f * stat`` in place on rmean_ptr/rvar_ptr
     (any float dtype; unbiased variance), ``f = momentum`` or, when CUMULATIVE, ``1 / num_batches_tracked``
-    read from nbt_ptr (int64, already incremented by the caller). eps/momentum: fp32 scalars.
+    read from nbt_ptr (int64, already incremented by the caller). COUNT: program 0 increments nbt_ptr
+    (never with CUMULATIVE, whose programs read it). eps/momentum: fp32 scalars.
     This kernel mutates buffers: never autotune it.
     """
     offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_mask = offs_c < C
-    offs_t = tl.arange(0, BLOCK_T)
-    total = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, n_part, BLOCK_T):
-        t = t0 + offs_t
-        cnt = tl.minimum(M - t * STAT_M, STAT_M).to(tl.float32)
-        mask = (t < n_part)[:, None] & c_mask[None, :]
-        m_t = tl.load(part_ptr + t[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-        total += tl.sum(tl.where(mask, cnt[:, None] * m_t, 0.0), axis=0)
-    mean = total / M
-    m2 = tl.zeros((BLOCK_C,), dtype=tl.float32)
-    for t0 in range(0, n_part, BLOCK_T):
-        t = t0 + offs_t
-        cnt = tl.minimum(M - t * STAT_M, STAT_M).to(tl.float32)
-        mask = (t < n_part)[:, None] & c_mask[None, :]
-        off = t[:, None] * C + offs_c[None, :]
-        m_t = tl.load(part_ptr + off, mask=mask, other=0.0)
-        q_t = tl.load(part_ptr + n_part * C + off, mask=mask, other=0.0)
-        d = m_t - mean[None, :]
-        m2 += tl.sum(tl.where(mask, q_t + cnt[:, None] * d * d, 0.0), axis=0)
+    mean, m2 = _combine_partials(part_ptr, 0, n_part, offs_c, c_mask, M, C, n_part, slot_m,
+                                 True, BLOCK_T, BLOCK_C)
     var = m2 / M
     invstd = 1.0 / tl.sqrt(var + eps)
     scale = invstd
@@ -475,6 +530,8 @@ def bn_stats_kernel(
         unbiased = m2 / (M - 1)
         tl.store(rmean_ptr + offs_c, ((1.0 - f) * rm + f * mean).to(rmean_ptr.dtype.element_ty), mask=c_mask)
         tl.store(rvar_ptr + offs_c, ((1.0 - f) * rv + f * unbiased).to(rvar_ptr.dtype.element_ty), mask=c_mask)
+    if COUNT:  # program 0 only (the others' read is unused)
+        tl.store(nbt_ptr, tl.load(nbt_ptr) + 1, mask=tl.program_id(0) == 0)
 
 
 # ------------------------------------------------------------------------------------------ backward
@@ -566,6 +623,44 @@ def bn_act_bwd_kernel(
         b = tl.load(b_ptr + offs_c, mask=c_mask, other=0.0)
         dy += b[None, :] * (y - mean[None, :])
     tl.store(dy_ptr + off, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def bn_bwd_coef_kernel(
+    part_ptr, gamma_ptr, invstd_ptr, coef_ptr, dgamma_ptr, dbeta_ptr,
+    M, C, n_part,
+    HAS_GAMMA: tl.constexpr, BATCH_STATS: tl.constexpr, STORE_DGAMMA: tl.constexpr, STORE_DBETA: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Per-channel coefficients of :func:`bn_act_bwd_kernel` and the BN parameter gradients, one launch.
+
+    part_ptr fp32 (2, n_part, C) partial sums of ``g`` and ``g * xhat`` (:func:`bn_act_bwd_reduce_kernel`,
+    or one level of :func:`partials_reduce_kernel`; n_part = 0: both sums are 0). gamma_ptr (C,) BN
+    weight (HAS_GAMMA, else 1), invstd_ptr (C,) fp32. coef_ptr fp32 (3, C) out: ``a = gamma * invstd``
+    and, with BATCH_STATS, ``b = -a * invstd * sum(g * xhat) / M``, ``c = -a * sum(g) / M`` (else 0:
+    BN in eval is a fixed affine map). dgamma_ptr ``sum(g * xhat)`` (STORE_DGAMMA), dbeta_ptr ``sum(g)``
+    (STORE_DBETA), each (C,) in its own dtype.
+    """
+    offs_c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    sum_g, sum_gx = _combine_partials(part_ptr, 0, n_part, offs_c, c_mask, M, C, n_part, 1,
+                                      False, BLOCK_T, BLOCK_C)
+    invstd = tl.load(invstd_ptr + offs_c, mask=c_mask, other=0.0)
+    a = invstd
+    if HAS_GAMMA:
+        a = tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32) * invstd
+    b = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    c = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    if BATCH_STATS:
+        b = -a * invstd * (sum_gx / M)
+        c = -a * (sum_g / M)
+    tl.store(coef_ptr + offs_c, a, mask=c_mask)
+    tl.store(coef_ptr + C + offs_c, b, mask=c_mask)
+    tl.store(coef_ptr + 2 * C + offs_c, c, mask=c_mask)
+    if STORE_DGAMMA:
+        tl.store(dgamma_ptr + offs_c, sum_gx.to(dgamma_ptr.dtype.element_ty), mask=c_mask)
+    if STORE_DBETA:
+        tl.store(dbeta_ptr + offs_c, sum_g.to(dbeta_ptr.dtype.element_ty), mask=c_mask)
 
 
 # ------------------------------------------------------------------------------------------ launchers
@@ -710,34 +805,66 @@ def conv_bn_fwd(
     return out, part
 
 
+PARTIALS_CHUNK: int = 4 if INTERPRET else 256
+"""Slots per program of :func:`partials_reduce_kernel` (small under the interpreter, so tests reach it)."""
+_PARTIALS_BLOCK_T: int = 4 if INTERPRET else 64
+
+
+def _reduce_partials(part: torch.Tensor, M: int, slot_m: int, chan: bool) -> tuple[torch.Tensor, int]:
+    """Levels of :func:`partials_reduce_kernel` until at most :data:`PARTIALS_CHUNK` slots remain.
+
+    Returns ``(partials, rows per slot)`` for the single-program finish (``slot_m`` grows by the chunk
+    each level; plain sums ignore it).
+    """
+    _, n_part, C = part.shape
+    block_c = _elt_block_c(C)
+    while n_part > PARTIALS_CHUNK:
+        n_out = triton.cdiv(n_part, PARTIALS_CHUNK)
+        out = torch.empty((2, n_out, C), device=part.device, dtype=torch.float32)
+        partials_reduce_kernel[(n_out, triton.cdiv(C, block_c))](
+            part, out, M, C, n_part, slot_m, PARTIALS_CHUNK,
+            CHAN=chan, BLOCK_T=_PARTIALS_BLOCK_T, BLOCK_C=block_c,
+        )
+        part, n_part, slot_m = out, n_out, slot_m * PARTIALS_CHUNK
+    return part, slot_m
+
+
 def bn_stats(
     part: torch.Tensor, M: int, stat_m: int, eps: float, gamma: torch.Tensor | None,
     running_mean: torch.Tensor | None = None, running_var: torch.Tensor | None = None,
     num_batches_tracked: torch.Tensor | None = None, momentum: float | None = 0.1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch :func:`bn_stats_kernel`; returns fp32 ``(mean, invstd, gamma * invstd)`` per channel.
+    """Batch statistics from the forward's partials; returns fp32 ``(mean, invstd, gamma * invstd)`` per channel.
 
-    With ``running_mean``/``running_var`` the running statistics are updated in place (momentum
-    ``None``: cumulative, from ``num_batches_tracked``, which the caller has already incremented).
+    ``part`` fp32 (2, n_part, C) with ``stat_m`` rows per slot (:func:`conv_bn_fwd` with ``stats``).
+    Large partials go through :func:`partials_reduce_kernel` first. With ``running_mean``/``running_var``
+    the running statistics are updated in place (momentum ``None``: cumulative average). A given
+    ``num_batches_tracked`` is incremented by this call, in the kernel (or, for the cumulative average,
+    whose factor reads it, by one small op before it).
     """
-    _, n_part, C = part.shape
+    C = part.shape[2]
     assert part.is_contiguous() and part.dtype == torch.float32
     update = running_mean is not None
     cumulative = update and momentum is None
     if cumulative:
         assert num_batches_tracked is not None
+        num_batches_tracked.add_(1)
     if update:
         assert running_mean.is_contiguous() and running_var.is_contiguous()
+    count = num_batches_tracked is not None and not cumulative
+    part, slot_m = _reduce_partials(part, M, stat_m, chan=True)
     mean, invstd, scale = torch.empty((3, C), device=part.device, dtype=torch.float32)
     block_c = _elt_block_c(C)
     bn_stats_kernel[(triton.cdiv(C, block_c),)](
         part, gamma if gamma is not None else part,
         running_mean if update else part, running_var if update else part,
-        num_batches_tracked if cumulative else part,
-        mean, invstd, scale, M, C, n_part, float(eps), float(momentum or 0.0),
-        HAS_GAMMA=gamma is not None, UPDATE=update, CUMULATIVE=cumulative, STAT_M=stat_m,
-        BLOCK_T=64, BLOCK_C=block_c,
+        num_batches_tracked if num_batches_tracked is not None else part,
+        mean, invstd, scale, M, C, part.shape[1], slot_m, float(eps), float(momentum or 0.0),
+        HAS_GAMMA=gamma is not None, UPDATE=update, CUMULATIVE=cumulative, COUNT=count,
+        BLOCK_T=_PARTIALS_BLOCK_T, BLOCK_C=block_c,
     )
+    if count:  # as add_ would: caches keyed on versions (the merged stem pair) see the count change
+        torch.autograd.graph.increment_version(num_batches_tracked)
     return mean, invstd, scale
 
 
@@ -786,8 +913,9 @@ def bn_act_bwd_reduce(
     grad_out: torch.Tensor, out: torch.Tensor | None, y: torch.Tensor | None,
     mean: torch.Tensor | None, invstd: torch.Tensor | None,
     grad_sums: torch.Tensor | None = None, pool_m: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``(sum(g), sum(g * xhat))`` per channel in fp32 (the second only when ``y`` is given).
+) -> torch.Tensor:
+    """fp32 (2, cdiv(M, 64), C) per-tile partial sums of ``g`` and ``g * xhat`` (the second only when
+    ``y`` is given, else unwritten), for :func:`bn_bwd_coefficients`.
 
     ``g`` is ``grad_out`` (plus ``grad_sums``, the fp32 (n_slot, N, C) gradient of pixel sums over
     slots of ``pool_m`` pixels, any strides) masked by ``out > 0`` when ``out`` is given (ReLU).
@@ -808,8 +936,36 @@ def bn_act_bwd_reduce(
         RELU=out is not None, HAS_Y=y is not None, HAS_GSUM=grad_sums is not None,
         BLOCK_M=_ELT_BLOCK_M, BLOCK_C=block_c,
     )
-    sums = part.sum(dim=1)
-    return sums[0], (sums[1] if y is not None else None)
+    return part
+
+
+def bn_bwd_coefficients(
+    part: torch.Tensor | None, M: int, gamma: torch.Tensor | None, invstd: torch.Tensor, *,
+    batch_stats: bool, dgamma_dtype: torch.dtype | None = None, dbeta_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`bn_bwd_coef_kernel` on :func:`bn_act_bwd_reduce`'s partials (``None``: no sums needed).
+
+    Returns ``(coef, dgamma, dbeta)``: ``coef`` fp32 (3, C) rows ``a, b, c`` of :func:`bn_act_bwd`
+    (``b = c = 0`` without ``batch_stats``); ``dgamma = sum(g * xhat)`` / ``dbeta = sum(g)`` (C,) in
+    the given dtypes, ``None`` where no dtype is given. Large partials are first reduced in parallel.
+    """
+    C = invstd.shape[0]
+    assert (part is not None) or not (batch_stats or dgamma_dtype or dbeta_dtype)
+    if part is not None:
+        part, _ = _reduce_partials(part, M, 1, chan=False)
+    n_part = part.shape[1] if part is not None else 0
+    dev = invstd.device
+    coef = torch.empty((3, C), device=dev, dtype=torch.float32)
+    dgamma = torch.empty(C, device=dev, dtype=dgamma_dtype) if dgamma_dtype is not None else None
+    dbeta = torch.empty(C, device=dev, dtype=dbeta_dtype) if dbeta_dtype is not None else None
+    block_c = _elt_block_c(C)
+    bn_bwd_coef_kernel[(triton.cdiv(C, block_c),)](
+        part if part is not None else coef, gamma if gamma is not None else invstd, invstd, coef,
+        dgamma if dgamma is not None else coef, dbeta if dbeta is not None else coef, M, C, n_part,
+        HAS_GAMMA=gamma is not None, BATCH_STATS=batch_stats, STORE_DGAMMA=dgamma is not None,
+        STORE_DBETA=dbeta is not None, BLOCK_T=_PARTIALS_BLOCK_T, BLOCK_C=block_c,
+    )
+    return coef, dgamma, dbeta
 
 
 def bn_act_bwd(

@@ -46,7 +46,8 @@ def test_model_kernels_compile_for_sm90(tmp_path: Path) -> None:
     kernels = {v["kernel"] for v in variants}
     # every fused op of the model was reached: conv+BN (fwd, BN pass, both bwd passes), attention,
     # upsample+add, attend+residual, head conv/upsample/argmax and their backward kernels
-    for name in ("conv_bn_fwd_kernel", "bn_stats_kernel", "bn_act_kernel", "bn_act_bwd_reduce_kernel",
+    for name in ("conv_bn_fwd_kernel", "bn_stats_kernel", "partials_reduce_kernel", "bn_act_kernel",
+                 "bn_act_bwd_reduce_kernel", "bn_bwd_coef_kernel",
                  "bn_act_bwd_kernel", "_bn_attention_fwd_kernel", "_bn_attention_bwd_kernel",
                  "_mlp_attention_fwd_kernel", "_mlp_attention_bwd_kernel", "_attend_add_upsample_kernel",
                  "_attend_add_upsample_bwd_kernel", "_attend_residual_kernel", "_attend_residual_bwd_kernel",

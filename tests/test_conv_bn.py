@@ -367,6 +367,68 @@ def test_kernels_write_every_output(device: str) -> None:
           + c.double().view(shape), torch.float32, "dy")
 
 
+def _slot_moments(y: Tensor, slot_m: int) -> Tensor:
+    """fp32 (2, n_slot, C) per-slot mean and centred sum of squares of the rows of ``y`` (M, C), float64 math."""
+    slots = y.double().split(slot_m)
+    mean = torch.stack([s.mean(0) for s in slots])
+    m2 = torch.stack([((s - s.mean(0)) ** 2).sum(0) for s in slots])
+    return torch.stack([mean, m2]).float().contiguous()
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("C", [10, 70])
+def test_bn_stats_many_slots(C: int, momentum: float | None, device: str) -> None:
+    """Batch statistics of thousands of rows through the parallel partial levels (PARTIALS_CHUNK slots per
+    program), a partial last slot, a large mean (a sum of squares would cancel), running-stat update and
+    one ``num_batches_tracked`` count per call."""
+    stat_m = 8
+    n_part = K.PARTIALS_CHUNK ** 2 * 3 + 5  # two reduction levels before the finish
+    M = n_part * stat_m - 3
+    y = (torch.randn(M, C, dtype=torch.float64) * (torch.rand(C, dtype=torch.float64) * 3 + 0.1)
+         + torch.linspace(-1000, 1000, C, dtype=torch.float64)).to(device)
+    part = _slot_moments(y, stat_m)
+    gamma = torch.rand(C, device=device) + 0.5
+    rm, rv = torch.randn(C, device=device), torch.rand(C, device=device) + 0.5
+    nbt = torch.tensor(4, device=device)
+    rm0, rv0 = rm.clone(), rv.clone()
+    mean, invstd, scale = K.bn_stats(part, M, stat_m, 1e-5, gamma, rm, rv, nbt, momentum)
+    ref_var = y.var(0, unbiased=False)
+    check(mean, y.mean(0), torch.float32, "mean")
+    check(invstd, (ref_var + 1e-5).rsqrt(), torch.float32, "invstd", tol=1e-5)
+    check(scale, gamma.double() * (ref_var + 1e-5).rsqrt(), torch.float32, "scale", tol=1e-5)
+    assert nbt.item() == 5
+    f = 0.1 if momentum is not None else 1 / 5
+    check(rm, (1 - f) * rm0.double() + f * y.mean(0), torch.float32, "running_mean")
+    check(rv, (1 - f) * rv0.double() + f * y.var(0, unbiased=True), torch.float32, "running_var")
+    # no running statistics: nothing counted, nothing updated
+    mean2, _, _ = K.bn_stats(part, M, stat_m, 1e-5, None)
+    assert torch.equal(mean2, mean)
+
+
+@pytest.mark.parametrize("batch_stats", [True, False])
+@pytest.mark.parametrize("n_part", [3, K.PARTIALS_CHUNK ** 2 + 7])
+def test_bn_bwd_coefficients(n_part: int, batch_stats: bool, device: str) -> None:
+    """Coefficients ``a, b, c`` and dgamma/dbeta from partial sums (one level or several), own dtypes."""
+    C, M = 70, 1000
+    part = torch.randn(2, n_part, C, device=device)
+    gamma, invstd = torch.rand(C, device=device) + 0.5, torch.rand(C, device=device) + 0.5
+    coef, dgamma, dbeta = K.bn_bwd_coefficients(part, M, gamma, invstd, batch_stats=batch_stats,
+                                                dgamma_dtype=torch.float32, dbeta_dtype=torch.float16)
+    sum_g, sum_gx = part.double().sum(1)
+    a = gamma.double() * invstd.double()
+    check(coef[0], a, torch.float32, "a")
+    zero = torch.zeros_like(a)
+    check(coef[1], -a * invstd.double() * sum_gx / M if batch_stats else zero, torch.float32, "b")
+    check(coef[2], -a * sum_g / M if batch_stats else zero, torch.float32, "c")
+    check(dgamma, sum_gx, torch.float32, "dgamma")
+    assert dbeta.dtype == torch.float16
+    check(dbeta, sum_g, torch.float16, "dbeta")
+    # no sums (eval, no parameter gradients): a = invstd without gamma, b = c = 0
+    coef, dgamma, dbeta = K.bn_bwd_coefficients(None, M, None, invstd, batch_stats=False)
+    assert dgamma is None and dbeta is None
+    check(coef, torch.stack([invstd.double(), zero, zero]), torch.float32, "eval coefficients")
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_pixel_sums_poisoned(train: bool, device: str, poison) -> None:
     """Every pixel-sum slot is written, with several tiles and a partial last slot per image, batch 3."""

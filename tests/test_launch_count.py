@@ -119,6 +119,44 @@ def test_bisenet_eval_forward_runs_no_side_ops(count, device: str) -> None:
     assert sum(work.values()) <= FORWARD_BUDGET, work
 
 
+def test_bisenet_train_step_side_ops(count, device: str) -> None:
+    """A training step (``model(x, labels)`` forward and backward) issues per conv+BN only what cannot be a
+    kernel of ours: the weight packing (a copy) in the forward, cuDNN's dgrad/wgrad in the backward. The BN
+    statistics, running-stat update, ``num_batches_tracked`` count, backward coefficients and dgamma/dbeta
+    are all in the kernels: once ~10 small torch ops per conv (~370 per step, ~2 us each as graph nodes)."""
+    model = BiSeNet(19, "train", backend="triton").to(device).train()
+    x = torch.randn(2, 3, 64, 64, device=device)
+    labels = torch.randint(0, 19, (2, 64, 64), device=device)
+    sum(o.sum() for o in model(x, labels)).backward()  # warm-up
+    model.zero_grad(set_to_none=True)
+    with count() as c:
+        losses = model(x, labels)
+    fwd, fwd_launches = c.work_ops(), dict(c.launches)
+    loss = sum(o.sum() for o in losses)
+    with count() as c:
+        loss.backward()
+    bwd, bwd_launches = c.work_ops(), dict(c.launches)
+    print(f"\ntrain forward work ops: {sum(fwd.values())} {fwd}; launches {sum(fwd_launches.values())} "
+          f"{fwd_launches}\nbackward work ops: {sum(bwd.values())} {bwd}; launches {sum(bwd_launches.values())} "
+          f"{bwd_launches}")
+    n_conv = sum(isinstance(m, nn.BatchNorm2d) for name, m in model.named_modules()
+                 if not name.endswith(("bn_atten", "ffm.bn")))
+    assert fwd_launches["conv_bn_fwd_kernel"] == fwd_launches["bn_stats_kernel"] == n_conv
+    assert bwd_launches["bn_bwd_coef_kernel"] == bwd_launches["bn_act_bwd_kernel"] == n_conv
+    # forward: one weight packing per conv, and the three attention BNs' num_batches_tracked counts
+    assert fwd.pop("copy_", 0) <= n_conv and fwd.pop("add_", 0) <= 3, fwd
+    assert sum(fwd.values()) <= 2, fwd
+    # backward: dgrad/wgrad per conv (two for the FFM's concat), the gradient sums autograd makes where a
+    # tensor feeds two ops (residuals, attention inputs), the FFM weight gradient's halves and concat,
+    # autograd's copies of weight gradients into the parameters' layout (the convolution backward returns
+    # them channels_last; a channels_last model has none), small weight-sized clones
+    assert bwd.pop("convolution_backward", 0) <= n_conv + 1
+    assert bwd.pop("add", 0) <= 16 and bwd.pop("cat", 0) <= 1, bwd
+    assert bwd.pop("copy_", 0) <= n_conv and bwd.pop("clone", 0) <= 5, bwd
+    # what is left: the loss's seed gradient and the attention means' 1/HW (no per-conv BN math: once ~300)
+    assert sum(bwd.values()) <= 5, bwd
+
+
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("affine", [True, False])
 def test_eval_conv_bn_is_one_launch(count, bias: bool, affine: bool, device: str) -> None:

@@ -226,12 +226,10 @@ def forward(
     M = y.numel() // C
     if M <= 1:
         raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(y.shape)}")
-    if running_mean is not None and num_batches_tracked is not None:
-        num_batches_tracked.add_(1)
     mean, invstd, scale = K.bn_stats(
         part, M, _STAT_M, eps, bn_weight.detach() if bn_weight is not None else None,
-        running_mean, running_var, num_batches_tracked, momentum,
-    )
+        running_mean, running_var, num_batches_tracked if running_mean is not None else None, momentum,
+    )  # counts num_batches_tracked
     out, sums = K.bn_act(y, mean, scale, beta, residual, relu, pool=pool)
     return out, y, mean, invstd, sums
 
@@ -271,28 +269,27 @@ def backward(
     M = grad_out.numel() // C
     f32 = {"device": grad_out.device, "dtype": torch.float32}
     KH, KW = weight.shape[2], weight.shape[3]
-    dgamma = dbeta = None
-    b_coef = None
+    dgamma = dbeta = b_coef = None
     gsums = {} if grad_sums is None else {"grad_sums": grad_sums.float(), "pool_m": pool_rows(has_bn, batch_stats)}
     if not has_bn:
         a_coef, c_coef = torch.ones(C, **f32), torch.zeros(C, **f32)
     else:
-        gamma = bn_weight.detach().float() if bn_weight is not None else torch.ones(C, **f32)
-        k = gamma * invstd
-        if batch_stats:
-            sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y, mean, invstd, **gsums)
-            a_coef, b_coef, c_coef = k, -k * invstd * (sum_gx / M), -k * (sum_g / M)
-        else:  # BN is a fixed affine map; y (for xhat) is recomputed only when gamma needs a gradient
-            a_coef, c_coef = k, torch.zeros(C, **f32)
-            sum_g = sum_gx = None
-            if need_gamma or need_beta:
-                if need_gamma and y is None:
-                    w = _packed_weight(weight, x.dtype, may_backward=True)
-                    y, _ = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias)
-                sum_g, sum_gx = K.bn_act_bwd_reduce(grad_out, out, y if need_gamma else None, mean, invstd, **gsums)
-            y = None  # the element-wise pass needs no y in eval
-        dgamma = sum_gx if need_gamma else None
-        dbeta = sum_g if need_beta else None
+        # the two reductions (one pass) and, in one small kernel, the coefficients and dgamma/dbeta
+        param_dtype = bn_weight.dtype if bn_weight is not None else None
+        part = None
+        if batch_stats or need_gamma or need_beta:
+            if not batch_stats and need_gamma and y is None:  # eval: y (for xhat) recomputed for dgamma only
+                w = _packed_weight(weight, x.dtype, may_backward=True)
+                y, _ = K.conv_bn_fwd(x, w, (KH, KW), stride, padding, x2=x2, bias=bias)
+            part = K.bn_act_bwd_reduce(grad_out, out, y if batch_stats or need_gamma else None, mean, invstd,
+                                       **gsums)
+        coef, dgamma, dbeta = K.bn_bwd_coefficients(
+            part, M, bn_weight.detach() if bn_weight is not None else None, invstd, batch_stats=batch_stats,
+            dgamma_dtype=param_dtype if need_gamma else None, dbeta_dtype=param_dtype if need_beta else None,
+        )
+        a_coef, b_coef, c_coef = coef.unbind(0)
+        if not batch_stats:
+            y = b_coef = None  # the element-wise pass needs no y in eval
 
     dx = dx2 = dw = db = dres = None
     if need_x or need_x2 or need_w or need_b or need_res:
@@ -323,10 +320,6 @@ def backward(
             dw = (dws[0] if len(dws) == 1 else torch.cat(dws, dim=1)).to(weight.dtype)
         if db is not None:
             db = db.to(bias.dtype)
-    if dgamma is not None and bn_weight is not None:
-        dgamma = dgamma.to(bn_weight.dtype)
-    if dbeta is not None and bn_weight is not None:
-        dbeta = dbeta.to(bn_weight.dtype)
     return dx, dx2, dw, db, dgamma, dbeta, dres
 
 
