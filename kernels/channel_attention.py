@@ -134,18 +134,28 @@ def _mean_partial_kernel(
 @triton.jit
 def _finish_partials_kernel(
     part_ptr,  # fp32 (SPLIT, L) partial sums
-    out_ptr,  # out: (L,) in its own dtype
+    out_ptr,  # out: (cdiv(SPLIT, CHUNK), L) in its own dtype
     L,  # length of one partial vector
     SPLIT,  # number of partial vectors
+    CHUNK,  # partial vectors summed into each output row (SPLIT: one finished vector)
     scale,  # fp32 factor applied to the sum (1 / HW for a mean)
+    BLOCK_S: tl.constexpr,  # partial vectors summed per loop step
     BLOCK: tl.constexpr,  # elements per program
 ):
+    # [BLOCK_S, BLOCK] tiles per step: CHUNK / BLOCK_S dependent steps (the head's weight gradient has
+    # ~4 partials per SM, ~500 on an H100; one load per partial would be ~500 latency-bound steps)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < L
+    start = tl.program_id(1) * CHUNK
+    end = tl.minimum(start + CHUNK, SPLIT)
+    offs_s = tl.arange(0, BLOCK_S)
     acc = tl.zeros((BLOCK,), tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(part_ptr + s * L + offs, mask=mask, other=0.0)
-    tl.store(out_ptr + offs, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
+    for s0 in range(start, end, BLOCK_S):
+        rows = s0 + offs_s
+        ptrs = part_ptr + rows.to(tl.int64)[:, None] * L + offs[None, :]
+        acc += tl.sum(tl.load(ptrs, mask=(rows < end)[:, None] & mask[None, :], other=0.0), axis=0)
+    out = out_ptr + tl.program_id(1).to(tl.int64) * L + offs
+    tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def mean_partials(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -159,14 +169,37 @@ def mean_partials(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return part, split
 
 
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype, chunk: int, scale: float) -> torch.Tensor:
+    split = part.shape[0]
+    rows = triton.cdiv(split, chunk)
+    out = torch.empty((rows, *part.shape[1:]), device=part.device, dtype=dtype)
+    length = out[0].numel()
+    block, block_s = (64, 4) if INTERPRET else (128, 32)
+    _finish_partials_kernel[(triton.cdiv(length, block), rows)](part, out, length, split, chunk, scale,
+                                                                BLOCK_S=block_s, BLOCK=block)
+    return out
+
+
 def finish_partials(part: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
     """``scale * part.sum(0)`` for fp32 partials (SPLIT, ...), as a tensor of ``part.shape[1:]``."""
+    return _sum_partials(part, dtype, part.shape[0], scale)[0]
+
+
+FOLD_SPLIT: int = 4 if INTERPRET else 32
+"""Partials beyond which the attention kernels' inputs are first folded by :func:`fold_partials`."""
+
+
+def fold_partials(part: torch.Tensor, rows: int = FOLD_SPLIT) -> torch.Tensor:
+    """fp32 (SPLIT, ...) partial sums folded to at most ``rows`` partials (sums of consecutive ones), in parallel.
+
+    The attention kernels run one program per block of output channels and each finishes the mean from
+    every partial; the FFM's conv epilogue gives 512 of them at 1x3x1024x2048, ~16 dependent steps per
+    program against one step after this fold (a few hundred programs, one step each).
+    """
     split = part.shape[0]
-    out = torch.empty(part.shape[1:], device=part.device, dtype=dtype)
-    length = out.numel()
-    block = 256 if INTERPRET else 1024
-    _finish_partials_kernel[(triton.cdiv(length, block),)](part, out, length, split, scale, BLOCK=block)
-    return out
+    if split <= rows:
+        return part
+    return _sum_partials(part, torch.float32, triton.cdiv(split, rows), 1.0)
 
 
 @triton.autotune(configs=pixel_tile_configs(), key=["C", "CHUNK"])
@@ -510,6 +543,7 @@ def bn_attention_fwd(
     cumulative = update and momentum is None
     if cumulative and num_batches_tracked is None:
         raise ValueError("momentum=None needs num_batches_tracked")
+    part = fold_partials(part)
     split, n, c_in = part.shape
     c_out = weight.shape[0]
     dev = part.device
@@ -669,6 +703,7 @@ def mlp_attention_fwd(
 ) -> tuple[torch.Tensor, ...]:
     """Launch the MLP-attention forward on fp32 contiguous pixel sums ``part`` (SPLIT, N, C_IN) of maps of
     ``hw`` pixels; returns ``(a (N, C_OUT), u, z, mean)``."""
+    part = fold_partials(part)
     split, n, c_in = part.shape
     c_mid, c_out = w1.shape[0], w2.shape[0]
     if c_mid > MAX_MLP_HIDDEN:

@@ -124,6 +124,31 @@ def test_pixel_sums_rejects_a_bad_map(device):
         CA.pixel_sums(torch.ones(2, 3, 4, 4, device=device, dtype=torch.int32))
 
 
+@pytest.mark.parametrize("split, length", [(1, 19), (11, 150), (64, 1216)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_finish_partials(split, length, dtype, device):
+    """``scale * part.sum(0)`` with split and length not multiples of the kernel's tiles, output dtype as asked."""
+    part = torch.randn(split, length, device=device)
+    out = KCA.finish_partials(part, dtype, 0.25)
+    assert out.dtype == dtype and out.shape == (length,)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    torch.testing.assert_close(out.double(), part.double().sum(0) * 0.25, rtol=tol, atol=tol * split ** 0.5)
+
+
+@pytest.mark.parametrize("split, rows", [(3, 4), (11, 4), (512, 32)])
+def test_fold_partials(split, rows, device):
+    """At most ``rows`` fp32 partials, each the sum of consecutive ones; a short list is returned as it is."""
+    part = torch.randn(split, 3, 5, device=device)
+    folded = KCA.fold_partials(part, rows)
+    if split <= rows:
+        assert folded is part
+        return
+    chunk = -(-split // rows)
+    ref = torch.stack([c.double().sum(0) for c in part.split(chunk)])
+    assert folded.dtype == torch.float32 and folded.shape == ref.shape and folded.shape[0] <= rows
+    torch.testing.assert_close(folded.double(), ref, rtol=1e-5, atol=1e-5)
+
+
 def test_broadcast_hw_rejects_sums_of_another_chunking(device):
     out = torch.empty(1, 3, 37, 53, device=device)
     split = len(plan_bounds(out)) - 1
