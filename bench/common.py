@@ -226,6 +226,12 @@ def run_e2e(benchmark: Any, aux_mode: str, shape: tuple[int, ...], dtype: str, v
     def make_step() -> Callable[[], Any]:
         wl = fb.model_workload(variant, shape, torch_dtype, aux_mode=aux_mode, device=DEVICE)
         extra.update(wl.info)
+        if wl.saved_bytes is not None and variant not in fb.COMPILE_MODES:  # hooks and dynamo: not mixed
+            try:
+                extra["saved_for_backward_bytes"] = wl.saved_bytes()
+            except Exception as exc:  # a side figure: never costs the timed row
+                extra["saved_for_backward_error"] = fb._first_line(exc)
+            fb.free_memory()
         return wl.step
 
     info = dict(op="end_to_end", case=f"{aux_mode} {fb.shape_str(shape)}", pass_=aux_mode, dtype=torch_dtype,

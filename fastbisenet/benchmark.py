@@ -31,7 +31,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,6 +288,28 @@ def peak_memory(fn: Callable[[], Any]) -> int | None:
     fn()
     torch.cuda.synchronize()
     return int(torch.cuda.max_memory_allocated())
+
+
+def saved_tensor_bytes(fn: Callable[[], Any], exclude: Iterable[Tensor] = ()) -> tuple[int, Any]:
+    """``(bytes, fn())``: the distinct storages autograd saves for backward while ``fn`` runs (a training
+    forward), each counted once, those of ``exclude`` (parameters, inputs) left out; on any device.
+
+    This is what a training step holds between forward and backward beyond its weights and batch (the
+    bulk of its peak memory), read from ``saved_tensors_hooks`` (custom ``autograd.Function``s
+    included). Keep the returned result alive as long as the figure should hold.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    sizes: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in skip:
+            sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(sizes.values()), out
 
 
 def free_memory() -> None:
@@ -765,6 +787,8 @@ def random_labels(shape: Sequence[int], n_classes: int, device: str, seed: int =
 class ModelWorkload:
     step: Callable[[], Any]
     info: dict[str, Any] = field(default_factory=dict)
+    saved_bytes: Callable[[], int] | None = None
+    """Training: :func:`saved_tensor_bytes` of the step's forward (weights and batch excluded)."""
 
 
 def _train_settings() -> dict[str, Any]:
@@ -864,7 +888,13 @@ def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype,
             scaler.step(optimizer)
         scaler.update()
 
-    return ModelWorkload(train_step, info)
+    def saved_bytes() -> int:
+        with torch.autocast(dev_type, dtype=amp, enabled=amp is not None, cache_enabled=False):
+            nbytes, _ = saved_tensor_bytes(lambda: runner(x, labels, ignore_index=IGNORE_INDEX),
+                                           exclude=[*params, *model.buffers(), x, labels])
+        return nbytes
+
+    return ModelWorkload(train_step, info, saved_bytes)
 
 
 def extra_info(*, op: str, case: str, variant: str, pass_: str, dtype: torch.dtype, shape: Sequence[int],
@@ -1032,17 +1062,19 @@ def _group_table(group: str, rows: Sequence[Row], sp: dict[str, float]) -> list[
     i = rs[0].info
     lines = [f"### {group}", "", f"{i.get('flops', 0) / 1e9:.3f} GFLOP, {i.get('bytes', 0) / 1e6:.2f} MB", "",
              "| variant | time (ms) | fastbisenet speedup | GB/s | TFLOP/s | floor (ms) | % of floor "
-             "| peak mem (MiB) | timing |",
+             "| peak mem (MiB; saved for backward) | timing |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rs:
         m = row_metrics(r)
         s = sp.get(r.variant)
         speed = "—" if r.variant == "fastbisenet" or s is None else f"{s:.2f}x"
         mem = r.info.get("peak_mem_bytes")
+        saved = r.info.get("saved_for_backward_bytes")
+        mem_cell = _fmt(mem / 2**20 if mem else None, '.0f') + (f" (saved {saved / 2**20:.0f})" if saved else "")
         lines.append(
             f"| {r.variant} | {m['ms']:.4f} | {speed} | {_fmt(m['gbps'], '.1f')} | {_fmt(m['tflops'], '.2f')} | "
             f"{_fmt(m['floor_ms'], '.4f')} | {_fmt(m['pct_floor'], '.1f', '%')} | "
-            f"{_fmt(mem / 2**20 if mem else None, '.0f')} | {_timing(r)} |")
+            f"{mem_cell} | {_timing(r)} |")
     return [*lines, ""]
 
 
@@ -1329,5 +1361,5 @@ if __name__ == "__main__":
 __all__ = [
     "SCHEMA", "VARIANTS", "OpCase", "Row", "Timing", "add_parser", "env_info", "extra_info", "feed_benchmark",
     "floor_seconds", "load_rows", "materialize", "measure_floors", "model_cost", "model_workload",
-    "op_cost", "op_workload", "render_markdown", "report", "run", "time_cuda", "trace_ops",
+    "op_cost", "op_workload", "render_markdown", "report", "run", "saved_tensor_bytes", "time_cuda", "trace_ops",
 ]

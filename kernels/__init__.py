@@ -7,6 +7,15 @@ dispatch live in :mod:`fastbisenet.ops`.
 this package was first imported: kernels are built for the interpreter or for the GPU at that moment.
 """
 
+import functools
 import os
 
+import torch
+
 INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+
+
+@functools.lru_cache(maxsize=8)
+def sm_count(index: int) -> int:
+    """Streaming multiprocessors of CUDA device ``index`` (grid sizing)."""
+    return torch.cuda.get_device_properties(index).multi_processor_count

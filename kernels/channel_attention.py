@@ -26,13 +26,11 @@ have a flat pixel stride; the channel stride is then 1 and Triton vectorises alo
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, sm_count
 
 INTERPRET_CONFIG = triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=4)
 """The one config used under the interpreter: big tiles, few programs (numpy runs a tile at once)."""
@@ -41,11 +39,6 @@ INTERPRET_CONFIG = triton.Config({"BLOCK_P": 128, "BLOCK_C": 64}, num_warps=4)
 def configs(gpu: list[triton.Config], interp: triton.Config = INTERPRET_CONFIG) -> list[triton.Config]:
     """Autotune configs: ``interp`` alone under the interpreter, ``gpu`` on a GPU."""
     return [interp] if INTERPRET else gpu
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def split_plan(n: int, hw: int, c: int, device: torch.device) -> tuple[int, int]:
@@ -58,7 +51,7 @@ def split_plan(n: int, hw: int, c: int, device: torch.device) -> tuple[int, int]
     if INTERPRET or device.type != "cuda":
         target, min_chunk = 4, 8
     else:
-        target, min_chunk = 4 * _sm_count(device.index if device.index is not None else 0), 256
+        target, min_chunk = 4 * sm_count(device.index if device.index is not None else 0), 256
     want = max(1, target // max(1, n * triton.cdiv(c, 64)))
     chunk = max(min_chunk, triton.cdiv(hw, want))
     chunk = triton.cdiv(chunk, 8) * 8

@@ -54,7 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
+from . import INTERPRET, sm_count
 
 # ------------------------------------------------------------------------------------------ configs
 
@@ -806,8 +806,19 @@ def conv_bn_fwd(
 
 
 PARTIALS_CHUNK: int = 4 if INTERPRET else 256
-"""Slots per program of :func:`partials_reduce_kernel` (small under the interpreter, so tests reach it)."""
+"""Most slots a finishing program reads, and per program of :func:`partials_reduce_kernel` (small under
+the interpreter, so tests reach several levels)."""
 _PARTIALS_BLOCK_T: int = 4 if INTERPRET else 64
+
+
+def _partials_chunk(n_part: int, c_blocks: int, device: torch.device) -> int:
+    """Slots per program of a reduction level: enough programs for ~2 per SM (mid-size maps have only a
+    few thousand slots), at least one full ``BLOCK_T`` step, at most :data:`PARTIALS_CHUNK`."""
+    if INTERPRET or device.type != "cuda":
+        return PARTIALS_CHUNK
+    want = 2 * sm_count(device.index if device.index is not None else 0)
+    chunk = triton.next_power_of_2(max(1, triton.cdiv(n_part * c_blocks, want)))
+    return max(_PARTIALS_BLOCK_T, min(PARTIALS_CHUNK, chunk))
 
 
 def _reduce_partials(part: torch.Tensor, M: int, slot_m: int, chan: bool) -> tuple[torch.Tensor, int]:
@@ -818,14 +829,15 @@ def _reduce_partials(part: torch.Tensor, M: int, slot_m: int, chan: bool) -> tup
     """
     _, n_part, C = part.shape
     block_c = _elt_block_c(C)
+    c_blocks = triton.cdiv(C, block_c)
     while n_part > PARTIALS_CHUNK:
-        n_out = triton.cdiv(n_part, PARTIALS_CHUNK)
+        chunk = _partials_chunk(n_part, c_blocks, part.device)
+        n_out = triton.cdiv(n_part, chunk)
         out = torch.empty((2, n_out, C), device=part.device, dtype=torch.float32)
-        partials_reduce_kernel[(n_out, triton.cdiv(C, block_c))](
-            part, out, M, C, n_part, slot_m, PARTIALS_CHUNK,
-            CHAN=chan, BLOCK_T=_PARTIALS_BLOCK_T, BLOCK_C=block_c,
+        partials_reduce_kernel[(n_out, c_blocks)](
+            part, out, M, C, n_part, slot_m, chunk, CHAN=chan, BLOCK_T=_PARTIALS_BLOCK_T, BLOCK_C=block_c,
         )
-        part, n_part, slot_m = out, n_out, slot_m * PARTIALS_CHUNK
+        part, n_part, slot_m = out, n_out, slot_m * chunk
     return part, slot_m
 
 
