@@ -36,6 +36,15 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def _autocast_input(x: Tensor) -> Tensor:
+    """``x`` in the autocast dtype of its device when autocast is on there (what each conv would cast it
+    to; autocast leaves float64 alone), else ``x``."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.to(torch.get_autocast_dtype(device_type))
+    return x
+
+
 class BiSeNet(nn.Module):
     """Bilateral Segmentation Network (BiSeNetV1).
 
@@ -153,6 +162,8 @@ class BiSeNet(nn.Module):
             feat8, feat_cp8, feat_cp16 = self.cp(x, stem=stem_cp)
             feat_sp = self.sp(x, stem=stem_sp)
         else:
+            if self.sp is not None:  # two stems read the image: one autocast cast and one saved copy, not two
+                x = _autocast_input(x)
             feat8, feat_cp8, feat_cp16 = self.cp(x)
             feat_sp = self.sp(x) if self.sp is not None else feat8
         feat_fuse = self.ffm(feat_sp, feat_cp8)

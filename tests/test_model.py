@@ -127,6 +127,39 @@ def test_v1_train_mode_forward_backward_matches_public():
         torch.testing.assert_close(b, their_bufs[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_training_under_autocast_casts_the_image_once(backend):
+    """Both 7x7 stems read the image: under autocast it is cast once (and one copy is saved for backward);
+    on the reference backend with exactly the outputs autocast gives the public model."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    image_casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            src = args[0] if args else None
+            if func.overloadpacket.__name__ == "_to_copy" and getattr(src, "shape", None) == x.shape:
+                image_casts.append((src.dtype, (kwargs or {}).get("dtype")))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    public = PublicBiSeNetV1(5, "train")
+    randomize_(public)
+    model = BiSeNet(5, "train", backend=backend)
+    model.load_state_dict(public.state_dict())
+    x = torch.randn(2, 3, 64, 96)
+    with torch.autocast("cpu", dtype=torch.float16):
+        ref = public(x)
+        with Casts():
+            out = model(x)
+    assert image_casts == [(torch.float32, torch.float16)]
+    if backend == "torch":  # the same casts as autocast's own, once: the same outputs, bit for bit
+        for o, r in zip(out, ref, strict=True):
+            torch.testing.assert_close(o, r, rtol=0, atol=0)
+    else:  # fp16 kernels at batch 2 in train mode: values are the fused parity tests' business
+        assert all(o.dtype == torch.float16 and torch.isfinite(o).all() for o in out)
+
+
 def test_face_parsing_matches_public_implementation():
     public, ours = _loaded_pair(PublicBiSeNetFace(19), BiSeNet(19, preset="face-parsing", backend="torch"))
     x = torch.randn(1, 3, 96, 64)
