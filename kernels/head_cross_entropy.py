@@ -37,17 +37,14 @@ import torch
 import triton
 import triton.language as tl
 
-from . import INTERPRET
 from .attend_add_upsample import BILINEAR, _window_weight, dim_params
 from .channel_attention import configs
 from .cross_entropy import ce_grad, ce_loss
-from .head_upsample import _cls_block, full_res_configs, interp_logits, reduce_h
+from .head_upsample import DOT_PRECISION, _cls_block, full_res_configs, interp_logits, reduce_h
 
 MAX_CLASSES: int = 32
 """Classes of one 32-wide class block: the tiles bench/compile_audit.py checked for sm_90 (no spills); the
 ops run the unfused head logits + cross-entropy kernels above it (e.g. ADE20K's 150 classes)."""
-DOT_PRECISION: str = "ieee" if INTERPRET else "tf32x3"
-"""``tl.dot`` precision of the bilinear-transpose matmul: three tf32 products (fp32-accurate) on a GPU."""
 
 
 @triton.autotune(configs=full_res_configs(), key=["NCLS", "OH", "OW"])

@@ -62,6 +62,11 @@ from . import INTERPRET
 from .attend_add_upsample import BILINEAR, _window_weight, dim_params, src_index
 from .channel_attention import configs, finish_partials, map_strides, split_plan
 
+DOT_PRECISION: str = "ieee" if INTERPRET else "tf32x3"
+"""``tl.dot`` precision of the heads' fp32 matmuls (the 1x1 classifier and its gradients, the bilinear
+transpose of the fused CE): three tf32 tensor-core products, fp32-accurate, on a GPU (an ``ieee`` fp32
+dot is an FMA loop on the CUDA cores: ~4x the memory floor of the classifier at 8x1024x1024)."""
+
 
 def _cls_block(n_classes: int) -> int:
     return max(16, triton.next_power_of_2(n_classes))
@@ -90,6 +95,7 @@ def _head_conv1x1_kernel(
     sx_n, sx_c, sx_p,  # feature strides (sample, channel, flat pixel)
     sw_o, sw_i,  # weight strides (class, channel)
     HAS_BIAS: tl.constexpr,  # add the bias
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (DOT_PRECISION)
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_K: tl.constexpr,  # channels per reduction step
     BLOCK_CLS: tl.constexpr,  # >= NCLS, power of two, >= 16
@@ -107,7 +113,7 @@ def _head_conv1x1_kernel(
         x = tl.load(xb + offs_k[None, :] * sx_c, mask=pmask[:, None] & kmask[None, :], other=0.0)
         wt = tl.load(w_ptr + offs_k[:, None] * sw_i + offs_o[None, :] * sw_o, mask=kmask[:, None] & omask[None, :],
                      other=0.0)
-        acc += tl.dot(x.to(tl.float32), wt.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(x.to(tl.float32), wt.to(tl.float32), input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)[None, :]
     # classes >= NCLS hold 0 (weight and bias loads masked): whole rows are stored, unmasked along classes
@@ -321,6 +327,7 @@ def _head_dx_kernel(
     NCLS,  # classes
     sw_o, sw_i,  # weight strides (class, channel)
     sd_n, sd_c, sd_p,  # dx strides (sample, channel, flat pixel)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (DOT_PRECISION)
     BLOCK_P: tl.constexpr,  # pixels per program
     BLOCK_K: tl.constexpr,  # channels per program
     BLOCK_CLS: tl.constexpr,  # >= NCLS, power of two, >= 16
@@ -336,20 +343,21 @@ def _head_dx_kernel(
                  mask=pmask[:, None] & omask[None, :], other=0.0)
     w = tl.load(w_ptr + offs_o[:, None] * sw_o + offs_k[None, :] * sw_i, mask=omask[:, None] & kmask[None, :],
                 other=0.0).to(tl.float32)
-    dx = tl.dot(dz, w, input_precision="ieee")
+    dx = tl.dot(dz, w, input_precision=DOT_PRECISION)
     dx_off = n.to(tl.int64) * sd_n + offs_p.to(tl.int64)[:, None] * sd_p + offs_k.to(tl.int64)[None, :] * sd_c
     tl.store(dx_ptr + dx_off, dx.to(dx_ptr.dtype.element_ty), mask=pmask[:, None] & kmask[None, :])
 
 
-# Short pixel steps: the fp32 ``ieee`` dot is an FMA loop over register tiles, and with bf16/fp16
-# features (converted to fp32 in registers) BLOCK_P >= 64 spilled 0.2-1.8 KB per thread for sm_90
-# (bench/compile_audit.py); these three compile without spills for every feature dtype.
+# Pixel steps: as an ``ieee`` fp32 dot (an FMA loop over register tiles) BLOCK_P >= 64 spilled 0.2-1.8 KB
+# per thread for sm_90 with bf16/fp16 features (bench/compile_audit.py), hence the short steps; the
+# tf32x3 tensor-core dot keeps its accumulator in MMA fragments, so longer steps are offered too.
 @triton.autotune(
     configs=configs(
         [
             triton.Config({"BLOCK_P": 16, "BLOCK_K": 64}, num_warps=4),
             triton.Config({"BLOCK_P": 32, "BLOCK_K": 32}, num_warps=4),
             triton.Config({"BLOCK_P": 32, "BLOCK_K": 64}, num_warps=4),
+            triton.Config({"BLOCK_P": 64, "BLOCK_K": 64}, num_warps=4),
         ],
         triton.Config({"BLOCK_P": 128, "BLOCK_K": 64}, num_warps=4),
     ),
@@ -369,6 +377,7 @@ def _head_dw_kernel(
     SPLIT,  # chunks per sample
     sx_n, sx_c, sx_p,  # feature strides
     HAS_BIAS: tl.constexpr,  # also reduce the bias gradient (channel-block 0 only)
+    DOT_PRECISION: tl.constexpr,  # tl.dot input precision (DOT_PRECISION)
     BLOCK_P: tl.constexpr,  # pixels per reduction step
     BLOCK_K: tl.constexpr,  # channels per program
     BLOCK_CLS: tl.constexpr,  # >= NCLS, power of two, >= 16
@@ -391,7 +400,7 @@ def _head_dw_kernel(
         dzt = tl.load(dz_ptr + (n * HW + offs_p).to(tl.int64)[None, :] * NCLS + offs_o[:, None],
                       mask=omask[:, None] & pmask[None, :], other=0.0)
         x = tl.load(xb + offs_p.to(tl.int64)[:, None] * sx_p, mask=pmask[:, None] & kmask[None, :], other=0.0)
-        acc += tl.dot(dzt, x.to(tl.float32), input_precision="ieee")
+        acc += tl.dot(dzt, x.to(tl.float32), input_precision=DOT_PRECISION)
         if HAS_BIAS:
             accb += tl.sum(dzt, axis=1)
     row = s * N + n
@@ -411,7 +420,8 @@ def head_conv1x1(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), n)
     _head_conv1x1_kernel[grid](
         x, weight, bias if bias is not None else weight, z, h * w, k, ncls, sx_n, sx_c, sx_p,
-        weight.stride(0), weight.stride(1), HAS_BIAS=bias is not None, BLOCK_CLS=_cls_block(ncls),
+        weight.stride(0), weight.stride(1), HAS_BIAS=bias is not None, DOT_PRECISION=DOT_PRECISION,
+        BLOCK_CLS=_cls_block(ncls),
     )
     return z
 
@@ -510,13 +520,13 @@ def head_conv1x1_bwd(
     block_cls = _cls_block(ncls)
     grid = lambda meta: (triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(k, meta["BLOCK_K"]), n)
     _head_dx_kernel[grid](dz, weight, dx, h * w, k, ncls, weight.stride(0), weight.stride(1), sd_n, sd_c, sd_p,
-                          BLOCK_CLS=block_cls)
+                          DOT_PRECISION=DOT_PRECISION, BLOCK_CLS=block_cls)
     split, chunk = split_plan(n, h * w, k, x.device)
     pw = torch.empty((split * n, ncls, k), device=x.device, dtype=torch.float32)
     pb = torch.empty((split * n, ncls), device=x.device, dtype=torch.float32) if has_bias else pw
     grid = lambda meta: (n * split, triton.cdiv(k, meta["BLOCK_K"]))
     _head_dw_kernel[grid](dz, x, pw, pb, n, h * w, k, ncls, chunk, split, sx_n, sx_c, sx_p,
-                          HAS_BIAS=has_bias, BLOCK_CLS=block_cls)
+                          HAS_BIAS=has_bias, DOT_PRECISION=DOT_PRECISION, BLOCK_CLS=block_cls)
     dw = finish_partials(pw, weight.dtype)
     db = finish_partials(pb, bias_dtype) if has_bias else None
     return dx, dw, db
