@@ -807,8 +807,8 @@ def conv_bn_fwd(
 
 PARTIALS_CHUNK: int = 4 if INTERPRET else 256
 """Most slots a finishing program reads, and per program of :func:`partials_reduce_kernel` (small under
-the interpreter, so tests reach several levels)."""
-_PARTIALS_BLOCK_T: int = 4 if INTERPRET else 64
+the interpreter, so tests reach several levels, each program merging two loop steps)."""
+_PARTIALS_BLOCK_T: int = 2 if INTERPRET else 64
 
 
 def _partials_chunk(n_part: int, c_blocks: int, device: torch.device) -> int:

@@ -470,6 +470,24 @@ def test_eval_fold_optional_affine(params: str, bias: bool, device: str) -> None
     check(invstd, (rv.double() + eps).rsqrt(), torch.float32, "invstd")
 
 
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("params", ["gamma_only", "beta_only"])
+def test_half_affine_backward(params: str, train: bool, device: str) -> None:
+    """A BN with only one of weight/bias (the other set to None): its gradient, train and eval, as the reference's."""
+    conv = nn.Conv2d(5, 6, 3, 1, 1, bias=False).to(device)
+    bn = nn.BatchNorm2d(6).to(device).train(train)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    kept = "weight" if params == "gamma_only" else "bias"
+    setattr(bn, "bias" if kept == "weight" else "weight", None)
+    _, bn64 = _check_fwd_bwd(conv, bn, device)
+    got, ref = getattr(bn, kept).grad, getattr(bn64, kept).grad
+    check(got, ref, torch.float32, f"d{kept}")
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_eval_affine_backward(affine: bool, device: str) -> None:
     """Eval mode with a conv bias, affine BN or not (gamma/beta absent in the kernel), with grads."""

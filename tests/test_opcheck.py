@@ -157,6 +157,11 @@ def conv_backward_cases():
              None, [True, False, True, False, True, True, False],
              torch.randn_like(sums) if batch_stats else torch.randn(sums.shape[1:]).expand(sums.shape)),
         ))
+        cases.append((  # a BN with a bias but no weight: dbeta (fp32, (C,)) with bn_weight None
+            f"conv_bn_act_backward-bias-only-bn-{'train' if batch_stats else 'eval'}", ops.conv_bn_act_backward.default,
+            (torch.randn_like(out), x, None, w, None, None, out, y, mean, invstd, [1, 1], [1, 1], True, batch_stats,
+             None, [True, False, True, False, False, True, False]),
+        ))
     return cases
 
 

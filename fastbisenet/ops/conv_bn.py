@@ -275,7 +275,8 @@ def backward(
         a_coef, c_coef = torch.ones(C, **f32), torch.zeros(C, **f32)
     else:
         # the two reductions (one pass) and, in one small kernel, the coefficients and dgamma/dbeta
-        param_dtype = bn_weight.dtype if bn_weight is not None else None
+        # dgamma/dbeta in the BN weight's dtype (a bias-only BN: fp32, which autograd casts to the bias's)
+        param_dtype = bn_weight.dtype if bn_weight is not None else torch.float32
         part = None
         if batch_stats or need_gamma or need_beta:
             if not batch_stats and need_gamma and y is None:  # eval: y (for xhat) recomputed for dgamma only
@@ -470,7 +471,9 @@ def _(grad_out, x, x2, weight, bias, bn_weight, out, y, mean, invstd, stride, pa
     like = (x, x2, weight, bias, bn_weight, bn_weight, grad_out)
     grads = []
     for i, need in enumerate(list(needs) + [False] * (7 - len(needs))):
-        if not need or like[i] is None:
+        if i in (4, 5) and need and has_bn:  # dgamma/dbeta: (C_out,) in the BN weight's dtype, else fp32
+            grads.append(x.new_empty(weight.shape[0], dtype=torch.float32 if bn_weight is None else bn_weight.dtype))
+        elif not need or like[i] is None:
             grads.append(x.new_empty(0))
         else:
             dtype = residual_dtype if i == 6 else like[i].dtype
