@@ -40,6 +40,8 @@ def _autocast_input(x: Tensor) -> Tensor:
     """``x`` in the autocast dtype of its device when autocast is on there (what each conv would cast it
     to; autocast leaves float64 alone), else ``x``."""
     device_type = x.device.type
+    if not torch.amp.is_autocast_available(device_type):  # e.g. "meta" (cost tracing): nothing to cast
+        return x
     if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
         return x.to(torch.get_autocast_dtype(device_type))
     return x
