@@ -242,6 +242,20 @@ def test_bn_attention_falls_back_for_biased_conv(device):
     torch.testing.assert_close(CA.bn_attention(feat, conv, bn), R.bn_attention(feat, conv, bn))
 
 
+@pytest.mark.parametrize("missing", ["weight", "bias"])
+def test_bn_attention_with_half_affine_bn(missing, device):
+    """A BN with only a weight or only a bias (the other set to None) is honoured (the reference op runs)."""
+    conv = nn.Conv2d(8, 6, 1, bias=False).to(device)
+    bn = nn.BatchNorm2d(6).to(device).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1.0, 1.0)
+        bn.running_mean.uniform_(-1, 1)
+    setattr(bn, missing, None)
+    feat = torch.randn(2, 8, 4, 4, device=device)
+    torch.testing.assert_close(CA.bn_attention(feat, conv, bn), R.bn_attention(feat, conv, bn))
+
+
 # ------------------------------------------------------------------------------- mlp_attention
 
 

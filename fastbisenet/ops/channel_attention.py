@@ -421,7 +421,9 @@ def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pooled: T
     training (or without running statistics), running statistics otherwise; in training the running
     statistics and ``num_batches_tracked`` are updated (``momentum=None``: cumulative average).
     """
-    if not is_plain_1x1(conv) or not _widths_chain(feat, conv) or bn.num_features != conv.out_channels:
+    half_affine = (bn.weight is None) != (bn.bias is None)  # the kernel takes both or neither
+    if (not is_plain_1x1(conv) or not _widths_chain(feat, conv) or bn.num_features != conv.out_channels
+            or half_affine):
         return reference.bn_attention(feat, conv, bn)  # also raises PyTorch's own error for mismatched widths
     sums = _pooled_sums(feat, pooled)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
