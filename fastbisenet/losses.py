@@ -61,15 +61,24 @@ class OhemCELoss(nn.Module):
 
     def _ohem(self, pixel_loss: Tensor, n_valid: int) -> Tensor:
         """The hard-pixel mean of ``pixel_loss`` given its ``n_valid`` labelled pixels."""
-        loss = pixel_loss.flatten()
+        return self._ohem_heads([pixel_loss], n_valid)[0]
+
+    def _ohem_heads(self, pixel_losses: Sequence[Tensor], n_valid: int) -> list[Tensor]:
+        """:meth:`_ohem` of each head, with one host sync for all of them (the hard-pixel counts) and no
+        boolean indexing (each would sync again to size its result)."""
         n_min = n_valid // self.min_kept_div
-        hard = loss[loss > self.loss_thresh]
-        if hard.numel() < n_min:
-            # ignored pixels have loss 0: never above a valid one; unsorted: the mean needs no order
-            hard = loss.topk(n_min, sorted=False).values
-        if hard.numel() == 0:
-            return loss.sum() * 0.0
-        return hard.mean()
+        flat = [p.flatten() for p in pixel_losses]
+        hard = [f > self.loss_thresh for f in flat]
+        counts = torch.stack([h.sum() for h in hard]).tolist()  # the one sync
+        means = []
+        for f, h, count in zip(flat, hard, counts, strict=True):
+            if count < n_min:  # ignored pixels have loss 0: never above a valid one; unsorted: no order needed
+                means.append(f.topk(n_min, sorted=False).values.mean())
+            elif count == 0:
+                means.append(f.sum() * 0.0)
+            else:
+                means.append(torch.where(h, f, 0.0).sum() / count)
+        return means
 
 
 def total_loss(outputs: Sequence[Tensor], labels: Tensor, criterion: nn.Module) -> Tensor:
@@ -83,7 +92,7 @@ def total_pixel_loss(pixel_losses: Sequence[Tensor], labels: Tensor, criterion: 
     for o in pixel_losses:
         _check_shapes(o, labels)
     n_valid = criterion._count_valid(labels, n_classes)
-    return torch.stack([criterion._ohem(o, n_valid) for o in pixel_losses]).sum()
+    return torch.stack(criterion._ohem_heads(pixel_losses, n_valid)).sum()
 
 
 def _check_shapes(pixel_loss: Tensor, labels: Tensor) -> None:

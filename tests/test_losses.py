@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from fastbisenet.losses import OhemCELoss, total_loss
+from fastbisenet.losses import OhemCELoss, total_loss, total_pixel_loss
 
 
 def ohem_direct(logits: torch.Tensor, labels: torch.Tensor, thresh: float = 0.7, ignore: int = 255):
@@ -93,3 +93,39 @@ def test_total_loss_sums_outputs_and_checks_shapes():
         crit(outs[0], labels[:, :3])
     with pytest.raises(ValueError, match="thresh"):
         OhemCELoss(thresh=1.5)
+
+
+def test_total_pixel_loss_one_sync_per_step_and_each_branch():
+    """Three heads taking the three branches (threshold, n_min, nothing valid is impossible per head, so
+    an all-easy head) give the sum of the per-head definitions and their gradients, with no boolean
+    indexing (a host sync each) and one scalar read for all heads' counts beside the label check's."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    torch.manual_seed(6)
+    labels = torch.randint(0, 4, (2, 8, 8))
+    labels[0, 0] = 255
+    hard = (torch.rand(2, 8, 8) * 3).requires_grad_()  # most pixels above -log(0.7)
+    easy = (torch.rand(2, 8, 8) * 0.1).requires_grad_()  # none above: the n_min largest
+    mixed = torch.where(torch.rand(2, 8, 8) < 0.3, 2.0, 0.05).requires_grad_()
+    for t in (hard, easy, mixed):
+        t.data[labels == 255] = 0.0
+    crit = OhemCELoss()
+    ops: list[str] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        got = total_pixel_loss([hard, easy, mixed], labels, crit, 4)
+    assert not {"nonzero", "masked_select", "index"} & set(ops), ops
+    assert ops.count("_local_scalar_dense") <= 2 + 3  # the label check's two counts, the heads' three
+    want = sum(crit.reduce(t, labels, 4) for t in (hard, easy, mixed))
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    g = torch.autograd.grad(got, (hard, easy, mixed))
+    g_want = torch.autograd.grad(want, (hard, easy, mixed))
+    for a, b in zip(g, g_want, strict=True):
+        torch.testing.assert_close(a, b)
+    n_min = int((labels != 255).sum()) // 16
+    assert int((g[1] != 0).sum()) == n_min  # the easy head: exactly the n_min largest
