@@ -139,8 +139,7 @@ def test_bisenet_train_step_side_ops(count, device: str) -> None:
     print(f"\ntrain forward work ops: {sum(fwd.values())} {fwd}; launches {sum(fwd_launches.values())} "
           f"{fwd_launches}\nbackward work ops: {sum(bwd.values())} {bwd}; launches {sum(bwd_launches.values())} "
           f"{bwd_launches}")
-    n_conv = sum(isinstance(m, nn.BatchNorm2d) for name, m in model.named_modules()
-                 if not name.endswith(("bn_atten", "ffm.bn")))
+    n_conv = _n_conv_bn(model)
     assert fwd_launches["conv_bn_fwd_kernel"] == fwd_launches["bn_stats_kernel"] == n_conv
     assert bwd_launches["bn_bwd_coef_kernel"] == bwd_launches["bn_act_bwd_kernel"] == n_conv
     # forward: one weight packing per conv, and the three attention BNs' num_batches_tracked counts
