@@ -62,7 +62,7 @@ E2E_CASES: tuple[tuple[str, tuple[int, ...]], ...] = (
 
 OP_FAMILIES: dict[str, tuple[str, ...]] = {
     "conv_bn": ("conv_bn_act", "concat_conv_bn_act", "conv_bn_act_pair"),
-    "attention": ("mean_hw", "bn_attention", "mlp_attention", "attend_residual"),
+    "attention": ("mean_hw", "bn_attention", "global_context", "mlp_attention", "attend_residual"),
     "upsample": ("attend_add_upsample",),
     "head": ("head_logits", "head_argmax", "head_cross_entropy"),
     "pool": ("max_pool2d",),

@@ -157,6 +157,10 @@ class ContextPath(nn.Module):
     ``feat_cp16 = conv_head32(...)``; ``feat16_sum = arm16(feat16) + feat_cp16``, resized to feat8's
     size, ``feat_cp8 = conv_head16(...)``. Resizing is by target size (nearest by default), which is
     the public model's 2x upsampling whenever the sizes divide.
+
+    ``conv_avg`` (CBR 1x1 on the pooled vector) runs as the op ``global_context``, through its parts
+    (forward hooks on ``conv_avg`` do not fire): the fused backend does pool + 1x1 + BN + ReLU in one
+    small kernel after the pixel sums.
     """
 
     backend: str = "auto"
@@ -178,7 +182,7 @@ class ContextPath(nn.Module):
         """``stem``: the backbone's stem conv + BN + ReLU of ``x`` when the caller has computed it already."""
         feat8, feat16, feat32 = self.resnet(x, stem=stem)
         op = ops.impl(self.backend, x)
-        avg = self.conv_avg(op.mean_hw(feat32))
+        avg = op.global_context(feat32, self.conv_avg.conv, self.conv_avg.bn)
         arm32, a32 = self.arm32(feat32)
         up32 = op.attend_add_upsample(arm32, a32, avg, feat16.shape[-2:], self.mode, self.align_corners)
         feat_cp16 = self.conv_head32(up32)

@@ -69,6 +69,13 @@ def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pooled: T
     return torch.sigmoid(bn(conv(mean_hw(feat))))
 
 
+def global_context(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pooled: Tensor | None = None) -> Tensor:
+    """``relu(bn(conv(mean_hw(feat))))``: the context path's global-context vector (its ``conv_avg``),
+    shape (N, C, 1, 1). ``pooled`` is ignored, as in :func:`bn_attention`.
+    """
+    return conv_bn_act(mean_hw(feat), conv, bn)
+
+
 def mlp_attention(feat: Tensor, conv1: nn.Conv2d, conv2: nn.Conv2d, *, pooled: Tensor | None = None) -> Tensor:
     """``sigmoid(conv2(relu(conv1(mean_hw(feat)))))``: face-parsing FFM attention, shape (N, C, 1, 1).
 

@@ -1,4 +1,4 @@
-"""Channel attention: parallel pixel sums, the tiny 1x1(+BN)+sigmoid / MLP attention kernels, and broadcasts.
+"""Channel attention: parallel pixel sums, the tiny 1x1(+BN)+sigmoid|ReLU / MLP attention kernels, and broadcasts.
 
 The attention ops read the feature map only through its fp32 partial pixel sums ``(SPLIT, N, C)``:
 chunk ``s`` of sample ``n`` sums the flat pixels ``p = h * W + w`` in ``[s * CHUNK, (s + 1) * CHUNK)``
@@ -12,7 +12,8 @@ every result here is deterministic.
 2. one small kernel per attention kind finishes the mean (``sums.sum(0) / HW``, vectorised over
    ``BLOCK_S`` partials at a time, so thousands of partials from a conv epilogue cost a few loop
    trips), then does the per-sample matvec(s), BN (batch or running statistics, running update in
-   place) and the sigmoid.
+   place) and the sigmoid; with ``RELU`` the BN kernel ends in a ReLU instead: the context path's
+   global-context vector ``relu(BN(1x1(mean)))`` is the same computation.
 
 The backward kernels work on (N, C)-sized vectors except :func:`broadcast_hw`, which writes a
 per-chunk vector over the map in the map's own layout: ``g[p // CHUNK, n, c]`` gathered through a
@@ -351,6 +352,7 @@ def _bn_attention_fwd_kernel(
     UPDATE: tl.constexpr,  # update running_mean / running_var in place
     CUMULATIVE: tl.constexpr,  # momentum=None: factor 1 / num_batches_tracked, read on the device (no sync)
     AFFINE: tl.constexpr,  # BN has weight and bias
+    RELU: tl.constexpr,  # output relu(z) (the global-context vector) instead of sigmoid(z) (attention)
     BLOCK_N: tl.constexpr,  # >= N, power of two
     BLOCK_O: tl.constexpr,  # output channels per program
     BLOCK_I: tl.constexpr,  # input channels per loop step
@@ -391,7 +393,10 @@ def _bn_attention_fwd_kernel(
         g = tl.load(gamma_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
         b = tl.load(beta_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
         z = z * g[None, :] + b[None, :]
-    a = tl.sigmoid(z)
+    if RELU:
+        a = tl.maximum(z, 0.0)
+    else:
+        a = tl.sigmoid(z)
     tl.store(a_ptr + offs_n[:, None] * C_OUT + offs_o[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
 
 
@@ -413,6 +418,7 @@ def _bn_attention_bwd_kernel(
     C_OUT,  # output channels
     BATCH_STATS: tl.constexpr,  # forward normalised with batch statistics
     AFFINE: tl.constexpr,  # BN has weight and bias
+    RELU: tl.constexpr,  # the forward output relu(z), else sigmoid(z)
     BLOCK_N: tl.constexpr,  # >= N, power of two
     BLOCK_O: tl.constexpr,  # output channels per program
     BLOCK_I: tl.constexpr,  # input channels per loop step
@@ -435,8 +441,11 @@ def _bn_attention_bwd_kernel(
         z = xhat * g[None, :] + b[None, :]
     else:
         z = xhat
-    s = tl.sigmoid(z)
-    dz = tl.where(mask, da * s * (1.0 - s), 0.0)
+    if RELU:
+        dz = tl.where(mask & (z > 0.0), da, 0.0)
+    else:
+        s = tl.sigmoid(z)
+        dz = tl.where(mask, da * s * (1.0 - s), 0.0)
     if AFFINE:
         tl.store(dgamma_ptr + offs_o, tl.sum(dz * xhat, axis=0).to(dgamma_ptr.dtype.element_ty), mask=omask)
         tl.store(dbeta_ptr + offs_o, tl.sum(dz, axis=0).to(dbeta_ptr.dtype.element_ty), mask=omask)
@@ -527,9 +536,11 @@ def bn_attention_fwd(
     eps: float,
     out_dtype: torch.dtype,
     num_batches_tracked: torch.Tensor | None = None,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, ...]:
     """Launch the BN-attention forward on fp32 contiguous pixel sums ``part`` (SPLIT, N, C_IN) of maps of
-    ``hw`` pixels; returns ``(a (N, C_OUT), y, mean, smean, sinvstd)``.
+    ``hw`` pixels; returns ``(a (N, C_OUT), y, mean, smean, sinvstd)``: ``a = sigmoid(z)``, or ``relu(z)``
+    with ``relu`` (the context path's global-context vector), ``z = BN(W @ mean)``.
 
     ``momentum=None`` with ``update``: cumulative average, factor ``1 / num_batches_tracked`` read on the
     device (the caller has already counted this call), so no host sync."""
@@ -553,7 +564,7 @@ def bn_attention_fwd(
         num_batches_tracked if cumulative else dummy,
         a, y, mean, smean, sinvstd, n, c_in, c_out, split, 1.0 / hw, eps, float(momentum or 0.0),
         weight.stride(0), weight.stride(1),
-        BATCH_STATS=batch_stats, UPDATE=update, CUMULATIVE=cumulative, AFFINE=gamma is not None,
+        BATCH_STATS=batch_stats, UPDATE=update, CUMULATIVE=cumulative, AFFINE=gamma is not None, RELU=relu,
         BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_I=block_i, BLOCK_S=split_block(split, block_n, block_i),
     )
     return a, y, mean, smean, sinvstd
@@ -569,8 +580,10 @@ def bn_attention_bwd(
     gamma: torch.Tensor | None,
     beta: torch.Tensor | None,
     batch_stats: bool,
+    relu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the BN-attention backward; returns ``(dmean fp32 (N, C_IN), dW (C_OUT, C_IN), dgamma, dbeta)``."""
+    """Launch the BN-attention backward (``relu`` as in the forward); returns ``(dmean fp32 (N, C_IN),
+    dW (C_OUT, C_IN), dgamma, dbeta)``."""
     n, c_out = y.shape
     c_in = mean.shape[1]
     dev = y.device
@@ -582,7 +595,7 @@ def bn_attention_bwd(
     _bn_attention_bwd_kernel[(triton.cdiv(c_out, block_o),)](
         da, y, mean, smean, sinvstd, gamma if gamma is not None else smean, beta if beta is not None else smean,
         dy, dw, dgamma if dgamma is not None else smean, dbeta if dbeta is not None else smean,
-        n, c_in, c_out, BATCH_STATS=batch_stats, AFFINE=gamma is not None,
+        n, c_in, c_out, BATCH_STATS=batch_stats, AFFINE=gamma is not None, RELU=relu,
         BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_I=block_i,
     )
     dmean = vecmat(dy, weight, weight.stride(0), weight.stride(1), c_in)

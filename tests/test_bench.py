@@ -175,7 +175,7 @@ def test_feed_benchmark_reports_exact_samples(tmp_path: Path) -> None:
 def test_traced_ops_cover_the_model_and_add_up() -> None:
     shape = (1, 3, 1024, 2048)
     cases = fb.trace_ops(shape, aux_mode="eval")
-    assert {c.op for c in cases} >= {"conv_bn_act", "concat_conv_bn_act", "mean_hw", "bn_attention",
+    assert {c.op for c in cases} >= {"conv_bn_act", "concat_conv_bn_act", "global_context", "bn_attention",
                                      "attend_add_upsample", "attend_residual", "head_logits"}
     flops = sum(c.calls * fb.op_cost(c, torch.bfloat16, backward=False)[0] for c in cases)
     model_flops, model_bytes = fb.model_cost(shape, torch.bfloat16, aux_mode="eval")
@@ -184,8 +184,9 @@ def test_traced_ops_cover_the_model_and_add_up() -> None:
     assert model_bytes > 13_000_000 * 2  # at least the bf16 parameters
     pred = fb.trace_ops(shape, aux_mode="pred")
     assert [c for c in pred if c.op == "head_argmax"]
-    # resnet (without its stem) + cp + sp (without its stem) + head; the two stems are one pair call
-    assert sum(c.calls for c in cases if c.op == "conv_bn_act") == 19 + 1 + 2 + 4 + 1 + 1
+    # resnet (without its stem) + cp (ARMs, heads 32/16; conv_avg is global_context) + sp (without its stem)
+    # + head; the two stems are one pair call
+    assert sum(c.calls for c in cases if c.op == "conv_bn_act") == 19 + 4 + 3 + 1
     assert sum(c.calls for c in cases if c.op == "conv_bn_act_pair") == 1
     labels = {c.label for c in cases}
     assert "7x7s2 3->64+64 @1x3x1024x2048" in labels
@@ -630,7 +631,7 @@ def test_floor_budget_accounts_for_the_whole_forward(monkeypatch) -> None:
     rows = floor_budget.budget(shape)
     ops = {r.op for r in rows}
     assert {"conv_bn_act", "conv_bn_act_pair", "concat_conv_bn_act", "max_pool2d", "bn_attention",
-            "attend_add_upsample", "attend_residual", "head_argmax", "mean_hw"} == ops
+            "attend_add_upsample", "attend_residual", "head_argmax", "global_context"} == ops
     conv = next(r for r in rows if r.op == "conv_bn_act")
     assert conv.floor_us(1.0, 1.0) == pytest.approx(conv.calls * max(conv.flops / 1e12, conv.nbytes / 1e9) * 1e6)
     text = floor_budget.render(rows, shape=shape, dtype=torch.bfloat16, aux_mode="pred", tflops=790, gbps=4800)

@@ -1,4 +1,8 @@
-"""Triton channel attention (``mean_hw``, ``pixel_sums``, ``bn_attention``, ``mlp_attention``) against float64 torch.
+"""Triton channel attention (``mean_hw``, ``pixel_sums``, ``bn_attention``, ``global_context``, ``mlp_attention``)
+against float64 torch.
+
+``global_context`` is ``bn_attention``'s kernel ending in a ReLU instead of the sigmoid: every BN-attention
+test below runs for both ops (``BN_OPS``).
 
 The attention ops are checked both on their own (sums from ``pixel_sums``) and fed ``pooled=`` partial
 pixel sums computed by plain torch with arbitrary chunkings, as a fused producer would hand them over.
@@ -159,9 +163,13 @@ def test_broadcast_hw_rejects_sums_of_another_chunking(device):
 # -------------------------------------------------------------------------------- bn_attention
 
 
-def make_bn_attention(c: int, device: str, momentum: float | None = 0.1):
-    conv = nn.Conv2d(c, c, 1, bias=False)
-    bn = nn.BatchNorm2d(c, momentum=momentum)
+BN_OPS = ("bn_attention", "global_context")
+"""The two ops on the BN-attention kernel: sigmoid(BN(1x1(mean))) and relu(BN(1x1(mean)))."""
+
+
+def make_bn_attention(c: int, device: str, momentum: float | None = 0.1, c_out: int | None = None):
+    conv = nn.Conv2d(c, c_out or c, 1, bias=False)
+    bn = nn.BatchNorm2d(c_out or c, momentum=momentum)
     with torch.no_grad():
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.5, 0.5)
@@ -170,15 +178,17 @@ def make_bn_attention(c: int, device: str, momentum: float | None = 0.1):
     return conv.to(device), bn.to(device)
 
 
-def check_bn_attention(feat, conv, bn, conv_r, bn_r, pooled=None):
-    """``bn_attention`` (with ``pooled`` if given), its gradients and running statistics against the float64
-    reference; returns the attention (detached)."""
-    a = CA.bn_attention(feat, conv, bn, pooled=pooled)
+def check_bn_attention(feat, conv, bn, conv_r, bn_r, pooled=None, op="bn_attention"):
+    """``op`` (``bn_attention`` or ``global_context``; with ``pooled`` if given), its gradients and running
+    statistics against the float64 reference; returns the output (detached)."""
+    a = getattr(CA, op)(feat, conv, bn, pooled=pooled)
     g = torch.randn_like(a)
     params = [feat, conv.weight, bn.weight, bn.bias]
     grads = torch.autograd.grad(a, params, g)
     fr = f64(feat)
-    ar = R.bn_attention(fr, conv_r, bn_r)
+    ar = getattr(R, op)(fr, conv_r, bn_r)
+    if op == "global_context":  # the ReLU both cuts and passes (else its gradient mask goes untested)
+        assert (ar == 0).any() and (ar > 0).any()
     grads_r = torch.autograd.grad(ar, [fr, conv_r.weight, bn_r.weight, bn_r.bias], g.double().cpu())
     close(a, ar)
     for got, want in zip(grads, grads_r, strict=True):
@@ -189,61 +199,68 @@ def check_bn_attention(feat, conv, bn, conv_r, bn_r, pooled=None):
     return a.detach()
 
 
-@pytest.mark.parametrize(("n", "c", "momentum", "channels_last"), [
-    (3, 37, 0.1, True), (2, 48, None, False), (5, 19, 0.3, True),
+@pytest.mark.parametrize("op", BN_OPS)
+@pytest.mark.parametrize(("n", "c", "c_out", "momentum", "channels_last"), [
+    (3, 37, 37, 0.1, True), (2, 48, 20, None, False), (5, 19, 33, 0.3, True),
 ])
-def test_bn_attention_train(n, c, momentum, channels_last, device, poison):
-    conv, bn = make_bn_attention(c, device, momentum)
+def test_bn_attention_train(op, n, c, c_out, momentum, channels_last, device, poison):
+    conv, bn = make_bn_attention(c, device, momentum, c_out)
     conv_r, bn_r = copy.deepcopy(conv).cpu().double(), copy.deepcopy(bn).cpu().double()
     for _ in range(2):  # the second call sees updated running stats and num_batches_tracked == 2
         feat = make_map(n, c, 9, 7, channels_last, device)
-        check_bn_attention(feat, conv, bn, conv_r, bn_r)
+        check_bn_attention(feat, conv, bn, conv_r, bn_r, op=op)
     assert bn.num_batches_tracked.item() == 2
 
 
+@pytest.mark.parametrize("op", BN_OPS)
 @pytest.mark.parametrize("n", [1, 3])
-def test_bn_attention_eval_uses_current_running_stats(n, device, poison):
+def test_bn_attention_eval_uses_current_running_stats(op, n, device, poison):
     conv, bn = make_bn_attention(37, device)
     bn.eval()
     conv_r, bn_r = copy.deepcopy(conv).cpu().double(), copy.deepcopy(bn).cpu().double()
     feat = make_map(n, 37, 11, 6, True, device)
-    check_bn_attention(feat, conv, bn, conv_r, bn_r)
+    check_bn_attention(feat, conv, bn, conv_r, bn_r, op=op)
     with torch.no_grad():  # stats changed after the first call must be used by the next one
         for b in (bn, bn_r):
             b.running_mean.add_(0.25)
             b.running_var.mul_(1.5)
-    check_bn_attention(feat, conv, bn, conv_r, bn_r)
+    check_bn_attention(feat, conv, bn, conv_r, bn_r, op=op)
     assert bn.num_batches_tracked.item() == 0
 
 
-def test_bn_attention_train_batch1_raises_like_torch(device):
+@pytest.mark.parametrize("op", BN_OPS)
+def test_bn_attention_train_batch1_raises_like_torch(op, device):
     conv, bn = make_bn_attention(16, device)
     feat = torch.randn(1, 16, 5, 5, device=device)
     with pytest.raises(ValueError, match="Expected more than 1 value per channel when training") as ours:
-        CA.bn_attention(feat, conv, bn)
+        getattr(CA, op)(feat, conv, bn)
     with pytest.raises(ValueError) as theirs:
-        R.bn_attention(feat.cpu(), conv.cpu(), copy.deepcopy(bn).cpu())
+        getattr(R, op)(feat.cpu(), conv.cpu(), copy.deepcopy(bn).cpu())
     assert str(ours.value) == str(theirs.value)
+    assert bn.num_batches_tracked.item() == 0  # nothing counted for a rejected call
 
 
-def test_bn_attention_without_running_stats(device):
+@pytest.mark.parametrize("op", BN_OPS)
+def test_bn_attention_without_running_stats(op, device):
     conv, bn = make_bn_attention(24, device)
     bn = nn.BatchNorm2d(24, track_running_stats=False).to(device).eval()
     feat = make_map(4, 24, 5, 6, False, device)
     conv_r, bn_r = copy.deepcopy(conv).cpu().double(), copy.deepcopy(bn).cpu().double()
-    a = CA.bn_attention(feat, conv, bn)
-    close(a, R.bn_attention(f64(feat), conv_r, bn_r))
+    a = getattr(CA, op)(feat, conv, bn)
+    close(a, getattr(R, op)(f64(feat), conv_r, bn_r))
 
 
-def test_bn_attention_falls_back_for_biased_conv(device):
+@pytest.mark.parametrize("op", BN_OPS)
+def test_bn_attention_falls_back_for_biased_conv(op, device):
     conv = nn.Conv2d(8, 8, 1, bias=True).to(device)
     bn = nn.BatchNorm2d(8).to(device).eval()
     feat = torch.randn(2, 8, 4, 4, device=device)
-    torch.testing.assert_close(CA.bn_attention(feat, conv, bn), R.bn_attention(feat, conv, bn))
+    torch.testing.assert_close(getattr(CA, op)(feat, conv, bn), getattr(R, op)(feat, conv, bn))
 
 
+@pytest.mark.parametrize("op", BN_OPS)
 @pytest.mark.parametrize("missing", ["weight", "bias"])
-def test_bn_attention_with_half_affine_bn(missing, device):
+def test_bn_attention_with_half_affine_bn(op, missing, device):
     """A BN with only a weight or only a bias (the other set to None) is honoured (the reference op runs)."""
     conv = nn.Conv2d(8, 6, 1, bias=False).to(device)
     bn = nn.BatchNorm2d(6).to(device).eval()
@@ -253,7 +270,7 @@ def test_bn_attention_with_half_affine_bn(missing, device):
         bn.running_mean.uniform_(-1, 1)
     setattr(bn, missing, None)
     feat = torch.randn(2, 8, 4, 4, device=device)
-    torch.testing.assert_close(CA.bn_attention(feat, conv, bn), R.bn_attention(feat, conv, bn))
+    torch.testing.assert_close(getattr(CA, op)(feat, conv, bn), getattr(R, op)(feat, conv, bn))
 
 
 # ------------------------------------------------------------------------------- mlp_attention
@@ -291,11 +308,12 @@ def make_mlp(c: int, mid: int, device: str):
     return nn.Conv2d(c, mid, 1, bias=False).to(device), nn.Conv2d(mid, c, 1, bias=False).to(device)
 
 
+@pytest.mark.parametrize("op", BN_OPS)
 @pytest.mark.parametrize("cuts", list(CUTS), ids=list(CUTS))
 @pytest.mark.parametrize(("n", "c", "momentum", "train", "channels_last"), [
     (3, 37, 0.1, True, True), (2, 24, None, True, False), (1, 19, 0.1, False, True),
 ])
-def test_bn_attention_pooled(cuts, n, c, momentum, train, channels_last, device, poison):
+def test_bn_attention_pooled(op, cuts, n, c, momentum, train, channels_last, device, poison):
     """``pooled=`` torch-computed sums of any chunking: same output, gradients (into feat through the torch
     sums, and into the weights) and running statistics as the reference, and as the unpooled op."""
     conv, bn = make_bn_attention(c, device, momentum)
@@ -304,8 +322,8 @@ def test_bn_attention_pooled(cuts, n, c, momentum, train, channels_last, device,
     conv_r, bn_r = copy.deepcopy(conv).cpu().double(), copy.deepcopy(bn).cpu().double()
     for _ in range(2):  # the second call sees updated running stats
         feat = make_map(n, c, H_, W_, channels_last, device)
-        a = check_bn_attention(feat, conv, bn, conv_r, bn_r, pooled=chunk_sums(feat, CUTS[cuts]))
-        close(a, CA.bn_attention(feat, conv_u, bn_u).detach())
+        a = check_bn_attention(feat, conv, bn, conv_r, bn_r, pooled=chunk_sums(feat, CUTS[cuts]), op=op)
+        close(a, getattr(CA, op)(feat, conv_u, bn_u).detach())
         close(bn.running_mean, bn_u.running_mean)
         close(bn.running_var, bn_u.running_var)
         assert bn.num_batches_tracked.item() == bn_u.num_batches_tracked.item()

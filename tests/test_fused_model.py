@@ -91,7 +91,7 @@ class ReluMasks:
 
     @contextlib.contextmanager
     def record(self):
-        """Record ``out > 0`` of every fused conv op with a ReLU, in call order."""
+        """Record ``out > 0`` of every fused conv op with a ReLU (and of ``global_context``), in call order."""
         from fastbisenet.ops import fused as fused_ops
 
         def recording(fn, pair=False):
@@ -105,7 +105,7 @@ class ReluMasks:
             return op
 
         with pytest.MonkeyPatch.context() as mp:
-            for name in ("conv_bn_act", "concat_conv_bn_act", "conv_bn_act_pair"):
+            for name in ("conv_bn_act", "concat_conv_bn_act", "conv_bn_act_pair", "global_context"):
                 mp.setattr(fused_ops, name, recording(getattr(fused_ops, name), pair=name.endswith("pair")))
             yield self
 
@@ -114,7 +114,7 @@ class ReluMasks:
         """Reference conv ops multiply by the recorded masks instead of applying ReLU."""
         from fastbisenet import reference
 
-        real = reference.conv_bn_act  # reference.concat_conv_bn_act and conv_bn_act_pair call it too
+        real = reference.conv_bn_act  # reference.concat_conv_bn_act, conv_bn_act_pair, global_context call it too
         masks = iter(self.masks)
 
         def pinned(x, conv, bn, *, residual=None, relu=True, pool=False):

@@ -89,10 +89,14 @@ def count(monkeypatch):
     return ctx
 
 
+_VECTOR_BNS = ("bn_atten", "ffm.bn", "cp.conv_avg.bn")
+"""BNs on pooled (N, C, 1, 1) vectors, run inside the BN-attention kernel: the ARMs', the FFM's, and the global
+context's (``global_context``)."""
+
+
 def _n_conv_bn(model: nn.Module) -> int:
-    """Conv+BN pairs the eval forward runs as ``conv_bn_act``: every BatchNorm2d except the attention BNs."""
-    return sum(isinstance(m, nn.BatchNorm2d) for name, m in model.named_modules()
-               if not name.endswith(("bn_atten", "ffm.bn")))
+    """Conv+BN pairs the forward runs as ``conv_bn_act``: every BatchNorm2d except :data:`_VECTOR_BNS`."""
+    return sum(isinstance(m, nn.BatchNorm2d) for name, m in model.named_modules() if not name.endswith(_VECTOR_BNS))
 
 
 def test_bisenet_eval_forward_runs_no_side_ops(count, device: str) -> None:
@@ -107,11 +111,14 @@ def test_bisenet_eval_forward_runs_no_side_ops(count, device: str) -> None:
           f"with device work: {sum(work.values())} ({work}); kernel launches: {sum(c.launches.values())} "
           f"({dict(c.launches)}); issued by the interpreter inside launches: {dict(c.launcher_ops)}")
     n_conv = _n_conv_bn(model)
-    assert n_conv == 31
+    assert n_conv == 30
     # one launch per conv+BN(+res)(+ReLU), the two 7x7 stems on the image as one (conv_bn_act_pair), nothing else:
     assert c.launches["conv_bn_fwd_kernel"] == n_conv - 1
     for name in ("bn_stats_kernel", "bn_act_kernel"):
         assert c.launches[name] == 0, name
+    # the two ARMs, the FFM and the global context: one small kernel each on the pooled vectors
+    assert c.launches["_bn_attention_fwd_kernel"] == sum(name.endswith(_VECTOR_BNS) for name, _ in
+                                                         model.named_modules()) == 4
     # the ARMs' and the FFM's spatial means come from their convs' epilogues: the only stand-alone mean is
     # the global context's (the backbone output, which no fused conv of this model pools)
     assert c.launches["_mean_partial_kernel"] == 1
@@ -142,8 +149,9 @@ def test_bisenet_train_step_side_ops(count, device: str) -> None:
     n_conv = _n_conv_bn(model)
     assert fwd_launches["conv_bn_fwd_kernel"] == fwd_launches["bn_stats_kernel"] == n_conv
     assert bwd_launches["bn_bwd_coef_kernel"] == bwd_launches["bn_act_bwd_kernel"] == n_conv
-    # forward: one weight packing per conv, and the three attention BNs' num_batches_tracked counts
-    assert fwd.pop("copy_", 0) <= n_conv and fwd.pop("add_", 0) <= 3, fwd
+    # forward: one weight packing per conv, and the four vector BNs' num_batches_tracked counts
+    assert fwd_launches["_bn_attention_fwd_kernel"] == bwd_launches["_bn_attention_bwd_kernel"] == 4
+    assert fwd.pop("copy_", 0) <= n_conv and fwd.pop("add_", 0) <= 4, fwd
     assert sum(fwd.values()) <= 2, fwd
     # backward: dgrad/wgrad per conv (two for the FFM's concat), the gradient sums autograd makes where a
     # tensor feeds two ops (residuals, attention inputs), the FFM weight gradient's halves and concat,

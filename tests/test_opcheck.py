@@ -74,14 +74,19 @@ def forward_cases():
     sums, hw, f32 = leaf(S, N, C), HW[0] * HW[1], torch.float32
     cases += [
         # (sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats,
-        #  update, momentum, eps)
-        ("bn_attention-train", ops.bn_attention.default, (sums, hw, f32, w, g, b, rm, rv, nbt, True, True, 0.1, 1e-5)),
+        #  update, momentum, eps, relu)
+        ("bn_attention-train", ops.bn_attention.default,
+         (sums, hw, f32, w, g, b, rm, rv, nbt, True, True, 0.1, 1e-5, False)),
         ("bn_attention-train-cumulative", ops.bn_attention.default,
-         (sums, hw, f32, w, g, b, rm, rv, nbt, True, True, None, 1e-5)),
+         (sums, hw, f32, w, g, b, rm, rv, nbt, True, True, None, 1e-5, False)),
         ("bn_attention-eval-one-partial", ops.bn_attention.default,
-         (leaf(1, N, C), hw, f32, w, g, b, rm, rv, nbt, False, False, 0.1, 1e-5)),
+         (leaf(1, N, C), hw, f32, w, g, b, rm, rv, nbt, False, False, 0.1, 1e-5, False)),
         ("bn_attention-no-stats-no-affine", ops.bn_attention.default,
-         (sums, hw, f32, w, None, None, None, None, None, True, False, 0.1, 1e-5)),
+         (sums, hw, f32, w, None, None, None, None, None, True, False, 0.1, 1e-5, False)),
+        ("bn_attention-relu-train", ops.bn_attention.default,  # global_context
+         (sums, hw, f32, w, g, b, rm, rv, nbt, True, True, 0.1, 1e-5, True)),
+        ("bn_attention-relu-eval", ops.bn_attention.default,
+         (sums, hw, f32, w, g, b, rm, rv, nbt, False, False, 0.1, 1e-5, True)),
         ("mlp_attention", ops.mlp_attention.default, (sums, hw, f32, leaf(MID, C, 1, 1), leaf(C, MID, 1, 1))),
         ("attend_add_upsample-vec-nearest", ops.attend_add_upsample.default,
          (x, a, leaf(N, C, 1, 1), [9, 4], "nearest", False)),
@@ -181,11 +186,14 @@ def backward_cases():
          (torch.randn(split, N, C), shape, torch.float32, True)),
         ("pixel_sums_backward-nchw-expanded", ops.pixel_sums_backward.default,
          (torch.randn(N, C).expand(split, N, C), shape, torch.float32, False)),
-        # (grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats) -> [dmean, dweight, (dgamma, dbeta)]
+        # (grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu)
+        #   -> [dmean, dweight, (dgamma, dbeta)]
         ("bn_attention_backward-affine", ops.bn_attention_backward.default,
-         (g_vec, y, mean, smean, sinvstd, w, torch.rand(C), torch.randn(C), True)),
+         (g_vec, y, mean, smean, sinvstd, w, torch.rand(C), torch.randn(C), True, False)),
         ("bn_attention_backward-plain", ops.bn_attention_backward.default,
-         (g_vec, y, mean, smean, sinvstd, w, None, None, False)),
+         (g_vec, y, mean, smean, sinvstd, w, None, None, False, False)),
+        ("bn_attention_backward-relu", ops.bn_attention_backward.default,
+         (g_vec, y, mean, smean, sinvstd, w, torch.rand(C), torch.randn(C), True, True)),
         ("mlp_attention_backward", ops.mlp_attention_backward.default,
          (g_vec, u, z, mean, torch.randn(MID, C, 1, 1), torch.randn(C, MID, 1, 1))),
         ("attend_add_upsample_backward", ops.attend_add_upsample_backward.default,
@@ -245,19 +253,22 @@ def test_every_op_is_checked():
 
 
 class Chain(nn.Module):
-    """A fake ARM + FFM + head chaining every fused op: mean -> BN attention -> upsample -> MLP -> head."""
+    """A fake ARM + FFM + head chaining every fused op: mean + global context -> BN attention -> upsample -> MLP
+    -> head."""
 
     def __init__(self, c: int = C, mid: int = MID, ncls: int = NCLS) -> None:
         super().__init__()
         self.conv = nn.Conv2d(c, c, 1, bias=False)
         self.bn = nn.BatchNorm2d(c, momentum=None)  # cumulative average: reads num_batches_tracked
+        self.conv_gc = nn.Conv2d(c, c, 1, bias=False)
+        self.bn_gc = nn.BatchNorm2d(c)
         self.fc1 = nn.Conv2d(c, mid, 1, bias=False)
         self.fc2 = nn.Conv2d(mid, c, 1, bias=False)
         self.head = nn.Conv2d(c, ncls, 1)
 
     def forward(self, feat: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         size = other.shape[-2:]
-        ctx = CA.mean_hw(feat)
+        ctx = CA.mean_hw(feat) + CA.global_context(feat, self.conv_gc, self.bn_gc)
         a = CA.bn_attention(feat, self.conv, self.bn)
         up = U.attend_add_upsample(feat, a, ctx, size, "bilinear", False)
         up = U.attend_add_upsample(up, a, other, size, "nearest")
@@ -275,7 +286,7 @@ def run_chain(fn, model: Chain, feat: torch.Tensor, other: torch.Tensor, g: torc
     feat, other = feat.detach().requires_grad_(), other.detach().requires_grad_()
     logits, labels = fn(feat, other)
     grads = torch.autograd.grad(logits, [feat, other, *model.parameters()], g)
-    return [logits.detach(), labels, *grads, *(b.clone() for b in model.bn.buffers())]
+    return [logits.detach(), labels, *grads, *(b.clone() for b in [*model.bn.buffers(), *model.bn_gc.buffers()])]
 
 
 def make_inputs():
@@ -325,5 +336,5 @@ def test_custom_op_path_is_identical_to_eager_path(train, monkeypatch):
     asked = []
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: asked.append(1) or True)
     got = run_chain(twin, twin, feat, other, g)
-    assert len(asked) == 10  # every wrapper took the custom-op path (the attention ops' pixel_sums too)
+    assert len(asked) == 12  # every wrapper took the custom-op path (the attention ops' pixel_sums too)
     assert_identical(got, want, "train" if train else "eval")

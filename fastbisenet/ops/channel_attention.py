@@ -1,4 +1,5 @@
-"""Triton channel attention: ``mean_hw``, ``pixel_sums``, ``bn_attention`` (ARM, v1 FFM), ``mlp_attention`` (face FFM).
+"""Triton channel attention: ``mean_hw``, ``pixel_sums``, ``bn_attention`` (ARM, v1 FFM), ``mlp_attention`` (face
+FFM), and ``global_context`` (the context path's ``relu(BN(1x1(mean)))``, the BN-attention kernel ending in a ReLU).
 
 Each op has tensor-level ``*_fwd``/``*_bwd`` functions taking plain tensors and Python scalars, two
 front ends built on them (an ``autograd.Function`` for eager calls and the ``torch.library`` custom
@@ -253,8 +254,10 @@ def bn_attention_fwd(
     update: bool,
     momentum: float | None,
     eps: float,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """``sigmoid(BN(W @ mean))``, mean = ``sums.sum(0) / hw``; returns ``(a (N, C, 1, 1), y, mean, smean, sinvstd)``.
+    """``sigmoid(BN(W @ mean))`` (``relu(...)`` with ``relu``), mean = ``sums.sum(0) / hw``; returns
+    ``(a (N, C, 1, 1), y, mean, smean, sinvstd)``.
 
     ``sums`` are fp32 contiguous partial pixel sums (S, N, C_IN) of a map of ``hw`` pixels; ``a`` is of
     ``dtype`` (the map's). ``batch_stats`` normalises with the batch statistics over N; ``update`` also
@@ -267,7 +270,7 @@ def bn_attention_fwd(
         momentum = 0.0  # nothing cumulative to update (as nn.BatchNorm2d: factor 0 without a counter)
     a, y, mean, smean, sinvstd = K.bn_attention_fwd(
         sums, hw, weight, gamma, beta, running_mean, running_var, batch_stats, update, momentum, eps, dtype,
-        num_batches_tracked,
+        num_batches_tracked, relu,
     )
     return a.view(n, -1, 1, 1), y, mean, smean, sinvstd
 
@@ -282,17 +285,18 @@ def bn_attention_bwd(
     gamma: Tensor | None,
     beta: Tensor | None,
     batch_stats: bool,
+    relu: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
     """Gradients ``(dmean fp32 (N, C_IN), dweight, dgamma, dbeta)`` of :func:`bn_attention_fwd` (see
     :func:`sums_grad` for the sums')."""
     n, c_out = y.shape
     dmean, dw, dgamma, dbeta = K.bn_attention_bwd(
-        grad.reshape(n, c_out).contiguous(), y, mean, smean, sinvstd, weight, gamma, beta, batch_stats
+        grad.reshape(n, c_out).contiguous(), y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu
     )
     return dmean, dw.view(weight.shape), dgamma, dbeta
 
 
-_NO_GRADS_BN = (None,) * 7  # running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps
+_NO_GRADS_BN = (None,) * 8  # running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps, relu
 
 
 class BNAttentionFunction(torch.autograd.Function):
@@ -300,21 +304,22 @@ class BNAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats,
-                update, momentum, eps):
+                update, momentum, eps, relu):
         a, y, mean, smean, sinvstd = bn_attention_fwd(
             sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update,
-            momentum, eps,
+            momentum, eps, relu,
         )
         ctx.save_for_backward(y, mean, smean, sinvstd, weight, gamma, beta)
-        ctx.meta = (batch_stats, sums.shape[0], hw)
+        ctx.meta = (batch_stats, sums.shape[0], hw, relu)
         return a
 
     @staticmethod
     @first_order_only
     def backward(ctx, grad):
         y, mean, smean, sinvstd, weight, gamma, beta = ctx.saved_tensors
-        batch_stats, split, hw = ctx.meta
-        dmean, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats)
+        batch_stats, split, hw, relu = ctx.meta
+        dmean, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats,
+                                                    relu)
         return sums_grad(dmean, split, hw), None, None, dw, dgamma, dbeta, *_NO_GRADS_BN
 
 
@@ -339,12 +344,13 @@ def bn_attention_op(
     update: bool,
     momentum: float | None,
     eps: float,
+    relu: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if update:
         running_mean, running_var = running_mean.clone(), running_var.clone()
     outs = bn_attention_fwd(
         sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update,
-        momentum, eps,
+        momentum, eps, relu,
     )
     if not update:
         running_mean, running_var = outs[3].new_empty(0), outs[3].new_empty(0)
@@ -353,7 +359,7 @@ def bn_attention_op(
 
 @bn_attention_op.register_fake
 def _(sums, hw, dtype, weight, gamma, beta, running_mean, running_var, num_batches_tracked, batch_stats, update,
-      momentum, eps):
+      momentum, eps, relu):
     _, n, c_in = sums.shape
     c_out = weight.shape[0]
     stats = (
@@ -377,14 +383,16 @@ def bn_attention_backward_op(
     gamma: Tensor | None,
     beta: Tensor | None,
     batch_stats: bool,
+    relu: bool,
 ) -> list[Tensor]:
     """``[dmean, dweight]``, plus ``[dgamma, dbeta]`` when BN is affine (a custom op returns no None)."""
-    dmean, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats)
+    dmean, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats,
+                                                relu)
     return [dmean, dw] if dgamma is None else [dmean, dw, dgamma, dbeta]
 
 
 @bn_attention_backward_op.register_fake
-def _(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats):
+def _(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu):
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
     dmean = torch.empty_like(mean, memory_format=torch.contiguous_format)
     return [dmean, dw] if gamma is None else [dmean, dw, torch.empty_like(gamma), torch.empty_like(beta)]
@@ -392,18 +400,18 @@ def _(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats):
 
 def _bn_attention_setup(ctx, inputs, output):
     sums, hw, _, weight, gamma, beta = inputs[:6]
-    batch_stats = inputs[9]
+    batch_stats, relu = inputs[9], inputs[13]
     _, y, mean, smean, sinvstd, new_mean, new_var = output
     ctx.save_for_backward(y, mean, smean, sinvstd, weight, gamma, beta)
     ctx.mark_non_differentiable(y, mean, smean, sinvstd, new_mean, new_var)
-    ctx.meta = (batch_stats, sums.shape[0], hw)
+    ctx.meta = (batch_stats, sums.shape[0], hw, relu)
 
 
 def _bn_attention_backward(ctx, grad, *_):
     y, mean, smean, sinvstd, weight, gamma, beta = ctx.saved_tensors
-    batch_stats, split, hw = ctx.meta
+    batch_stats, split, hw, relu = ctx.meta
     dmean, dw, *affine = torch.ops.fastbisenet.bn_attention_backward(
-        grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats
+        grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu
     )
     dgamma, dbeta = affine or (None, None)
     return sums_grad(dmean, split, hw), None, None, dw, dgamma, dbeta, *_NO_GRADS_BN
@@ -421,10 +429,24 @@ def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pooled: T
     training (or without running statistics), running statistics otherwise; in training the running
     statistics and ``num_batches_tracked`` are updated (``momentum=None``: cumulative average).
     """
+    return _pooled_conv_bn(feat, conv, bn, pooled, relu=False)
+
+
+def global_context(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pooled: Tensor | None = None) -> Tensor:
+    """``relu(bn(conv(mean_hw(feat))))``: the context path's global-context vector (``conv_avg`` of the pooled
+    stride-32 feature), shape (N, C, 1, 1), ``feat.dtype``; one kernel after the pixel sums (the
+    :func:`bn_attention` kernel ending in a ReLU). ``pooled`` and ``bn`` as in :func:`bn_attention`.
+    """
+    return _pooled_conv_bn(feat, conv, bn, pooled, relu=True)
+
+
+def _pooled_conv_bn(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, pooled: Tensor | None, relu: bool) -> Tensor:
+    """:func:`bn_attention` (``relu=False``) or :func:`global_context` (``relu=True``)."""
     half_affine = (bn.weight is None) != (bn.bias is None)  # the kernel takes both or neither
     if (not is_plain_1x1(conv) or not _widths_chain(feat, conv) or bn.num_features != conv.out_channels
             or half_affine):
-        return reference.bn_attention(feat, conv, bn)  # also raises PyTorch's own error for mismatched widths
+        # also raises PyTorch's own error for mismatched widths
+        return (reference.global_context if relu else reference.bn_attention)(feat, conv, bn)
     sums = _pooled_sums(feat, pooled)
     batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     if batch_stats and feat.shape[0] == 1:
@@ -438,7 +460,7 @@ def bn_attention(feat: Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, *, pooled: T
     momentum = None if bn.momentum is None else float(bn.momentum)
     args = (
         sums, feat.shape[2] * feat.shape[3], feat.dtype, conv.weight, bn.weight, bn.bias, bn.running_mean,
-        bn.running_var, bn.num_batches_tracked, batch_stats, update, momentum, float(bn.eps),
+        bn.running_var, bn.num_batches_tracked, batch_stats, update, momentum, float(bn.eps), relu,
     )
     if not torch.compiler.is_compiling():
         return BNAttentionFunction.apply(*args)

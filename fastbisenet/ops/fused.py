@@ -41,6 +41,7 @@ def _sync_bn_uses_reference(fn: Callable) -> Callable:
 conv_bn_act = _sync_bn_uses_reference(conv_bn.conv_bn_act)
 concat_conv_bn_act = _sync_bn_uses_reference(conv_bn.concat_conv_bn_act)
 bn_attention = _sync_bn_uses_reference(channel_attention.bn_attention)
+global_context = _sync_bn_uses_reference(channel_attention.global_context)
 
 
 def conv_bn_act_pair(x: Tensor, a: conv_bn.ConvBN, b: conv_bn.ConvBN) -> tuple[Tensor, Tensor]:
@@ -59,6 +60,7 @@ __all__ = [
     "conv_bn_act",
     "conv_bn_act_pair",
     "cross_entropy",
+    "global_context",
     "head_argmax",
     "head_cross_entropy",
     "head_logits",
