@@ -1,7 +1,9 @@
 """ResNet 18/34/50/101 feature extractors with torchvision's parameter names (no ``fc``).
 
-``forward`` returns the features at strides 8, 16 and 32 (``layer2``, ``layer3``, ``layer4``).
-Every conv + BatchNorm (+ residual) (+ ReLU) goes through :func:`fastbisenet.ops.impl`.
+``forward`` returns the features at strides 8, 16 and 32 (``layer2``, ``layer3``, ``layer4``), and with
+``pool32=True`` also the stride-32 feature's pixel sums, gathered by the last block's fused conv (the
+context path's global context then never re-reads that map). Every conv + BatchNorm (+ residual) (+ ReLU)
+goes through :func:`fastbisenet.ops.impl`.
 """
 
 from __future__ import annotations
@@ -37,11 +39,12 @@ class BasicBlock(_ResidualBlock):
         self.bn2 = nn.BatchNorm2d(out_ch)
         self.downsample = _shortcut(in_ch, out_ch, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pool: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """``pool``: return ``(out, pixel sums of out)`` (see :func:`fastbisenet.reference.conv_bn_act`)."""
         op = ops.impl(self.backend, x)
         shortcut = self.shortcut(op, x)
         y = op.conv_bn_act(x, self.conv1, self.bn1)
-        return op.conv_bn_act(y, self.conv2, self.bn2, residual=shortcut)
+        return op.conv_bn_act(y, self.conv2, self.bn2, residual=shortcut, pool=pool)
 
 
 class Bottleneck(_ResidualBlock):
@@ -60,12 +63,26 @@ class Bottleneck(_ResidualBlock):
         self.bn3 = nn.BatchNorm2d(out_ch)
         self.downsample = _shortcut(in_ch, out_ch, stride)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, pool: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        """``pool`` as in :meth:`BasicBlock.forward`."""
         op = ops.impl(self.backend, x)
         shortcut = self.shortcut(op, x)
         y = op.conv_bn_act(x, self.conv1, self.bn1)
         y = op.conv_bn_act(y, self.conv2, self.bn2)
-        return op.conv_bn_act(y, self.conv3, self.bn3, residual=shortcut)
+        return op.conv_bn_act(y, self.conv3, self.bn3, residual=shortcut, pool=pool)
+
+
+class ResNetStage(nn.Sequential):
+    """A stage's blocks in sequence (an ``nn.Sequential``: same keys); ``pool=True`` returns ``(out, pixel sums of
+    out)``, the sums gathered by the last block's fused conv."""
+
+    def forward(self, x: Tensor, pool: bool = False) -> Tensor | tuple[Tensor, Tensor | None]:
+        if not pool:
+            return super().forward(x)
+        *blocks, last = self
+        for block in blocks:
+            x = block(x)
+        return last(x, pool=True)
 
 
 def _shortcut(in_ch: int, out_ch: int, stride: int) -> nn.Sequential | None:
@@ -90,23 +107,27 @@ class ResNet(nn.Module):
             for j in range(depth):
                 blocks.append(block(in_ch, width, stride if j == 0 else 1))
                 in_ch = width * block.expansion
-            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+            self.add_module(f"layer{i + 1}", ResNetStage(*blocks))
         self.channels = tuple(w * block.expansion for w in (128, 256, 512))
         """Channels of ``(feat8, feat16, feat32)``."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: Tensor, stem: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """``stem``: ``relu(bn1(conv1(x)))`` when the caller has computed it already (before the max-pool)."""
+    def forward(self, x: Tensor, stem: Tensor | None = None, *, pool32: bool = False) -> tuple[Tensor, ...]:
+        """``(feat8, feat16, feat32)``, with ``pool32`` ``(feat8, feat16, feat32, sums32)``: ``feat32``'s fp32
+        pixel sums (S, N, C) from the fused backend, ``None`` from the reference ops (see ``pool`` of
+        :func:`fastbisenet.reference.conv_bn_act`). ``stem``: ``relu(bn1(conv1(x)))`` when the caller has
+        computed it already (before the max-pool)."""
         if stem is None:
             stem = ops.impl(self.backend, x).conv_bn_act(x, self.conv1, self.bn1)
         x = ops.impl(self.backend, stem).max_pool2d(stem, 3, 2, 1)
         x = self.layer1(x)
         feat8 = self.layer2(x)
         feat16 = self.layer3(feat8)
-        feat32 = self.layer4(feat16)
-        return feat8, feat16, feat32
+        if pool32:
+            return feat8, feat16, *self.layer4(feat16, pool=True)
+        return feat8, feat16, self.layer4(feat16)
 
 
 BACKBONES: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int]]] = {

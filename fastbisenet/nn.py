@@ -159,8 +159,8 @@ class ContextPath(nn.Module):
     the public model's 2x upsampling whenever the sizes divide.
 
     ``conv_avg`` (CBR 1x1 on the pooled vector) runs as the op ``global_context``, through its parts
-    (forward hooks on ``conv_avg`` do not fire): the fused backend does pool + 1x1 + BN + ReLU in one
-    small kernel after the pixel sums.
+    (forward hooks on ``conv_avg`` do not fire): on the fused backend the pixel sums of ``feat32`` come
+    from the epilogue of the backbone's last conv and pool + 1x1 + BN + ReLU is one small kernel.
     """
 
     backend: str = "auto"
@@ -180,9 +180,9 @@ class ContextPath(nn.Module):
 
     def forward(self, x: Tensor, stem: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """``stem``: the backbone's stem conv + BN + ReLU of ``x`` when the caller has computed it already."""
-        feat8, feat16, feat32 = self.resnet(x, stem=stem)
+        feat8, feat16, feat32, sums32 = self.resnet(x, stem=stem, pool32=True)
         op = ops.impl(self.backend, x)
-        avg = op.global_context(feat32, self.conv_avg.conv, self.conv_avg.bn)
+        avg = op.global_context(feat32, self.conv_avg.conv, self.conv_avg.bn, pooled=sums32)
         arm32, a32 = self.arm32(feat32)
         up32 = op.attend_add_upsample(arm32, a32, avg, feat16.shape[-2:], self.mode, self.align_corners)
         feat_cp16 = self.conv_head32(up32)

@@ -119,9 +119,8 @@ def test_bisenet_eval_forward_runs_no_side_ops(count, device: str) -> None:
     # the two ARMs, the FFM and the global context: one small kernel each on the pooled vectors
     assert c.launches["_bn_attention_fwd_kernel"] == sum(name.endswith(_VECTOR_BNS) for name, _ in
                                                          model.named_modules()) == 4
-    # the ARMs' and the FFM's spatial means come from their convs' epilogues: the only stand-alone mean is
-    # the global context's (the backbone output, which no fused conv of this model pools)
-    assert c.launches["_mean_partial_kernel"] == 1
+    # every spatial mean (ARMs, FFM, global context) comes from the epilogue of the conv writing the map
+    assert "_mean_partial_kernel" not in c.launches
     assert c.launches["_max_pool_kernel"] == 1 and "max_pool2d_with_indices" not in work  # no int64 indices
     assert sum(work.values()) <= FORWARD_BUDGET, work
 
@@ -151,6 +150,8 @@ def test_bisenet_train_step_side_ops(count, device: str) -> None:
     assert bwd_launches["bn_bwd_coef_kernel"] == bwd_launches["bn_act_bwd_kernel"] == n_conv
     # forward: one weight packing per conv, and the four vector BNs' num_batches_tracked counts
     assert fwd_launches["_bn_attention_fwd_kernel"] == bwd_launches["_bn_attention_bwd_kernel"] == 4
+    # their pixel sums come from the producing convs: no stand-alone pass over a map, nor its gradient broadcast
+    assert "_mean_partial_kernel" not in fwd_launches and "_broadcast_kernel" not in bwd_launches
     assert fwd.pop("copy_", 0) <= n_conv and fwd.pop("add_", 0) <= 4, fwd
     assert sum(fwd.values()) <= 2, fwd
     # backward: dgrad/wgrad per conv (two for the FFM's concat), the gradient sums autograd makes where a
@@ -158,7 +159,7 @@ def test_bisenet_train_step_side_ops(count, device: str) -> None:
     # autograd's copies of weight gradients into the parameters' layout (the convolution backward returns
     # them channels_last; a channels_last model has none), small weight-sized clones
     assert bwd.pop("convolution_backward", 0) <= n_conv + 1
-    assert bwd.pop("add", 0) <= 16 and bwd.pop("cat", 0) <= 1, bwd
+    assert bwd.pop("add", 0) <= 11 and bwd.pop("cat", 0) <= 1, bwd
     assert bwd.pop("copy_", 0) <= n_conv and bwd.pop("clone", 0) <= 5, bwd
     # what is left: the loss's seed gradient and the attention means' 1/HW (no per-conv BN math: once ~300)
     assert sum(bwd.values()) <= 5, bwd

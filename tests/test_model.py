@@ -160,6 +160,34 @@ def test_training_under_autocast_casts_the_image_once(backend):
         assert all(o.dtype == torch.float16 and torch.isfinite(o).all() for o in out)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_backbone_pool32_returns_the_stride32_sums_and_stage_hooks_fire(backend):
+    """``pool32=True`` (the context path's call) returns the same features plus ``feat32``'s pixel sums from the
+    last block's fused conv (``None`` on the reference ops); the stage still runs as a module (hooks fire)."""
+    from fastbisenet.backbones import build_backbone
+
+    torch.manual_seed(0)
+    net = build_backbone("resnet18").eval()
+    for m in net.modules():  # (BiSeNet.backend does this for a whole model)
+        if hasattr(type(m), "backend"):
+            m.backend = backend
+    outputs = []
+    net.layer4.register_forward_hook(lambda module, args, out: outputs.append(out))
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        feats = net(x)
+        *same, sums = net(x, pool32=True)
+    assert len(feats) == 3 and len(outputs) == 2
+    for got, want in zip(same, feats, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    if backend == "torch":
+        assert sums is None
+    else:
+        feat32 = feats[2]
+        assert sums.dtype == torch.float32 and sums.shape[1:] == feat32.shape[:2]
+        torch.testing.assert_close(sums.sum(0), feat32.double().sum((2, 3)).float(), rtol=1e-5, atol=1e-4)
+
+
 def test_face_parsing_matches_public_implementation():
     public, ours = _loaded_pair(PublicBiSeNetFace(19), BiSeNet(19, preset="face-parsing", backend="torch"))
     x = torch.randn(1, 3, 96, 64)
