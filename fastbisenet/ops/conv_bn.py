@@ -298,7 +298,6 @@ def backward(
             grad_out, out, y, mean, a_coef, b_coef, c_coef,
             dy_dtype=x.dtype, dres_dtype=residual_dtype if need_res else None, **gsums,
         )
-        w = weight.detach().to(x.dtype)
         segments = [(x, 0, x.shape[1], need_x)]
         if x2 is not None:
             segments.append((x2, x.shape[1], x2.shape[1], need_x2))
@@ -307,7 +306,10 @@ def backward(
             want_b = need_b and i == 0
             if not (need_in or need_w or want_b):
                 continue
-            wi = w if x2 is None else w[:, c0:c0 + ci].contiguous()
+            if x2 is None:
+                wi = weight.detach().to(x.dtype)
+            else:  # this segment's weight columns: sliced, cast and made dense in one copy
+                wi = weight.detach()[:, c0:c0 + ci].to(dtype=x.dtype, memory_format=torch.contiguous_format)
             gi, gw, gb = torch.ops.aten.convolution_backward(
                 dy, xi.detach(), wi, [C] if want_b else None, list(stride), list(padding), [1, 1],
                 False, [0, 0], 1, [need_in, need_w, want_b],
@@ -318,10 +320,31 @@ def backward(
                 dx2 = gi
             dws.append(gw)
         if need_w:
-            dw = (dws[0] if len(dws) == 1 else torch.cat(dws, dim=1)).to(weight.dtype)
+            dw = _weight_grad(dws, weight)
         if db is not None:
             db = db.to(bias.dtype)
     return dx, dx2, dw, db, dgamma, dbeta, dres
+
+
+def _weight_grad(parts: list[Tensor], weight: Tensor) -> Tensor:
+    """The conv weight's gradient from its input-channel segments' (one, or the FFM concat's two), in the
+    weight's dtype and layout with at most one copy.
+
+    cuDNN returns the weight gradient of a channels_last input channels_last; autograd's AccumulateGrad
+    copies a gradient whose layout differs from its parameter's into that layout, so a plain ``.to(dtype)``
+    meant two passes over every 3x3/7x7 weight gradient under autocast (cast, then relayout), and a
+    ``torch.cat`` a third for the FFM. Here the cast, relayout and concat are one copy into a buffer shaped
+    like the weight, and none when the segment already matches.
+    """
+    if len(parts) == 1 and parts[0].dtype == weight.dtype and (
+            parts[0].is_contiguous() if weight.is_contiguous() else parts[0].stride() == weight.stride()):
+        return parts[0]
+    dw = torch.empty_like(weight, memory_format=torch.preserve_format)
+    c0 = 0
+    for part in parts:
+        dw[:, c0:c0 + part.shape[1]].copy_(part)
+        c0 += part.shape[1]
+    return dw
 
 
 # ---------------------------------------------------------------------------------- autograd
