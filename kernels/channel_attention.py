@@ -480,6 +480,7 @@ def _vecmat_kernel(
     C,  # output length
     stride_wk,  # element stride of w along K
     stride_wc,  # element stride of w along C
+    scale,  # fp32 factor applied to the result
     BLOCK_N: tl.constexpr,  # >= N, power of two
     BLOCK_K: tl.constexpr,  # reduction step
     BLOCK_C: tl.constexpr,  # outputs per program
@@ -496,7 +497,7 @@ def _vecmat_kernel(
         w = tl.load(w_ptr + offs_k[:, None] * stride_wk + offs_c[None, :] * stride_wc,
                     mask=kmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(v[:, :, None] * w[None, :, :], axis=1)
-    tl.store(out_ptr + offs_n[:, None] * C + offs_c[None, :], acc, mask=nmask[:, None] & cmask[None, :])
+    tl.store(out_ptr + offs_n[:, None] * C + offs_c[None, :], acc * scale, mask=nmask[:, None] & cmask[None, :])
 
 
 def _blocks(n: int, outer: int, inner: int, budget: int = 8192) -> tuple[int, int, int]:
@@ -512,12 +513,13 @@ def split_block(split: int, block_n: int, block_i: int, budget: int = 8192) -> i
     return max(1, min(triton.next_power_of_2(split), budget // (block_n * block_i)))
 
 
-def vecmat(v: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wc: int, c: int) -> torch.Tensor:
-    """fp32 ``v @ W`` for fp32 (N, K) ``v`` and a weight read through ``(stride_wk, stride_wc)``."""
+def vecmat(v: torch.Tensor, w: torch.Tensor, stride_wk: int, stride_wc: int, c: int, scale: float = 1.0
+           ) -> torch.Tensor:
+    """fp32 ``scale * v @ W`` for fp32 (N, K) ``v`` and a weight read through ``(stride_wk, stride_wc)``."""
     n, k = v.shape
     out = torch.empty((n, c), device=v.device, dtype=torch.float32)
     block_n, block_c, block_k = _blocks(n, c, k)
-    _vecmat_kernel[(triton.cdiv(c, block_c),)](v, w, out, n, k, c, stride_wk, stride_wc,
+    _vecmat_kernel[(triton.cdiv(c, block_c),)](v, w, out, n, k, c, stride_wk, stride_wc, scale,
                                                BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_C=block_c)
     return out
 
@@ -581,9 +583,11 @@ def bn_attention_bwd(
     beta: torch.Tensor | None,
     batch_stats: bool,
     relu: bool = False,
+    hw: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Launch the BN-attention backward (``relu`` as in the forward); returns ``(dmean fp32 (N, C_IN),
-    dW (C_OUT, C_IN), dgamma, dbeta)``."""
+    """Launch the BN-attention backward (``relu`` as in the forward); returns ``(dmean / hw fp32 (N, C_IN),
+    dW (C_OUT, C_IN), dgamma, dbeta)``: with the map's ``hw`` pixels, the first is the gradient of every partial
+    pixel sum (the 1/HW is applied in the kernel writing it, not by a separate op)."""
     n, c_out = y.shape
     c_in = mean.shape[1]
     dev = y.device
@@ -598,8 +602,8 @@ def bn_attention_bwd(
         n, c_in, c_out, BATCH_STATS=batch_stats, AFFINE=gamma is not None, RELU=relu,
         BLOCK_N=block_n, BLOCK_O=block_o, BLOCK_I=block_i,
     )
-    dmean = vecmat(dy, weight, weight.stride(0), weight.stride(1), c_in)
-    return dmean, dw, dgamma, dbeta
+    dsum = vecmat(dy, weight, weight.stride(0), weight.stride(1), c_in, 1.0 / hw)
+    return dsum, dw, dgamma, dbeta
 
 
 # ------------------------------------------------------------------------------ MLP attention
@@ -733,9 +737,11 @@ def mlp_attention_fwd(
 
 
 def mlp_attention_bwd(
-    da: torch.Tensor, z: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor
+    da: torch.Tensor, z: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+    hw: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the MLP-attention backward; returns ``(dmean fp32 (N, C_IN), dW1, dW2)``."""
+    """Launch the MLP-attention backward; returns ``(dmean / hw fp32 (N, C_IN), dW1, dW2)`` (``hw`` as in
+    :func:`bn_attention_bwd`)."""
     n, c_out = z.shape
     c_mid, c_in = u.shape[1], mean.shape[1]
     dev = z.device
@@ -748,5 +754,5 @@ def mlp_attention_bwd(
         da, z, u, mean, w2, du, dw1, dw2, n, c_in, c_mid, c_out, w2.stride(0), w2.stride(1),
         BLOCK_N=block_n, BLOCK_H=block_h, BLOCK_O=block_o, BLOCK_I=block_i,
     )
-    dmean = vecmat(du, w1, w1.stride(0), w1.stride(1), c_in)
-    return dmean, dw1, dw2
+    dsum = vecmat(du, w1, w1.stride(0), w1.stride(1), c_in, 1.0 / hw)
+    return dsum, dw1, dw2

@@ -186,16 +186,16 @@ def backward_cases():
          (torch.randn(split, N, C), shape, torch.float32, True)),
         ("pixel_sums_backward-nchw-expanded", ops.pixel_sums_backward.default,
          (torch.randn(N, C).expand(split, N, C), shape, torch.float32, False)),
-        # (grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu)
-        #   -> [dmean, dweight, (dgamma, dbeta)]
+        # (grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu, hw)
+        #   -> [dmean / hw, dweight, (dgamma, dbeta)]
         ("bn_attention_backward-affine", ops.bn_attention_backward.default,
-         (g_vec, y, mean, smean, sinvstd, w, torch.rand(C), torch.randn(C), True, False)),
+         (g_vec, y, mean, smean, sinvstd, w, torch.rand(C), torch.randn(C), True, False, 35)),
         ("bn_attention_backward-plain", ops.bn_attention_backward.default,
-         (g_vec, y, mean, smean, sinvstd, w, None, None, False, False)),
+         (g_vec, y, mean, smean, sinvstd, w, None, None, False, False, 1)),
         ("bn_attention_backward-relu", ops.bn_attention_backward.default,
-         (g_vec, y, mean, smean, sinvstd, w, torch.rand(C), torch.randn(C), True, True)),
+         (g_vec, y, mean, smean, sinvstd, w, torch.rand(C), torch.randn(C), True, True, 35)),
         ("mlp_attention_backward", ops.mlp_attention_backward.default,
-         (g_vec, u, z, mean, torch.randn(MID, C, 1, 1), torch.randn(C, MID, 1, 1))),
+         (g_vec, u, z, mean, torch.randn(MID, C, 1, 1), torch.randn(C, MID, 1, 1), 35)),
         ("attend_add_upsample_backward", ops.attend_add_upsample_backward.default,
          (torch.randn(N, C, 9, 11), x, a, True, torch.float32, "bilinear", False)),
         ("attend_residual_backward", ops.attend_residual_backward.default, (torch.randn(N, C, *HW), x, a)),

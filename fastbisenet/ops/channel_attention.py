@@ -232,9 +232,10 @@ def _pooled_sums(feat: Tensor, pooled: Tensor | None) -> Tensor:
     return pixel_sums(feat) if pooled is None else check_pooled(pooled, feat)
 
 
-def sums_grad(dmean: Tensor, split: int, hw: int) -> Tensor:
-    """Gradient of the sums (S, N, C) from that of the mean = ``sums.sum(0) / hw``: ``dmean / hw`` along S."""
-    return (dmean / hw).expand(split, *dmean.shape)
+def sums_grad(dsum: Tensor, split: int) -> Tensor:
+    """Gradient of the sums (S, N, C), mean = ``sums.sum(0) / hw``: ``dsum = dmean / hw`` (N, C) (as the
+    backward kernels write it) expanded along S."""
+    return dsum.expand(split, *dsum.shape)
 
 
 # --------------------------------------------------------------------------------- bn_attention
@@ -285,15 +286,16 @@ def bn_attention_bwd(
     gamma: Tensor | None,
     beta: Tensor | None,
     batch_stats: bool,
-    relu: bool = False,
+    relu: bool,
+    hw: int,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
-    """Gradients ``(dmean fp32 (N, C_IN), dweight, dgamma, dbeta)`` of :func:`bn_attention_fwd` (see
-    :func:`sums_grad` for the sums')."""
+    """Gradients ``(dsum fp32 (N, C_IN), dweight, dgamma, dbeta)`` of :func:`bn_attention_fwd`: ``dsum`` =
+    ``dmean / hw``, the gradient of every partial sum (see :func:`sums_grad`)."""
     n, c_out = y.shape
-    dmean, dw, dgamma, dbeta = K.bn_attention_bwd(
-        grad.reshape(n, c_out).contiguous(), y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu
+    dsum, dw, dgamma, dbeta = K.bn_attention_bwd(
+        grad.reshape(n, c_out).contiguous(), y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu, hw
     )
-    return dmean, dw.view(weight.shape), dgamma, dbeta
+    return dsum, dw.view(weight.shape), dgamma, dbeta
 
 
 _NO_GRADS_BN = (None,) * 8  # running_mean, running_var, num_batches_tracked, batch_stats, update, momentum, eps, relu
@@ -318,9 +320,9 @@ class BNAttentionFunction(torch.autograd.Function):
     def backward(ctx, grad):
         y, mean, smean, sinvstd, weight, gamma, beta = ctx.saved_tensors
         batch_stats, split, hw, relu = ctx.meta
-        dmean, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats,
-                                                    relu)
-        return sums_grad(dmean, split, hw), None, None, dw, dgamma, dbeta, *_NO_GRADS_BN
+        dsum, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats,
+                                                   relu, hw)
+        return sums_grad(dsum, split), None, None, dw, dgamma, dbeta, *_NO_GRADS_BN
 
 
 # A custom op that mutates an argument cannot have an autograd formula (torch.library refuses
@@ -384,18 +386,19 @@ def bn_attention_backward_op(
     beta: Tensor | None,
     batch_stats: bool,
     relu: bool,
+    hw: int,
 ) -> list[Tensor]:
-    """``[dmean, dweight]``, plus ``[dgamma, dbeta]`` when BN is affine (a custom op returns no None)."""
-    dmean, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats,
-                                                relu)
-    return [dmean, dw] if dgamma is None else [dmean, dw, dgamma, dbeta]
+    """``[dsum, dweight]``, plus ``[dgamma, dbeta]`` when BN is affine (a custom op returns no None)."""
+    dsum, dw, dgamma, dbeta = bn_attention_bwd(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats,
+                                               relu, hw)
+    return [dsum, dw] if dgamma is None else [dsum, dw, dgamma, dbeta]
 
 
 @bn_attention_backward_op.register_fake
-def _(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu):
+def _(grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu, hw):
     dw = torch.empty_like(weight, memory_format=torch.contiguous_format)
-    dmean = torch.empty_like(mean, memory_format=torch.contiguous_format)
-    return [dmean, dw] if gamma is None else [dmean, dw, torch.empty_like(gamma), torch.empty_like(beta)]
+    dsum = torch.empty_like(mean, memory_format=torch.contiguous_format)
+    return [dsum, dw] if gamma is None else [dsum, dw, torch.empty_like(gamma), torch.empty_like(beta)]
 
 
 def _bn_attention_setup(ctx, inputs, output):
@@ -410,11 +413,11 @@ def _bn_attention_setup(ctx, inputs, output):
 def _bn_attention_backward(ctx, grad, *_):
     y, mean, smean, sinvstd, weight, gamma, beta = ctx.saved_tensors
     batch_stats, split, hw, relu = ctx.meta
-    dmean, dw, *affine = torch.ops.fastbisenet.bn_attention_backward(
-        grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu
+    dsum, dw, *affine = torch.ops.fastbisenet.bn_attention_backward(
+        grad, y, mean, smean, sinvstd, weight, gamma, beta, batch_stats, relu, hw
     )
     dgamma, dbeta = affine or (None, None)
-    return sums_grad(dmean, split, hw), None, None, dw, dgamma, dbeta, *_NO_GRADS_BN
+    return sums_grad(dsum, split), None, None, dw, dgamma, dbeta, *_NO_GRADS_BN
 
 
 bn_attention_op.register_autograd(_bn_attention_backward, setup_context=_bn_attention_setup)
@@ -486,12 +489,13 @@ def mlp_attention_fwd(
 
 
 def mlp_attention_bwd(
-    grad: Tensor, u: Tensor, z: Tensor, mean: Tensor, w1: Tensor, w2: Tensor
+    grad: Tensor, u: Tensor, z: Tensor, mean: Tensor, w1: Tensor, w2: Tensor, hw: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients ``(dmean fp32 (N, C_IN), dw1, dw2)`` of :func:`mlp_attention_fwd`."""
+    """Gradients ``(dsum fp32 (N, C_IN), dw1, dw2)`` of :func:`mlp_attention_fwd` (``dsum`` as in
+    :func:`bn_attention_bwd`)."""
     n, c_out = z.shape
-    dmean, dw1, dw2 = K.mlp_attention_bwd(grad.reshape(n, c_out).contiguous(), z, u, mean, w1, w2)
-    return dmean, dw1.view(w1.shape), dw2.view(w2.shape)
+    dsum, dw1, dw2 = K.mlp_attention_bwd(grad.reshape(n, c_out).contiguous(), z, u, mean, w1, w2, hw)
+    return dsum, dw1.view(w1.shape), dw2.view(w2.shape)
 
 
 class MLPAttentionFunction(torch.autograd.Function):
@@ -506,8 +510,9 @@ class MLPAttentionFunction(torch.autograd.Function):
     @first_order_only
     def backward(ctx, grad):
         u, z, mean, w1, w2 = ctx.saved_tensors
-        dmean, dw1, dw2 = mlp_attention_bwd(grad, u, z, mean, w1, w2)
-        return sums_grad(dmean, *ctx.meta), None, None, dw1, dw2
+        split, hw = ctx.meta
+        dsum, dw1, dw2 = mlp_attention_bwd(grad, u, z, mean, w1, w2, hw)
+        return sums_grad(dsum, split), None, None, dw1, dw2
 
 
 @torch.library.custom_op("fastbisenet::mlp_attention", mutates_args=())
@@ -529,14 +534,14 @@ def _(sums, hw, dtype, w1, w2):
 
 @torch.library.custom_op("fastbisenet::mlp_attention_backward", mutates_args=())
 def mlp_attention_backward_op(
-    grad: Tensor, u: Tensor, z: Tensor, mean: Tensor, w1: Tensor, w2: Tensor
+    grad: Tensor, u: Tensor, z: Tensor, mean: Tensor, w1: Tensor, w2: Tensor, hw: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(dmean, dw1, dw2)``."""
-    return mlp_attention_bwd(grad, u, z, mean, w1, w2)
+    """``(dsum, dw1, dw2)``."""
+    return mlp_attention_bwd(grad, u, z, mean, w1, w2, hw)
 
 
 @mlp_attention_backward_op.register_fake
-def _(grad, u, z, mean, w1, w2):
+def _(grad, u, z, mean, w1, w2, hw):
     contiguous = torch.contiguous_format
     return (torch.empty_like(mean, memory_format=contiguous), torch.empty_like(w1, memory_format=contiguous),
             torch.empty_like(w2, memory_format=contiguous))
@@ -552,8 +557,9 @@ def _mlp_attention_setup(ctx, inputs, output):
 
 def _mlp_attention_backward(ctx, grad, *_):
     u, z, mean, w1, w2 = ctx.saved_tensors
-    dmean, dw1, dw2 = torch.ops.fastbisenet.mlp_attention_backward(grad, u, z, mean, w1, w2)
-    return sums_grad(dmean, *ctx.meta), None, None, dw1, dw2
+    split, hw = ctx.meta
+    dsum, dw1, dw2 = torch.ops.fastbisenet.mlp_attention_backward(grad, u, z, mean, w1, w2, hw)
+    return sums_grad(dsum, split), None, None, dw1, dw2
 
 
 mlp_attention_op.register_autograd(_mlp_attention_backward, setup_context=_mlp_attention_setup)
