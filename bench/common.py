@@ -133,6 +133,20 @@ def op_params(family: str, cases: Sequence[fb.OpCase] | None = None) -> list[Any
     return params
 
 
+def dgrad_params() -> list[Any]:
+    """``pytest.param(case, dtype, variant)`` for the dgrad rows (bench/test_conv_grad.py): every stride-1 conv of
+    the model's traced cases, cuDNN and the Triton candidate (:data:`fastbisenet.benchmark.DGRAD_VARIANTS`)."""
+    params = []
+    for case in fb.dgrad_cases(traced_cases()):
+        for dtype in DTYPES:
+            for variant in (v for v in fb.DGRAD_VARIANTS if v in VARIANTS):
+                prio = _priority(e2e_main=False, batch1=case.input_shape[0] == 1, e2e=False, dtype=dtype,
+                                 variant=variant)
+                params.append(pytest.param(case, dtype, variant, marks=pytest.mark.bench_priority(prio),
+                                           id=f"conv_dgrad-{_slug(case.label)}-{dtype}-{variant}"))
+    return params
+
+
 def e2e_params() -> list[Any]:
     """``pytest.param(aux_mode, shape, dtype, variant)`` for the end-to-end rows."""
     params = []

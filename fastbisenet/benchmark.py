@@ -754,6 +754,67 @@ def op_workload(case: OpCase, variant: str, dtype: torch.dtype, *, backward: boo
     return train_step
 
 
+DGRAD_VARIANTS = ("fastbisenet", "eager")
+"""The dgrad rows: the Triton candidate (:func:`fastbisenet.ops.conv_bn.conv_input_grad`, weight packing
+included) and cuDNN's (``aten.convolution_backward``, input gradient only), which the op's backward uses."""
+
+
+def dgrad_cases(cases: Iterable[OpCase]) -> list[OpCase]:
+    """The ``conv_bn_act`` calls among ``cases`` whose input gradient the Triton dgrad can compute: stride 1,
+    and not on the 3-channel image (which needs no gradient)."""
+    out = []
+    for case in cases:
+        conv = next((a for a in case.args if isinstance(a, ConvSpec)), None)
+        if case.op == "conv_bn_act" and conv is not None and conv.stride == (1, 1) and conv.in_ch > 3:
+            out.append(case)
+    return out
+
+
+def _dgrad_shapes(case: OpCase) -> tuple[TensorSpec, ConvSpec, tuple[int, ...]]:
+    """``(x spec, conv spec, output shape)`` of a :func:`dgrad_cases` case."""
+    x, conv = case.args[0], case.args[1]
+    n, _, h, w = x.shape
+    ho = (h + 2 * conv.padding[0] - conv.kernel[0]) // conv.stride[0] + 1
+    wo = (w + 2 * conv.padding[1] - conv.kernel[1]) // conv.stride[1] + 1
+    return x, conv, (n, conv.out_ch, ho, wo)
+
+
+def dgrad_cost(case: OpCase, dtype: torch.dtype) -> tuple[int, int]:
+    """(FLOPs, bytes) of the input gradient of the conv of ``case``: the forward's FLOPs; the output gradient
+    and the weight read once, the input gradient written once."""
+    x, conv, out_shape = _dgrad_shapes(case)
+    size = torch.tensor([], dtype=dtype).element_size()
+    k = conv.in_ch * conv.kernel[0] * conv.kernel[1]
+    flops = 2 * math.prod(out_shape) * k  # every output-gradient element meets C_in * KH * KW weights
+    nbytes = (math.prod(out_shape) + conv.out_ch * k + math.prod(x.shape)) * size
+    return flops, nbytes
+
+
+def dgrad_workload(case: OpCase, variant: str, dtype: torch.dtype, *, device: str = "cuda") -> Callable[[], Tensor]:
+    """A no-argument step returning the input gradient of the conv of ``case`` for a random output gradient:
+    ``"fastbisenet"`` the Triton dgrad, ``"eager"`` cuDNN's (see :data:`DGRAD_VARIANTS`)."""
+    from fastbisenet.ops.conv_bn import conv_input_grad
+
+    x, conv, out_shape = _dgrad_shapes(case)
+    gen = torch.Generator(device=device).manual_seed(0)
+    cl = torch.channels_last
+    grad_y = torch.randn(out_shape, generator=gen, device=device).to(dtype).contiguous(memory_format=cl)
+    weight = torch.randn(conv.out_ch, conv.in_ch, *conv.kernel, generator=gen, device=device).to(dtype)
+    if variant == "fastbisenet":
+        return lambda: conv_input_grad(grad_y, weight, conv.padding)
+    if variant != "eager":
+        raise ValueError(f"dgrad variants are {DGRAD_VARIANTS}, got {variant!r}")
+    x_meta = torch.empty(x.shape, device=device, dtype=dtype).contiguous(memory_format=cl)  # only its shape is read
+
+    def cudnn() -> Tensor:
+        return torch.ops.aten.convolution_backward(
+            grad_y, x_meta, weight, None, list(conv.stride), list(conv.padding), [1, 1], False, [0, 0], 1,
+            [True, False, False],
+        )[0]
+
+    return cudnn
+
+
 def ohem_reduce(pixel_loss: Tensor, *, n_min: int, thresh: float = 0.7) -> Tensor:
     """The OHEM mean of a per-pixel CE without host syncs: mean over pixels with CE > -log(thresh), or
     over the ``n_min`` largest CEs when fewer pass (``n_min`` = valid pixels // 16, from the host)."""

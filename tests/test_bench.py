@@ -210,6 +210,28 @@ def test_op_workloads_run_on_cpu() -> None:
             assert nbytes > 0 and flops >= 0
 
 
+def test_dgrad_workloads_agree_on_cpu() -> None:
+    """The dgrad rows' two variants (Triton under the interpreter, torch's convolution_backward) compute the
+    same input gradient for every stride-1 conv of the model; FLOPs match torch's own count."""
+    cases = fb.dgrad_cases(fb.trace_ops((2, 3, 64, 64), aux_mode="train"))
+    convs = {(c.args[1].kernel, c.args[1].padding) for c in cases}
+    assert {((3, 3), (1, 1)), ((1, 1), (0, 0))} <= convs  # 3x3 and 1x1 convs, none strided
+    assert all(c.args[1].stride == (1, 1) and c.args[1].in_ch > 3 for c in cases)
+    for case in cases:
+        got = fb.dgrad_workload(case, "fastbisenet", torch.float32, device="cpu")()
+        want = fb.dgrad_workload(case, "eager", torch.float32, device="cpu")()
+        assert got.shape == want.shape == case.args[0].shape
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        x, conv = case.args[0], case.args[1]
+        w = torch.empty(conv.out_ch, conv.in_ch, *conv.kernel, device="meta")
+        xm = torch.empty(x.shape, device="meta", requires_grad=True)
+        y = torch.nn.functional.conv2d(xm, w, padding=conv.padding)
+        flops, _ = fb.count_flops(lambda: torch.autograd.grad(y, xm, torch.empty_like(y)))  # noqa: B023
+        assert fb.dgrad_cost(case, torch.bfloat16)[0] == flops
+    with pytest.raises(ValueError, match="dgrad variants"):
+        fb.dgrad_workload(cases[0], "compile", torch.float32, device="cpu")
+
+
 def test_ohem_reduce_matches_definition() -> None:
     torch.manual_seed(0)
     logits = torch.randn(2, 5, 8, 8)

@@ -983,3 +983,47 @@ def test_pair_with_inference_tensor_buffers(device: str) -> None:
     with torch.inference_mode():
         a[1].running_mean = a[1].running_mean.clone()  # an inference tensor: no version counter
     _check_pair(a, b, x, "inference-tensor running_mean")
+
+
+# ------------------------------------------------------------------------ Triton dgrad candidate
+
+@pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w", "k", "pad", "channels_last"), [
+    (1, 5, 7, 9, 11, 3, 1, True),  # odd sizes, channels not powers of two
+    (3, 33, 20, 6, 5, 3, 1, False),  # NCHW gradient, C_out >= 32: the per-tap loop
+    (2, 40, 24, 8, 7, 1, 0, True),  # 1x1
+    (1, 3, 8, 15, 13, 7, 3, True),  # 7x7 (C_out < 32: the flattened loop over the gradient's channels)
+    (2, 6, 4, 7, 9, 3, 0, True),  # no padding: the dgrad pads by 2
+])
+def test_conv_input_grad(n, c_in, c_out, h, w, k, pad, channels_last, device, poison) -> None:
+    """Stride-1 dgrad through the forward kernel against autograd of a float64 conv."""
+    weight = torch.randn(c_out, c_in, k, k, device=device)
+    x64 = torch.randn(n, c_in, h, w, dtype=torch.float64, requires_grad=True)
+    y64 = torch.nn.functional.conv2d(x64, weight.double().cpu(), padding=pad)
+    g = torch.randn(y64.shape, device=device)
+    (want,) = torch.autograd.grad(y64, x64, g.double().cpu())
+    if channels_last:
+        g = g.contiguous(memory_format=torch.channels_last)
+    got = ops.conv_input_grad(g, weight, (pad, pad))
+    assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
+    check(got, want, torch.float32, "dx")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_conv_input_grad_half(dtype, device) -> None:
+    weight = torch.randn(64, 48, 3, 3, device=device)
+    g = torch.randn(2, 64, 33, 47, device=device).to(dtype).contiguous(memory_format=torch.channels_last)
+    x64 = torch.randn(2, 48, 33, 47, dtype=torch.float64, requires_grad=True)
+    y64 = torch.nn.functional.conv2d(x64, weight.double().cpu(), padding=1)
+    (want,) = torch.autograd.grad(y64, x64, g.double().cpu())
+    got = ops.conv_input_grad(g, weight.to(dtype), (1, 1))
+    assert got.dtype == dtype
+    check(got, want, dtype, "dx")
+
+
+def test_conv_input_grad_rejects_what_it_cannot_do(device) -> None:
+    weight = torch.randn(8, 4, 3, 3, device=device)
+    with pytest.raises(ValueError, match="stride-1"):
+        ops.conv_input_grad(torch.randn(1, 5, 6, 6, device=device), weight, (1, 1))  # C_out mismatch
+    with pytest.raises(ValueError, match="stride-1"):
+        ops.conv_input_grad(torch.randn(1, 8, 6, 6, device=device), weight, (3, 3))  # padding > k - 1

@@ -60,7 +60,7 @@ from fastbisenet.ops._library import FLOAT_DTYPES, first_order_only
 
 __all__ = [
     "ConvBNActFunction", "backward", "clear_packed_weights", "concat_conv_bn_act", "conv_bn_act", "conv_bn_act_pair",
-    "forward",
+    "conv_input_grad", "forward",
 ]
 
 _STAT_M: int = K.STAT_M_DEFAULT
@@ -261,8 +261,9 @@ def backward(
     or it is unused), added to ``grad_out`` per slot inside the kernels. The ReLU mask and the BN
     backward are fused: one pass for the two per-channel reductions ``sum(g)``, ``sum(g * xhat)``,
     one element-wise pass for the conv-output gradient ``dy`` (and ``dresidual = g``). dgrad/wgrad use
-    ``aten.convolution_backward`` (cuDNN on GPU). That choice over a Triton dgrad/wgrad still has to be
-    confirmed by a GPU measurement; none was possible when this was written.
+    ``aten.convolution_backward`` (cuDNN on GPU). That choice is not yet backed by a GPU measurement (none
+    was possible when this was written): ``bench/test_conv_grad.py`` times cuDNN's dgrad against the Triton
+    one (:func:`conv_input_grad`) on every stride-1 conv of the model, and decides.
     """
     need_x, need_x2, need_w, need_b, need_gamma, need_beta, need_res = (tuple(needs) + (False,) * 7)[:7]
     C = weight.shape[0]
@@ -324,6 +325,27 @@ def backward(
         if db is not None:
             db = db.to(bias.dtype)
     return dx, dx2, dw, db, dgamma, dbeta, dres
+
+
+def conv_input_grad(grad_y: Tensor, weight: Tensor, padding: tuple[int, int]) -> Tensor:
+    """Triton dgrad of a stride-1, ungrouped, undilated conv: the input gradient for the output gradient
+    ``grad_y`` (N, C_out, Ho, Wo), channels_last in ``grad_y.dtype``.
+
+    It is the forward kernel run as a plain conv of ``grad_y`` with the weight flipped in H/W and
+    transposed in C (packed once per call, like a training forward's weight) and padding ``k - 1 - p``.
+    :func:`backward` uses cuDNN (``aten.convolution_backward``) for dgrad/wgrad; this is the Triton
+    candidate that ``bench/test_conv_grad.py`` times against cuDNN's dgrad on every stride-1 conv of the
+    model (strided convs' dgrad is a transposed conv, which the forward kernel does not do).
+    """
+    c_out, c_in, kh, kw = weight.shape
+    pad = (kh - 1 - padding[0], kw - 1 - padding[1])
+    if grad_y.dim() != 4 or grad_y.shape[1] != c_out or min(pad) < 0 or min(padding) < 0:
+        raise ValueError(f"conv_input_grad: grad_y {tuple(grad_y.shape)} does not fit a stride-1 conv with weight "
+                         f"{tuple(weight.shape)} and padding {tuple(padding)}")
+    w = torch.empty((kh * kw * c_out, c_in), dtype=grad_y.dtype, device=grad_y.device)
+    w.view(kh, kw, c_out, c_in).copy_(weight.detach().flip(2, 3).permute(2, 3, 0, 1))
+    dx, _ = K.conv_bn_fwd(grad_y, w, (kh, kw), (1, 1), pad)
+    return dx
 
 
 def _weight_grad(parts: list[Tensor], weight: Tensor) -> Tensor:
