@@ -125,9 +125,13 @@ class ResNet(nn.Module):
         x = self.layer1(x)
         feat8 = self.layer2(x)
         feat16 = self.layer3(feat8)
-        if pool32:
-            return feat8, feat16, *self.layer4(feat16, pool=True)
-        return feat8, feat16, self.layer4(feat16)
+        if not pool32:
+            return feat8, feat16, self.layer4(feat16)
+        out = self.layer4(feat16, pool=True)
+        if not (isinstance(out, tuple) and len(out) == 2):  # e.g. a forward hook on layer4 replaced the output
+            raise TypeError(f"layer4(x, pool=True) must return (feat32, pixel sums), got {type(out).__name__}: a "
+                            "forward hook on layer4 sees and must return that pair")
+        return feat8, feat16, *out
 
 
 BACKBONES: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, int, int, int]]] = {

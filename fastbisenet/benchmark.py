@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -533,6 +533,8 @@ def case_label(case: OpCase) -> str:
             s += " +res"
         if kw.get("relu", True) is False:
             s += " norelu"
+        if kw.get("pool"):
+            s += " +pool"
         return s
     parts = [shp(t) for t in tensors]
     sizes = [a for a in case.args if isinstance(a, tuple) and all(isinstance(i, int) for i in a)]
@@ -760,14 +762,23 @@ included) and cuDNN's (``aten.convolution_backward``, input gradient only), whic
 
 
 def dgrad_cases(cases: Iterable[OpCase]) -> list[OpCase]:
-    """The ``conv_bn_act`` calls among ``cases`` whose input gradient the Triton dgrad can compute: stride 1,
-    and not on the 3-channel image (which needs no gradient)."""
-    out = []
+    """The ``conv_bn_act`` calls among ``cases`` whose input gradient the Triton dgrad can compute (stride 1,
+    not on the 3-channel image, which needs no gradient), one per distinct (input shape, conv): calls that
+    differ only in their epilogue (residual, ReLU, pixel sums) have the same dgrad, so their counts and call
+    sites are merged. (The FFM's concat conv, two column-slice dgrads, is not among them.)"""
+    merged: dict[tuple, OpCase] = {}
     for case in cases:
         conv = next((a for a in case.args if isinstance(a, ConvSpec)), None)
-        if case.op == "conv_bn_act" and conv is not None and conv.stride == (1, 1) and conv.in_ch > 3:
-            out.append(case)
-    return out
+        if case.op != "conv_bn_act" or conv is None or conv.stride != (1, 1) or conv.in_ch <= 3:
+            continue
+        key = (case.input_shape, case.args[0].shape, conv)
+        if key in merged:
+            old = merged[key]
+            case = replace(old, calls=old.calls + case.calls, where=old.where + case.where)
+        else:  # labelled by the conv alone
+            case = replace(case, kwargs=())
+        merged[key] = case
+    return list(merged.values())
 
 
 def _dgrad_shapes(case: OpCase) -> tuple[TensorSpec, ConvSpec, tuple[int, ...]]:
@@ -792,23 +803,25 @@ def dgrad_cost(case: OpCase, dtype: torch.dtype) -> tuple[int, int]:
 
 def dgrad_workload(case: OpCase, variant: str, dtype: torch.dtype, *, device: str = "cuda") -> Callable[[], Tensor]:
     """A no-argument step returning the input gradient of the conv of ``case`` for a random output gradient:
-    ``"fastbisenet"`` the Triton dgrad, ``"eager"`` cuDNN's (see :data:`DGRAD_VARIANTS`)."""
+    ``"fastbisenet"`` the Triton dgrad, ``"eager"`` cuDNN's (see :data:`DGRAD_VARIANTS`). The weight is an
+    fp32 master copy, as in AMP training: each variant pays its own weight preparation, as the backward
+    does (cuDNN: the cast to ``dtype``; Triton: the flipped, transposed packing, which casts too)."""
     from fastbisenet.ops.conv_bn import conv_input_grad
 
     x, conv, out_shape = _dgrad_shapes(case)
     gen = torch.Generator(device=device).manual_seed(0)
     cl = torch.channels_last
     grad_y = torch.randn(out_shape, generator=gen, device=device).to(dtype).contiguous(memory_format=cl)
-    weight = torch.randn(conv.out_ch, conv.in_ch, *conv.kernel, generator=gen, device=device).to(dtype)
+    weight = torch.randn(conv.out_ch, conv.in_ch, *conv.kernel, generator=gen, device=device)
     if variant == "fastbisenet":
         return lambda: conv_input_grad(grad_y, weight, conv.padding)
     if variant != "eager":
         raise ValueError(f"dgrad variants are {DGRAD_VARIANTS}, got {variant!r}")
     x_meta = torch.empty(x.shape, device=device, dtype=dtype).contiguous(memory_format=cl)  # only its shape is read
 
-    def cudnn() -> Tensor:
+    def cudnn() -> Tensor:  # what fastbisenet.ops.conv_bn.backward runs for the input gradient
         return torch.ops.aten.convolution_backward(
-            grad_y, x_meta, weight, None, list(conv.stride), list(conv.padding), [1, 1], False, [0, 0], 1,
+            grad_y, x_meta, weight.to(dtype), None, list(conv.stride), list(conv.padding), [1, 1], False, [0, 0], 1,
             [True, False, False],
         )[0]
 

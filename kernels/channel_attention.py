@@ -582,8 +582,8 @@ def bn_attention_bwd(
     gamma: torch.Tensor | None,
     beta: torch.Tensor | None,
     batch_stats: bool,
-    relu: bool = False,
-    hw: int = 1,
+    relu: bool,
+    hw: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Launch the BN-attention backward (``relu`` as in the forward); returns ``(dmean / hw fp32 (N, C_IN),
     dW (C_OUT, C_IN), dgamma, dbeta)``: with the map's ``hw`` pixels, the first is the gradient of every partial
@@ -738,7 +738,7 @@ def mlp_attention_fwd(
 
 def mlp_attention_bwd(
     da: torch.Tensor, z: torch.Tensor, u: torch.Tensor, mean: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-    hw: int = 1,
+    hw: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the MLP-attention backward; returns ``(dmean / hw fp32 (N, C_IN), dW1, dW2)`` (``hw`` as in
     :func:`bn_attention_bwd`)."""

@@ -988,22 +988,23 @@ def test_pair_with_inference_tensor_buffers(device: str) -> None:
 # ------------------------------------------------------------------------ Triton dgrad candidate
 
 @pytest.mark.parametrize(("n", "c_in", "c_out", "h", "w", "k", "pad", "channels_last"), [
-    (1, 5, 7, 9, 11, 3, 1, True),  # odd sizes, channels not powers of two
-    (3, 33, 20, 6, 5, 3, 1, False),  # NCHW gradient, C_out >= 32: the per-tap loop
-    (2, 40, 24, 8, 7, 1, 0, True),  # 1x1
-    (1, 3, 8, 15, 13, 7, 3, True),  # 7x7 (C_out < 32: the flattened loop over the gradient's channels)
-    (2, 6, 4, 7, 9, 3, 0, True),  # no padding: the dgrad pads by 2
+    (1, 5, 7, 9, 11, (3, 3), (1, 1), True),  # odd sizes, channels not powers of two
+    (3, 33, 20, 6, 5, (3, 3), (1, 1), False),  # NCHW gradient, C_out >= 32: the per-tap loop
+    (2, 40, 24, 8, 7, (1, 1), (0, 0), True),  # 1x1
+    (1, 3, 8, 15, 13, (7, 7), (3, 3), True),  # 7x7 (C_out < 32: the flattened loop over the gradient's channels)
+    (2, 6, 4, 7, 9, (3, 3), (0, 0), True),  # no padding: the dgrad pads by 2
+    (1, 6, 5, 8, 9, (3, 5), (1, 0), True),  # rectangular kernel, asymmetric padding
 ])
 def test_conv_input_grad(n, c_in, c_out, h, w, k, pad, channels_last, device, poison) -> None:
     """Stride-1 dgrad through the forward kernel against autograd of a float64 conv."""
-    weight = torch.randn(c_out, c_in, k, k, device=device)
+    weight = torch.randn(c_out, c_in, *k, device=device)
     x64 = torch.randn(n, c_in, h, w, dtype=torch.float64, requires_grad=True)
     y64 = torch.nn.functional.conv2d(x64, weight.double().cpu(), padding=pad)
     g = torch.randn(y64.shape, device=device)
     (want,) = torch.autograd.grad(y64, x64, g.double().cpu())
     if channels_last:
         g = g.contiguous(memory_format=torch.channels_last)
-    got = ops.conv_input_grad(g, weight, (pad, pad))
+    got = ops.conv_input_grad(g, weight, pad)
     assert got.dtype == torch.float32 and got.is_contiguous(memory_format=torch.channels_last)
     check(got, want, torch.float32, "dx")
 
@@ -1027,3 +1028,35 @@ def test_conv_input_grad_rejects_what_it_cannot_do(device) -> None:
         ops.conv_input_grad(torch.randn(1, 5, 6, 6, device=device), weight, (1, 1))  # C_out mismatch
     with pytest.raises(ValueError, match="stride-1"):
         ops.conv_input_grad(torch.randn(1, 8, 6, 6, device=device), weight, (3, 3))  # padding > k - 1
+    with pytest.raises(ValueError, match="float32/float16/bfloat16"):
+        ops.conv_input_grad(torch.randn(1, 8, 6, 6, device=device, dtype=torch.float64), weight, (1, 1))
+
+
+def test_float64_is_rejected_on_every_device(device) -> None:
+    """The kernels have no fp64 path (under the interpreter they once ran and returned garbage): a clear error,
+    as on a GPU, pointing at the reference backend."""
+    conv = nn.Conv2d(3, 4, 3, 1, 1, bias=False).double().to(device)
+    bn = nn.BatchNorm2d(4).double().to(device)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64, device=device)
+    for mode in (bn.train, bn.eval):
+        mode()
+        with pytest.raises(ValueError, match=r"float32/float16/bfloat16.*backend='torch'"):
+            ops.conv_bn_act(x, conv, bn)
+
+
+def test_channels_last_weight_gets_its_gradient_in_its_layout(device) -> None:
+    """A channels_last model's conv weight: its gradient comes back in that layout (cuDNN's own, no relayout
+    copy either way) and accumulates over steps."""
+    conv, bn, conv64, bn64 = make_modules(5, 6, 3, 1, bias=False, bn=True, train=True, device=device)
+    conv = conv.to(memory_format=torch.channels_last)
+    assert not conv.weight.is_contiguous()
+    x = torch.randn(2, 5, 7, 9, device=device).contiguous(memory_format=torch.channels_last).requires_grad_()
+    x64 = x.detach().double().cpu().requires_grad_()
+    g = torch.randn(2, 6, 7, 9, device=device)
+    ops.conv_bn_act(x, conv, bn).backward(g)
+    ref_forward(x64, conv64, bn64, None, True).backward(g.double().cpu())
+    assert conv.weight.grad.stride() == conv.weight.stride()
+    check(conv.weight.grad, conv64.weight.grad, torch.float32, "dweight")
+    first = conv.weight.grad.clone()
+    ops.conv_bn_act(x, conv, bn).backward(g)  # same batch: the same gradient again, accumulated
+    check(conv.weight.grad, 2 * first, torch.float32, "accumulated dweight", tol=1e-5)

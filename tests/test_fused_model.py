@@ -323,7 +323,7 @@ def test_training_sync_batchnorm_runs_the_reference_op(monkeypatch):
     from fastbisenet.ops import fused
 
     calls = []
-    for name in ("conv_bn_act", "bn_attention"):
+    for name in ("conv_bn_act", "bn_attention", "global_context"):
         real = getattr(reference, name)
         monkeypatch.setattr(reference, name, lambda *a, _real=real, _n=name, **k: calls.append(_n) or _real(*a, **k))
     conv, bn = torch.nn.Conv2d(3, 4, 1, bias=False), torch.nn.SyncBatchNorm(4)
@@ -335,7 +335,8 @@ def test_training_sync_batchnorm_runs_the_reference_op(monkeypatch):
     fused.conv_bn_act(x, conv, bn)
     a = torch.randn(2, 4, 3, 3)
     fused.bn_attention(a, torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.SyncBatchNorm(4).train())
-    assert calls == ["conv_bn_act", "bn_attention"]
+    fused.global_context(a, torch.nn.Conv2d(4, 4, 1, bias=False), torch.nn.SyncBatchNorm(4).train())
+    assert calls == ["conv_bn_act", "bn_attention", "global_context", "conv_bn_act"]  # the last inside global_context
 
 
 def test_autocast_fp16_gives_reference_dtypes(device):

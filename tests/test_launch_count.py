@@ -247,7 +247,8 @@ def test_weight_gradient_is_written_once_in_the_parameters_layout(count, autocas
 
     weight_ops = [op for op, shape in c.op_shapes if on_weight(op, shape) or op == "cat"]
     # the dgrad's weight cast under autocast, per input segment (the forward's packed copy has another layout;
-    # the FFM's segments cast their column slices, no full cast and slice copies), then each segment's
-    # gradient copied once into its slice of dW
+    # the FFM's segments cast their column slices: no full cast, no slice copies of our own; at fp32 the
+    # strided slices go to convolution_backward as they are, which may copy them internally, unseen here),
+    # then each segment's gradient copied once into its slice of dW
     assert weight_ops == ["_to_copy"] * len(xs) * autocast + ["copy_"] * len(xs), weight_ops
     assert conv.weight.grad.dtype == torch.float32 and conv.weight.grad.is_contiguous()

@@ -309,7 +309,8 @@ def backward(
                 continue
             if x2 is None:
                 wi = weight.detach().to(x.dtype)
-            else:  # this segment's weight columns: sliced, cast and made dense in one copy
+            else:  # this segment's weight columns; under autocast sliced and cast in one copy (at the weight's
+                # dtype the strided slice goes to convolution_backward as it is)
                 wi = weight.detach()[:, c0:c0 + ci].to(dtype=x.dtype, memory_format=torch.contiguous_format)
             gi, gw, gb = torch.ops.aten.convolution_backward(
                 dy, xi.detach(), wi, [C] if want_b else None, list(stride), list(padding), [1, 1],
@@ -337,6 +338,8 @@ def conv_input_grad(grad_y: Tensor, weight: Tensor, padding: tuple[int, int]) ->
     candidate that ``bench/test_conv_grad.py`` times against cuDNN's dgrad on every stride-1 conv of the
     model (strided convs' dgrad is a transposed conv, which the forward kernel does not do).
     """
+    if grad_y.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"conv_input_grad: the Triton kernels take float32/float16/bfloat16, got {grad_y.dtype}")
     c_out, c_in, kh, kw = weight.shape
     pad = (kh - 1 - padding[0], kw - 1 - padding[1])
     if grad_y.dim() != 4 or grad_y.shape[1] != c_out or min(pad) < 0 or min(padding) < 0:
@@ -491,7 +494,7 @@ def conv_bn_act_backward_op(
     )
     result, seen = [], {t.untyped_storage().data_ptr() for t in (grad_out, x, x2, weight) if t is not None}
     for i, g in enumerate(grads):
-        g = x.new_empty(0) if g is None else g.contiguous(memory_format=_grad_format(i, x, x2))
+        g = x.new_empty(0) if g is None else g.contiguous(memory_format=_grad_format(i, x, x2, weight))
         ptr = g.untyped_storage().data_ptr()
         if g.numel() and (ptr in seen or g.storage_offset()):  # dgamma/dbeta are views of one buffer
             g = g.clone()
@@ -500,11 +503,12 @@ def conv_bn_act_backward_op(
     return result
 
 
-def _grad_format(i: int, x: Tensor, x2: Tensor | None) -> torch.memory_format:
-    """Layout of gradient ``i`` of :func:`backward`: inputs keep theirs, parameters are contiguous,
-    the residual's is channels_last (as the forward output)."""
-    if i < 2:
-        t = (x, x2)[i]
+def _grad_format(i: int, x: Tensor, x2: Tensor | None, weight: Tensor) -> torch.memory_format:
+    """Layout of gradient ``i`` of :func:`backward`: inputs and the conv weight keep theirs (as
+    :func:`_weight_grad` writes it), the 1-D parameters are contiguous, the residual's is channels_last
+    (as the forward output)."""
+    if i in (0, 1, 2):
+        t = (x, x2, weight)[i]
         cl = t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
         return torch.channels_last if cl else torch.contiguous_format
     return torch.contiguous_format if i < 6 else torch.channels_last
@@ -522,7 +526,7 @@ def _(grad_out, x, x2, weight, bias, bn_weight, out, y, mean, invstd, stride, pa
             grads.append(x.new_empty(0))
         else:
             dtype = residual_dtype if i == 6 else like[i].dtype
-            grads.append(torch.empty_like(like[i], dtype=dtype, memory_format=_grad_format(i, x, x2)))
+            grads.append(torch.empty_like(like[i], dtype=dtype, memory_format=_grad_format(i, x, x2, weight)))
     return grads
 
 
@@ -588,8 +592,8 @@ def _apply(
 ) -> Tensor | tuple[Tensor, Tensor]:
     stride, padding = _check_conv(conv)
     x, x2, residual = _autocast(x, x2, residual)
-    if x.is_cuda and x.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"conv_bn_act: the Triton kernels take float32/float16/bfloat16 on GPU, got {x.dtype} "
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"conv_bn_act: the Triton kernels take float32/float16/bfloat16, got {x.dtype} "
                          "(use backend='torch' for other dtypes)")
     if residual is not None and residual.dtype != x.dtype:
         raise ValueError(f"conv_bn_act: residual dtype {residual.dtype} differs from the input's {x.dtype} "
