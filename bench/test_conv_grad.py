@@ -4,7 +4,8 @@ The conv + BN op's backward computes dgrad/wgrad with ``aten.convolution_backwar
 alternative for stride-1 convs is the forward implicit-GEMM kernel run on the flipped, transposed weight
 (:func:`fastbisenet.ops.conv_bn.conv_input_grad`, its weight packing timed too). These rows are the
 measurement that decides which one the backward should use: "eager" is cuDNN's dgrad as the backward
-calls it, "fastbisenet" the Triton one; the report's speedup reads cuDNN time / Triton time.
+calls it, "fastbisenet" the Triton one; the report's speedup reads cuDNN time / Triton time. Two more
+rows time a whole bf16 training step at 8x3x1024x1024 with each dgrad (``ops.conv_bn.TRITON_DGRAD``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import pytest
 
 from bench import common
 from fastbisenet import benchmark as fb
+from fastbisenet.ops import conv_bn
+
+DGRADS = {"cudnn": False, "triton": True}
 
 
 @pytest.mark.parametrize(("case", "dtype", "variant"), common.dgrad_params())
@@ -26,3 +30,13 @@ def test_conv_dgrad(benchmark: Any, case: Any, dtype: str, variant: str, floors:
                 calls=case.calls, call_sites=list(case.where))
     common.measure_row(benchmark, make_step=lambda: fb.dgrad_workload(case, variant, torch_dtype, device=common.DEVICE),
                        group=f"conv_dgrad {case.label} {dtype}", variant=variant, e2e=False, info=info)
+
+
+@pytest.mark.parametrize("dgrad", list(DGRADS), ids=[f"train-e2e-dgrad-{d}" for d in DGRADS])
+@pytest.mark.bench_priority((0, False, 2, 0))  # after the headline rows, with the other end-to-end sizes
+def test_train_step_dgrad(benchmark: Any, dgrad: str, floors: dict, bench_env: dict,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conv_bn, "TRITON_DGRAD", DGRADS[dgrad])
+    common.run_e2e(benchmark, "train", common.TRAIN_SHAPE, "bf16", "fastbisenet", floors, bench_env)
+    benchmark.group = f"dgrad A/B: {benchmark.group} dgrad={dgrad}"
+    benchmark.extra_info.update(op="dgrad A/B", dgrad=dgrad)  # own report section, not in the e2e plot

@@ -1060,3 +1060,16 @@ def test_channels_last_weight_gets_its_gradient_in_its_layout(device) -> None:
     first = conv.weight.grad.clone()
     ops.conv_bn_act(x, conv, bn).backward(g)  # same batch: the same gradient again, accumulated
     check(conv.weight.grad, 2 * first, torch.float32, "accumulated dweight", tol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["3x3s1-cin33-train", "1x1s1-train-res-norelu", "3x3s1-cin40-eval-frozen",
+                                  "3x3s2-train-res-bias-cl"])
+def test_backward_with_triton_dgrad(name, device, monkeypatch) -> None:
+    """``TRITON_DGRAD``: stride-1 input gradients by :func:`conv_input_grad` (strided ones stay with cuDNN),
+    every gradient and BN buffer still matching the float64 reference."""
+    monkeypatch.setattr(ops, "TRITON_DGRAD", True)
+    calls = []
+    real = ops.conv_input_grad
+    monkeypatch.setattr(ops, "conv_input_grad", lambda *a, **k: calls.append(1) or real(*a, **k))
+    run_case(CASES[name], device, pool=True)
+    assert len(calls) == (CASES[name].s == 1)

@@ -49,6 +49,7 @@ Memory kept for backward (per call, besides the small per-channel vectors ``mean
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -62,6 +63,11 @@ __all__ = [
     "ConvBNActFunction", "backward", "clear_packed_weights", "concat_conv_bn_act", "conv_bn_act", "conv_bn_act_pair",
     "conv_input_grad", "forward",
 ]
+
+TRITON_DGRAD: bool = os.environ.get("FASTBISENET_TRITON_DGRAD", "0").strip().lower() in ("1", "true", "yes", "on")
+"""Input gradients of stride-1 single-input convs by the Triton dgrad (:func:`conv_input_grad`) instead of
+cuDNN's; off by default until a GPU has timed both (``bench/test_conv_grad.py``: per conv, and a training
+step with each). Weight gradients stay with cuDNN either way."""
 
 _STAT_M: int = K.STAT_M_DEFAULT
 """Rows per partial-statistics slot of the forward kernel (see :func:`K.bn_stats_kernel`)."""
@@ -303,6 +309,9 @@ def backward(
         if x2 is not None:
             segments.append((x2, x.shape[1], x2.shape[1], need_x2))
         dws = []
+        if TRITON_DGRAD and x2 is None and need_x and tuple(stride) == (1, 1):
+            dx = conv_input_grad(dy, weight, padding)
+            segments = [(x, 0, x.shape[1], False)]  # cuDNN: the weight gradient (and bias) only
         for i, (xi, c0, ci, need_in) in enumerate(segments):
             want_b = need_b and i == 0
             if not (need_in or need_w or want_b):
@@ -317,7 +326,7 @@ def backward(
                 False, [0, 0], 1, [need_in, need_w, want_b],
             )
             if i == 0:
-                dx, db = gi, gb
+                dx, db = gi if need_in else dx, gb
             else:
                 dx2 = gi
             dws.append(gw)
