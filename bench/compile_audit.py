@@ -267,6 +267,18 @@ def workloads(dtypes: list[str], quick: bool) -> Iterator[tuple[str, Callable[[]
 
     yield "bn-statistics/large-map", large_map_statistics
 
+    for name in dtypes:
+        def triton_dgrad(dtype: torch.dtype = DTYPES[name]) -> None:
+            """The Triton dgrad candidate (ops.conv_bn.conv_input_grad): the forward kernel as a plain conv on
+            output gradients, at the model's stride-1 kernel sizes (3x3 and 1x1)."""
+            from fastbisenet.ops.conv_bn import conv_input_grad
+
+            for c_out, c_in, k in ((64, 64, 3), (128, 256, 3), (128, 64, 1)):
+                g = torch.randn(2, c_out, 12, 20).to(dtype=dtype, memory_format=torch.channels_last)
+                conv_input_grad(g, torch.randn(c_out, c_in, k, k), (k // 2, k // 2))
+
+        yield f"triton-dgrad/{name}", triton_dgrad
+
 
 def summarise(records: list[Compiled], arch: int) -> list[dict]:
     """One row per kernel and config: variants compiled, worst registers/spills/shared memory, MMA kinds."""
