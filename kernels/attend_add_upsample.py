@@ -259,7 +259,14 @@ def dim_params(in_size: int, out_size: int, mode: int, align: bool) -> tuple[flo
     reach = 0 if mode == NEAREST else 1
     if scale > 0:
         inv = 1.0 / float(scale)
-        win = min(out_size, math.ceil((1 + reach) * inv) + 2)
+        k = int(inv)
+        if mode == NEAREST and k == inv and k & (k - 1) == 0 and out_size == in_size * k:
+            # exact power-of-two nearest upsampling (the context path's 2x): o * scale is exact in fp32, so
+            # input i is read by outputs [i * k, i * k + k) exactly; the general window below walks k + 2
+            # taps per dim (16 taps for 4 live at 2x)
+            win = k
+        else:
+            win = min(out_size, math.ceil((1 + reach) * inv) + 2)
     else:
         inv, win = 0.0, out_size
     return float(scale), inv, off, win

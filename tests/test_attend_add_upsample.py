@@ -101,3 +101,14 @@ def test_half_dtypes(dtype, mode, align_corners, device):
     f = make_map(2, 256, 32, 64, True, device, dtype)
     a = torch.rand(2, 256, 1, 1, device=device, dtype=dtype)
     close(AR.attend_residual(f, a), R.attend_residual(f64(f), f64(a)), dtype)
+
+
+def test_backward_window_is_tight_for_power_of_two_nearest():
+    """Nearest 2x / 4x (the context path's upsampling) walks exactly the k x k outputs that read each input pixel;
+    other ratios keep the general window (its margin covers fp32 rounding and the clamp at the border)."""
+    from fastbisenet.kernels.attend_add_upsample import BILINEAR, NEAREST, dim_params
+
+    assert dim_params(32, 64, NEAREST, False)[3] == 2
+    assert dim_params(16, 64, NEAREST, False)[3] == 4
+    assert dim_params(13, 27, NEAREST, False)[3] == 5  # ceil(27 / 13) + 2
+    assert dim_params(32, 64, BILINEAR, False)[3] == 6  # ceil(2 * 2) + 2
