@@ -37,10 +37,11 @@ Memory kept for backward (per call, besides the small per-channel vectors ``mean
 * train: ``x`` and the weight, the conv output ``y`` (the BN input), and the op output when ReLU is
   on (its mask; the output is usually kept alive by the next layer anyway). Eager PyTorch saves the
   same ``x``/``y``/ReLU output; it also writes the BN output and (with a residual) the sum, but frees
-  them once the ReLU has run, so the saving here is their write + read, not saved memory. Measured
-  under the interpreter (v1 train step, 2x3x128x128 fp32, storages counted once): 32.4 MB saved
-  against the reference's 33.0 MB. The 0.7x peak-memory goal of a training step needs other savings
-  (the loss over the full-resolution logits saves fp32 log-softmaxes: ~27% of eager's saved bytes).
+  them once the ReLU has run, so the saving here is their write + read, not saved memory. The
+  convs alone saved about what eager saves (32.4 vs 33.0 MB in a v1 train step at 2x3x128x128 fp32
+  under the interpreter, before the fused heads + loss); the whole model's saving comes mostly from the
+  heads' fused cross-entropy, which never keeps full-resolution logits (22.8 vs 30.8 MiB for the
+  same step now, ``tests/test_bench.py``).
 * eval: ``x``, the weight and the output (ReLU mask) only, plus fp32 copies of the running mean and
   ``rsqrt(running_var + eps)``, computed only when autograd will need them (grad mode on and some
   input requires grad; frozen-BN fine-tuning). Eager also keeps the conv output for the BN backward;
