@@ -136,7 +136,7 @@ class Recorder:
     def add(self, fn: JITFunction, args: tuple, kwargs: dict, kernel, seconds: float, error: str | None) -> None:
         params = [p.name for p in fn.params]
         bound = dict(zip(params, args, strict=False)) | {k: v for k, v in kwargs.items() if k in params}
-        config = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k.startswith("GROUP")}
+        config = {k: v for k, v in kwargs.items() if k.startswith(("BLOCK", "GROUP")) or k == "ONE_LOOP"}
         config |= {k: kwargs[k] for k in ("num_warps", "num_stages") if k in kwargs}
         flags = {p.name: bound[p.name] for p in fn.params
                  if p.is_constexpr and p.name in bound and p.name not in config}

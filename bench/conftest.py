@@ -1,5 +1,5 @@
 """Benchmark session setup: skip everything without CUDA, order rows for a time budget, measure the
-machine floors once, and record the environment in the JSON."""
+machine floors once, and record the environment and the autotuners' choices in the JSON."""
 
 from __future__ import annotations
 
@@ -62,4 +62,4 @@ def floors() -> dict[str, float]:
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
     machine_info["fastbisenet"] = {**fb.env_info("cuda" if HAS_CUDA else "cpu"), "floors": dict(common.floors_measured),
-                                   "bench_mode": common.MODE}
+                                   "bench_mode": common.MODE, "autotune": fb.autotune_choices()}

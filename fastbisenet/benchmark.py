@@ -110,6 +110,57 @@ def env_info(device: str | torch.device | None = None) -> dict[str, Any]:
     }
 
 
+def autotune_choices() -> list[dict[str, Any]]:
+    """The config each Triton autotuner of :mod:`fastbisenet.kernels` picked in this process, per key.
+
+    One entry per (kernel, key): ``kernel``, ``key`` (the tuner's key arguments by name), ``dtypes`` (of
+    its tensor arguments, as Triton appends them to the key) and ``config`` (the config's constexprs plus
+    ``num_warps``/``num_stages``). The benchmarks record this so that a GPU run says which tiles and
+    K-loop forms won at which shapes.
+    """
+    import pkgutil
+
+    from triton.runtime.autotuner import Autotuner
+
+    from fastbisenet import kernels
+
+    out = []
+    for mod_info in pkgutil.iter_modules(kernels.__path__):
+        mod = importlib.import_module(f"{kernels.__name__}.{mod_info.name}")
+        for tuner in vars(mod).values():
+            if not isinstance(tuner, Autotuner):
+                continue
+            name = getattr(getattr(tuner, "base_fn", None), "__name__", None) or getattr(tuner.fn, "__name__", "?")
+            n = len(tuner.keys)
+            for key, cfg in tuner.cache.items():
+                values = [v if isinstance(v, (int, float, bool, str)) or v is None else str(v) for v in key]
+                out.append({"kernel": name, "key": dict(zip(tuner.keys, values[:n], strict=False)),
+                            "dtypes": sorted(set(map(str, values[n:]))),
+                            "config": {**cfg.kwargs, "num_warps": cfg.num_warps, "num_stages": cfg.num_stages}})
+    return sorted(out, key=lambda d: (d["kernel"], json.dumps(d["key"], sort_keys=True), d["dtypes"]))
+
+
+def autotune_lines(choices: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown tables of :func:`autotune_choices`: per kernel, each key's winning config."""
+    if not choices:
+        return []
+    lines = ["## Autotune choices", "",
+             "The config Triton's autotuner picked for each key the run launched (ONE_LOOP: the conv's K loop as "
+             "one loop over (tap, channel block) steps; else nested per tap).", ""]
+    by_kernel: dict[str, list[dict[str, Any]]] = {}
+    for c in choices:
+        by_kernel.setdefault(c["kernel"], []).append(c)
+    for kernel, cs in sorted(by_kernel.items()):
+        lines += [f"### {kernel}", "", "| key | dtypes | config |", "|---|---|---|"]
+        for c in cs:
+            key = ", ".join(f"{k}={v}" for k, v in c["key"].items())
+            dts = ", ".join(d.removeprefix("torch.") for d in c["dtypes"])
+            cfg = " ".join(f"{k.removeprefix('BLOCK_').removeprefix('num_')}={v}" for k, v in c["config"].items())
+            lines.append(f"| {key} | {dts} | {cfg} |")
+        lines.append("")
+    return lines
+
+
 # ----------------------------------------------------------------------------------------------
 # timing
 # ----------------------------------------------------------------------------------------------
@@ -1128,6 +1179,7 @@ def render_markdown(rows: Sequence[Row], meta: dict[str, Any] | None = None) -> 
                 lines += _group_table(g, groups[g], sp.get(g, {}))
         else:
             lines += _op_table([groups[g] for g in ops_order[op]], sp)
+    lines += autotune_lines(meta.get("machine_info", {}).get("fastbisenet", {}).get("autotune") or [])
     return "\n".join(lines)
 
 
@@ -1434,7 +1486,8 @@ if __name__ == "__main__":
 
 
 __all__ = [
-    "SCHEMA", "VARIANTS", "OpCase", "Row", "Timing", "add_parser", "env_info", "extra_info", "feed_benchmark",
+    "SCHEMA", "VARIANTS", "OpCase", "Row", "Timing", "add_parser", "autotune_choices", "autotune_lines", "env_info",
+    "extra_info", "feed_benchmark",
     "floor_seconds", "load_rows", "materialize", "measure_floors", "model_cost", "model_workload",
     "op_cost", "op_workload", "render_markdown", "report", "run", "saved_tensor_bytes", "time_cuda", "trace_ops",
 ]

@@ -75,12 +75,13 @@ _ELT_BLOCK_M: int = 64
 
 def _fwd_configs() -> list[triton.Config]:
     if INTERPRET:  # the interpreter runs every program in numpy: one config, no benchmarking
-        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8})]
+        return [triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 256, "GROUP_M": 8, "ONE_LOOP": False})]
     return gpu_fwd_configs()
 
 
 def gpu_fwd_configs() -> list[triton.Config]:
-    """The forward kernel's autotune configs on a GPU (before :func:`_prune_fwd_configs`)."""
+    """The forward kernel's autotune configs on a GPU (before :func:`_prune_fwd_configs`): each tile in both
+    K-loop forms (``ONE_LOOP``, see :func:`_accumulate`), which autotuning picks between per shape."""
     # num_warps <= 4 on purpose (see the module docstring); all BLOCK_M are multiples of 64.
     cfgs = [
         (128, 128, 32, 3, 4),
@@ -91,7 +92,9 @@ def gpu_fwd_configs() -> list[triton.Config]:
         (64, 32, 32, 4, 2),
     ]
     return [
-        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_stages=s, num_warps=w)
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "ONE_LOOP": one},
+                      num_stages=s, num_warps=w)
+        for one in (False, True)
         for bm, bn, bk, s, w in cfgs
     ]
 
@@ -114,7 +117,7 @@ def _nhwc_offsets(offs_m, offs_c, HW, W, s_n, s_c, s_h, s_w):
 def _accumulate(
     acc, x_ptr, w_ptr, x_row, ih0, iw0, m_mask, offs_n, n_mask,
     C, H, W, s_c, s_h, s_w, w_row0, C_out,
-    KH: tl.constexpr, KW: tl.constexpr, FLAT_C: tl.constexpr, ROW_K: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, FLAT_C: tl.constexpr, ROW_K: tl.constexpr, ONE_LOOP: tl.constexpr,
     BLOCK_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Add one input segment's contribution ``x_seg @ w[w_row0 : w_row0 + KH*KW*C]`` to ``acc``.
@@ -126,7 +129,8 @@ def _accumulate(
     channels and spatial size. s_c/s_h/s_w: its strides. w_row0: first weight row of the segment.
 
     Two loop shapes. The default loops over taps with an inner loop over BLOCK_K-channel blocks: the
-    A tile of one step is one tap's channels, so its addresses and bounds mask are per row (1-D).
+    A tile of one step is one tap's channels, so its addresses and bounds mask are per row (1-D);
+    ONE_LOOP runs the same steps as a single loop (see the branch below).
     FLAT_C > 0 (the segment's C as a constexpr, for C < 32 such as the 3-channel image) runs one loop
     over the flattened ``KH*KW*C`` axis instead; each A element is then a separate gather, so its cost
     is kept down: the divisions of the K index are by constants, its offset ``c*s_c + kh*s_h + kw*s_w``
@@ -176,6 +180,27 @@ def _accumulate(
             a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
             b_off = (w_row0 + kk)[:, None] * C_out + offs_n[None, :]
             b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+    elif ONE_LOOP:
+        # One loop over (tap, channel block) steps: Triton software-pipelines only innermost loops, so in
+        # the nested form below every tap restarts the cp.async pipeline (C_in = 64 at BLOCK_K = 64 is a
+        # one-step inner loop: no overlap at all). Here loads of the next steps are in flight across
+        # taps, at the cost of a scalar division per step. Picked per shape by autotuning.
+        c_steps = tl.cdiv(C, BLOCK_K)
+        for step in range(0, KH * KW * c_steps):
+            tap = step // c_steps
+            c = (step - tap * c_steps) * BLOCK_K + offs_k
+            kh = tap // KW
+            ih = ih0 + kh
+            iw = iw0 + (tap - kh * KW)
+            row_mask = m_mask & (ih.to(tl.uint32) < H.to(tl.uint32)) & (iw.to(tl.uint32) < W.to(tl.uint32))
+            c_mask = c < C
+            a = tl.load(
+                x_ptr + ((x_row + (ih * s_h + iw * s_w))[:, None] + c[None, :] * s_c),
+                mask=row_mask[:, None] & c_mask[None, :], other=0.0,
+            )
+            b_off = (w_row0 + tap * C + c)[:, None] * C_out + offs_n[None, :]
+            b = tl.load(w_ptr + b_off, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
     else:
         for tap in range(0, KH * KW):
@@ -235,6 +260,14 @@ def _store_pixel_sums(
 # ------------------------------------------------------------------------------------------ forward
 
 
+def _loop_form_may_win(c: triton.Config, c_in: int, nested_only: bool) -> bool:
+    """Whether config ``c``'s K-loop form (``ONE_LOOP``) is kept for ``c_in`` input channels per tap."""
+    if nested_only:
+        return not c.kwargs["ONE_LOOP"]
+    steps = triton.cdiv(c_in, c.kwargs["BLOCK_K"])
+    return steps < 8 if c.kwargs["ONE_LOOP"] else steps >= 2
+
+
 def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
     """Skip configs that cannot win before autotuning benchmarks them (facts from bench/compile_audit.py, sm_90):
 
@@ -244,7 +277,15 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
       ~60-165 spill instructions inside the K loop in every such variant the model launches;
     * 128x128 tiles on convs with C_in < 32 (FLAT_C, the stems, also merged to C_out = 128): their
       gathered A tile spills inside the K loop with either loop form (triton 3.6, bf16: 22 spill
-      instructions per step at BLOCK_K=32, 129 at 64; fp32: 8), while 64x128 tiles do not.
+      instructions per step at BLOCK_K=32, 129 at 64; fp32: 8), while 64x128 tiles do not;
+    * ``ONE_LOOP`` where it changes nothing: 1x1 convs (one tap: the nested loop is already one loop)
+      and C_in < 32 (FLAT_C: their own loop forms);
+    * the K-loop form that cannot win by the sm_90 pipelining facts (see :func:`_accumulate`), by the
+      channel steps per tap ``cdiv(C_in, BLOCK_K)``: the nested form at 1 step (every tap a one-step loop,
+      no load overlaps an MMA), the one-loop form at >= 8 steps (the nested form's per-tap pipeline drain is
+      then <= 1/8 of the steps; predicted, not timed, to cost less than the one-loop form's per-step index
+      math: 184 vs 108 SASS instructions per 4 wgmma at 128x128x32, bf16, triton 3.9). In between,
+      autotuning decides (C_in = 64, 128 at BLOCK_K = 32, and 256 at 64 in the model).
 
     Never returns an empty list (a single forced config, as in tests/test_autotune_configs.py, stays).
     """
@@ -252,6 +293,7 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     n_max = max(32, triton.next_power_of_2(args["C_out"]))
     wide = args["x_ptr"].element_size() >= 4
     small_c = args["FLAT_C"] > 0
+    one_tap = args["KH"] * args["KW"] == 1
 
     def big(c: triton.Config) -> bool:
         return c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] >= 128 * 128
@@ -261,6 +303,7 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
         if c.kwargs["BLOCK_N"] <= n_max
         and not (wide and big(c) and c.kwargs["BLOCK_K"] >= 64)
         and not (small_c and big(c))
+        and _loop_form_may_win(c, args["C_in"], small_c or one_tap)
     ]
     return kept or configs
 
@@ -284,6 +327,7 @@ def conv_bn_fwd_kernel(
     RELU: tl.constexpr, POOL: tl.constexpr, FLAT_C: tl.constexpr, ROW_K: tl.constexpr, STAT_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    ONE_LOOP: tl.constexpr,
 ):
     """``out = relu?(bn_eval?(conv(x) + bias?) + res?)``; optional channel statistics or pixel sums.
 
@@ -309,7 +353,9 @@ def conv_bn_fwd_kernel(
     ``acc * scale + shift``: one FMA per element; STATS and BN_EVAL are exclusive. FLAT_C = C_in
     (< 32) picks the flattened-K loop (ROW_K: its per-kernel-row form), 0 the per-tap loop (see
     :func:`_accumulate`); STAT_M rows per
-    statistics slot (divides BLOCK_M); DOT_PRECISION ``"ieee"``/``"tf32"`` for fp32 inputs; BLOCK_*/GROUP_M tiling.
+    statistics slot (divides BLOCK_M); DOT_PRECISION ``"ieee"``/``"tf32"`` for fp32 inputs; BLOCK_*/GROUP_M tiling
+    and ONE_LOOP (the per-tap loop's form: nested, or one loop over (tap, channel block) steps) come from
+    the autotune config.
     """
     pid = tl.program_id(0)
     num_pid_m = (M // SEG) * tl.cdiv(SEG, BLOCK_M)
@@ -334,12 +380,12 @@ def conv_bn_fwd_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc = _accumulate(
         acc, x_ptr, w_ptr, n_img.to(tl.int64) * sx_n, ih0, iw0, m_mask, offs_n, n_mask,
-        C_in, H, W, sx_c, sx_h, sx_w, 0, C_out, KH, KW, FLAT_C, ROW_K, BLOCK_K, DOT_PRECISION,
+        C_in, H, W, sx_c, sx_h, sx_w, 0, C_out, KH, KW, FLAT_C, ROW_K, ONE_LOOP, BLOCK_K, DOT_PRECISION,
     )
     if HAS_X2:
         acc = _accumulate(
             acc, x2_ptr, w_ptr, n_img.to(tl.int64) * sx2_n, ih0, iw0, m_mask, offs_n, n_mask,
-            C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, 0, False, BLOCK_K, DOT_PRECISION,
+            C_in2, H, W, sx2_c, sx2_h, sx2_w, C_in, C_out, 1, 1, 0, False, ONE_LOOP, BLOCK_K, DOT_PRECISION,
         )
 
     if HAS_BIAS and not BN_EVAL:  # with BN_EVAL the bias is folded into the BN shift below

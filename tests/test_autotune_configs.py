@@ -246,23 +246,42 @@ def _tiles(configs: list) -> set[tuple[int, int, int]]:
     return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in configs}
 
 
+def _loops(configs: list) -> set[bool]:
+    return {c.kwargs["ONE_LOOP"] for c in configs}
+
+
 def test_conv_config_pruning():
     """The forward conv's pre-autotune pruning drops exactly the configs the sm_90 compile audit rules out."""
     gpu = k_conv.gpu_fwd_configs()
     prune = k_conv._prune_fwd_configs
     bf16, fp32 = torch.empty(1, dtype=torch.bfloat16), torch.empty(1, dtype=torch.float32)
-    assert _tiles(prune(gpu, {"C_out": 256, "FLAT_C": 0, "x_ptr": bf16})) == _tiles(gpu)
+    k3, k1 = {"KH": 3, "KW": 3, "C_in": 128}, {"KH": 1, "KW": 1, "C_in": 128}
+    assert prune(gpu, {"C_out": 256, "FLAT_C": 0, "x_ptr": bf16, **k3}) == gpu
+    assert _tiles(gpu) == _tiles([c for c in gpu if c.kwargs["ONE_LOOP"]])  # every tile in both loop forms
+    # 1x1 convs and the C_in < 32 stems keep the nested loop only (the one-loop form would be the same loop)
+    assert _loops(prune(gpu, {"C_out": 256, "FLAT_C": 0, "x_ptr": bf16, **k1})) == {False}
+    assert _loops(prune(gpu, {"C_out": 64, "FLAT_C": 3, "x_ptr": bf16, "KH": 7, "KW": 7, "C_in": 3})) == {False}
+    assert _loops(prune(gpu, {"C_out": 64, "FLAT_C": 0, "x_ptr": bf16, "KH": 1, "KW": 3, "C_in": 64})) == {False, True}
+
+    def forms(c_in: int) -> set[tuple[int, bool]]:  # (BLOCK_K, ONE_LOOP) kept for a 3x3 conv
+        kept = prune(gpu, {"C_out": 256, "FLAT_C": 0, "x_ptr": bf16, "KH": 3, "KW": 3, "C_in": c_in})
+        return {(c.kwargs["BLOCK_K"], c.kwargs["ONE_LOOP"]) for c in kept}
+
+    # one channel step per tap: the one-loop form only; >= 8 steps: the nested form only; both in between
+    assert forms(64) == {(32, False), (32, True), (64, True)}
+    assert forms(256) == {(32, False), (64, False), (64, True)}
+    assert forms(512) == {(32, False), (64, False)}
     # C_out = 64 (the 7x7 stem, ResNet stage 1): no 128-wide N tiles; C_out = 19 rounds up to 32
-    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 64, "FLAT_C": 0, "x_ptr": bf16}))} == {32, 64}
-    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 19, "FLAT_C": 0, "x_ptr": bf16}))} == {32}
+    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 64, "FLAT_C": 0, "x_ptr": bf16, **k3}))} == {32, 64}
+    assert {n for _, n, _ in _tiles(prune(gpu, {"C_out": 19, "FLAT_C": 0, "x_ptr": bf16, **k3}))} == {32}
     # fp32 (tf32 dots): no 128x128x64 tile, everything else stays
-    assert _tiles(gpu) - _tiles(prune(gpu, {"C_out": 256, "FLAT_C": 0, "x_ptr": fp32})) == {(128, 128, 64)}
+    assert _tiles(gpu) - _tiles(prune(gpu, {"C_out": 256, "FLAT_C": 0, "x_ptr": fp32, **k3})) == {(128, 128, 64)}
     # the merged stems (C_in = 3, C_out = 128): no 128x128 tile, 64x128 stays
-    stem = _tiles(prune(gpu, {"C_out": 128, "FLAT_C": 3, "x_ptr": bf16}))
+    stem = _tiles(prune(gpu, {"C_out": 128, "FLAT_C": 3, "x_ptr": bf16, "KH": 7, "KW": 7, "C_in": 3}))
     assert _tiles(gpu) - stem == {(128, 128, 32), (128, 128, 64)} and (64, 128, 32) in stem
     # a single forced config (as test_forced_config_matches_reference forces them) is never pruned away
-    wide = [c for c in gpu if c.kwargs["BLOCK_N"] == 128][:1]
-    assert prune(wide, {"C_out": 16, "FLAT_C": 0}, x_ptr=bf16) == wide
+    wide = [c for c in gpu if c.kwargs["BLOCK_N"] == 128 and c.kwargs["ONE_LOOP"]][:1]
+    assert prune(wide, {"C_out": 16, "FLAT_C": 0, **k1}, x_ptr=bf16) == wide
 
 
 def test_max_pool_config_pruning():

@@ -100,6 +100,36 @@ def test_report_numbers(tmp_path: Path) -> None:
     assert "| 48.0% | 3 | cuda-graph, warm |" in md
 
 
+def test_autotune_choices_recorded_and_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What each autotuner picked is listed by kernel, key and config (from the tuner's cache, keyed as Triton
+    keys it: the key arguments, then the tensor arguments' dtypes), travels in the JSON's machine_info and
+    is rendered as a table in the report."""
+    import triton
+    from fastbisenet.kernels import conv_bn as K
+
+    picked = triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "ONE_LOOP": True},
+                           num_warps=4, num_stages=3)
+    key = (35, 40, 0, 24, 3, 3, 1, 0, True, *["torch.bfloat16"] * 11, "torch.float32")
+    monkeypatch.setattr(K.conv_bn_fwd_kernel, "cache", {key: picked})
+    conv = [c for c in fb.autotune_choices() if c["kernel"] == "conv_bn_fwd_kernel"]
+    assert conv == [{"kernel": "conv_bn_fwd_kernel",
+                     "key": {"M": 35, "C_in": 40, "C_in2": 0, "C_out": 24, "KH": 3, "KW": 3, "STRIDE_H": 1,
+                             "FLAT_C": 0, "ROW_K": True},
+                     "dtypes": ["torch.bfloat16", "torch.float32"],
+                     "config": {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 8, "ONE_LOOP": True,
+                                "num_warps": 4, "num_stages": 3}}]
+
+    data = json.loads(_write_json(tmp_path / "bench.json").read_text())
+    data["machine_info"] = {"fastbisenet": {"autotune": json.loads(json.dumps(conv))}}
+    (tmp_path / "bench.json").write_text(json.dumps(data))
+    rows, meta = fb.load_rows(tmp_path / "bench.json")
+    md = fb.render_markdown(rows, meta)
+    assert "## Autotune choices" in md and "### conv_bn_fwd_kernel" in md
+    assert ("| M=35, C_in=40, C_in2=0, C_out=24, KH=3, KW=3, STRIDE_H=1, FLAT_C=0, ROW_K=True | bfloat16, float32 "
+            "| M=64 N=32 K=32 GROUP_M=8 ONE_LOOP=True warps=4 stages=3 |") in md
+    assert "Autotune choices" not in fb.render_markdown(rows, {})
+
+
 def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
     paths = fb.report(_write_json(tmp_path / "bench.json"), tmp_path / "out")

@@ -753,13 +753,14 @@ SMALL_C_CASES = {
 
 
 @contextlib.contextmanager
-def forward_block_k(block_k: int | None):
-    """Run the forward conv kernel with one config of ``BLOCK_K=block_k`` (None: the current configs)."""
+def forward_block_k(block_k: int | None, one_loop: bool = False):
+    """Run the forward conv kernel with one config of ``BLOCK_K=block_k`` and the given K-loop form
+    (``block_k=None``: the current configs)."""
     kernel = K.conv_bn_fwd_kernel
     configs, cache = kernel.configs, kernel.cache
     if block_k is not None:
-        kernel.configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": block_k, "GROUP_M": 8},
-                                        num_warps=4)]
+        kernel.configs = [triton.Config({"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": block_k, "GROUP_M": 8,
+                                         "ONE_LOOP": one_loop}, num_warps=4)]
     kernel.cache = {}
     try:
         yield
@@ -789,6 +790,28 @@ def test_small_channel_row_loop(name, block_k, device, monkeypatch):
     with forward_block_k(block_k):
         run_case(SMALL_C_CASES[name], device)
         run_case(SMALL_C_CASES[name], device, pool=True)
+
+
+ONE_LOOP_CASES = {  # C_in >= 32: smaller inputs take the FLAT_C loops
+    "3x3s2-cin36-train-res-bias": Case(3, 36, 12, 17, 23, 3, 2, residual=True, bias=True),
+    "3x3s1-cin33-train": CASES["3x3s1-cin33-train"],
+    "3x3s1-cin40-eval-frozen": CASES["3x3s1-cin40-eval-frozen"],
+    "3x3s1-cin35-nobn-bias": Case(2, 35, 10, 7, 9, 3, 1, bn=False, bias=True, residual=True),
+}
+
+
+@pytest.mark.parametrize("block_k", [16, 32])
+@pytest.mark.parametrize("name", list(ONE_LOOP_CASES))
+def test_one_loop_over_taps_and_channels(name, block_k, device, monkeypatch):
+    """The single (tap, channel block) K loop (``ONE_LOOP``, an autotune choice on GPUs) against the float64
+    references: C_in of 33-40 at BLOCK_K 16/32 gives 2-3 channel steps per tap with partial last steps
+    (the step -> (tap, channel block) split), stride 1 and 2, padding at every border, NCHW and
+    channels_last, train and eval, residual, pixel sums, and (``TRITON_DGRAD``) the stride-1 input gradients
+    through the same kernel."""
+    monkeypatch.setattr(ops, "TRITON_DGRAD", True)
+    with forward_block_k(block_k, one_loop=True):
+        run_case(ONE_LOOP_CASES[name], device)
+        run_case(ONE_LOOP_CASES[name], device, pool=True)
 
 
 # ------------------------------------------------------------------------------------------ two convs, one input
