@@ -185,23 +185,30 @@ def _accumulate(
         # One loop over (tap, channel block) steps: Triton software-pipelines only innermost loops, so in
         # the nested form below every tap restarts the cp.async pipeline (C_in = 64 at BLOCK_K = 64 is a
         # one-step inner loop: no overlap at all). Here loads of the next steps are in flight across
-        # taps, at the cost of a scalar division per step. Picked per shape by autotuning.
-        c_steps = tl.cdiv(C, BLOCK_K)
-        for step in range(0, KH * KW * c_steps):
-            tap = step // c_steps
-            c = (step - tap * c_steps) * BLOCK_K + offs_k
+        # taps, at the cost of the row masks recomputed every step: sm_90 SASS instructions per wgmma of the
+        # loop 42 vs 27 at 128x128x32 and 58 vs 42 at 64x64x32 (bf16, triton 3.9; the nested form also runs
+        # a pipeline prologue per tap). Picked per shape by autotuning.
+        row_base = x_row + (ih0 * s_h + iw0 * s_w)  # per row, loop-invariant; a step adds scalars
+        tap = C * 0  # loop-carried (tap, first channel) instead of a runtime division of the step index
+        c0 = C * 0
+        for _ in range(0, KH * KW * tl.cdiv(C, BLOCK_K)):
+            c = c0 + offs_k
             kh = tap // KW
+            kw = tap - kh * KW
             ih = ih0 + kh
-            iw = iw0 + (tap - kh * KW)
+            iw = iw0 + kw
             row_mask = m_mask & (ih.to(tl.uint32) < H.to(tl.uint32)) & (iw.to(tl.uint32) < W.to(tl.uint32))
             c_mask = c < C
             a = tl.load(
-                x_ptr + ((x_row + (ih * s_h + iw * s_w))[:, None] + c[None, :] * s_c),
+                x_ptr + (row_base[:, None] + (kh * s_h + kw * s_w + c * s_c)[None, :]),
                 mask=row_mask[:, None] & c_mask[None, :], other=0.0,
             )
             b_off = (w_row0 + tap * C + c)[:, None] * C_out + offs_n[None, :]
             b = tl.load(w_ptr + b_off, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
             acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            wrap = (c0 + BLOCK_K >= C).to(tl.int32)
+            tap += wrap
+            c0 = (c0 + BLOCK_K) * (1 - wrap)
     else:
         for tap in range(0, KH * KW):
             kh = tap // KW
@@ -283,9 +290,9 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     * the K-loop form that cannot win by the sm_90 pipelining facts (see :func:`_accumulate`), by the
       channel steps per tap ``cdiv(C_in, BLOCK_K)``: the nested form at 1 step (every tap a one-step loop,
       no load overlaps an MMA), the one-loop form at >= 8 steps (the nested form's per-tap pipeline drain is
-      then <= 1/8 of the steps; predicted, not timed, to cost less than the one-loop form's per-step index
-      math: 184 vs 108 SASS instructions per 4 wgmma at 128x128x32, bf16, triton 3.9). In between,
-      autotuning decides (C_in = 64, 128 at BLOCK_K = 32, and 256 at 64 in the model).
+      then <= 1/8 of the steps; predicted, not timed, to cost less than the one-loop form's per-step mask
+      math, ~1.5x the instructions per wgmma). In between, autotuning decides (C_in = 64, 128 at
+      BLOCK_K = 32, and 256 at 64 in the model).
 
     Never returns an empty list (a single forced config, as in tests/test_autotune_configs.py, stays).
     """
