@@ -279,6 +279,41 @@ def workloads(dtypes: list[str], quick: bool) -> Iterator[tuple[str, Callable[[]
 
         yield f"triton-dgrad/{name}", triton_dgrad
 
+    for name in dtypes:
+        def one_pixel_maps(dtype: torch.dtype = DTYPES[name]) -> None:
+            """Maps 1 pixel high or wide: the JIT specialises an int argument equal to 1 into a Python int, so
+            ``H.to(...)`` on it fails to compile while the interpreter (CI's tests) never notices. Every conv
+            K-loop form (ROW_K and flattened stems, nested, ONE_LOOP: C_in = 32 keeps only that form), then
+            the whole model on a 32x32 input (the 1/32 maps are 1x1), train and inference."""
+            from fastbisenet.kernels import conv_bn as K
+
+            from fastbisenet import BiSeNet
+
+            row_loop = K.STEM_ROW_LOOP
+            try:
+                for K.STEM_ROW_LOOP in (True, False):
+                    for h, w in ((1, 5), (5, 1), (1, 1)):
+                        x = torch.randn(1, 3, h, w).to(dtype)
+                        K.conv_bn_fwd(x, torch.randn(147, 64).to(dtype), (7, 7), (2, 2), (3, 3), relu=True)
+            finally:
+                K.STEM_ROW_LOOP = row_loop
+            for c_in in (32, 64):
+                for h, w in ((1, 5), (5, 1), (1, 1)):
+                    x = torch.randn(1, c_in, h, w).to(dtype=dtype, memory_format=torch.channels_last)
+                    K.conv_bn_fwd(x, torch.randn(9 * c_in, 64).to(dtype), (3, 3), (1, 1), (1, 1), relu=True)
+            torch.manual_seed(0)
+            model = BiSeNet(19, "train", backend="triton").to(dtype=dtype, memory_format=torch.channels_last)
+            x = torch.randn(2, 3, 32, 32).to(dtype)
+            labels = torch.randint(0, 19, (2, 32, 32))
+            sum(loss.mean() for loss in model(x, labels, ignore_index=255)).backward()
+            model.eval()
+            with torch.no_grad():
+                for mode in ("eval", "pred"):
+                    model.aux_mode = mode
+                    model(x[:1])
+
+        yield f"one-pixel-maps/{name}", one_pixel_maps
+
 
 def summarise(records: list[Compiled], arch: int) -> list[dict]:
     """One row per kernel and config: variants compiled, worst registers/spills/shared memory, MMA kinds."""

@@ -151,7 +151,7 @@ def _accumulate(
         kw_j = offs_k // FLAT_C
         pair_off = kw_j * s_w + (offs_k % FLAT_C) * s_c
         iw_j = (iw0[None, :] + kw_j[:, None]).to(tl.uint32)  # negative -> huge: one test covers both bounds
-        col_ok = (m_mask[None, :] & j_mask[:, None]) & (iw_j < W.to(tl.uint32))
+        col_ok = (m_mask[None, :] & j_mask[:, None]) & (iw_j < tl.cast(W, tl.uint32))
         row_base_j = x_row + iw0 * s_w
         for kh_j in range(0, KH):
             ih_j = ih0 + kh_j
@@ -164,8 +164,8 @@ def _accumulate(
     elif FLAT_C > 0:
         K_seg: tl.constexpr = KH * KW * FLAT_C
         row_base = x_row + (ih0 * s_h + iw0 * s_w)
-        h_lim = H.to(tl.uint32)
-        w_lim = W.to(tl.uint32)
+        h_lim = tl.cast(H, tl.uint32)
+        w_lim = tl.cast(W, tl.uint32)
         for k0 in range(0, K_seg, BLOCK_K):
             kk = k0 + offs_k
             k_mask = kk < K_seg
@@ -189,6 +189,8 @@ def _accumulate(
         # loop 42 vs 27 at 128x128x32 and 58 vs 42 at 64x64x32 (bf16, triton 3.9; the nested form also runs
         # a pipeline prologue per tap). Picked per shape by autotuning.
         row_base = x_row + (ih0 * s_h + iw0 * s_w)  # per row, loop-invariant; a step adds scalars
+        h_lim = tl.cast(H, tl.uint32)
+        w_lim = tl.cast(W, tl.uint32)
         tap = C * 0  # loop-carried (tap, first channel) instead of a runtime division of the step index
         c0 = C * 0
         for _ in range(0, KH * KW * tl.cdiv(C, BLOCK_K)):
@@ -197,7 +199,8 @@ def _accumulate(
             kw = tap - kh * KW
             ih = ih0 + kh
             iw = iw0 + kw
-            row_mask = m_mask & (ih.to(tl.uint32) < H.to(tl.uint32)) & (iw.to(tl.uint32) < W.to(tl.uint32))
+            # tl.cast, not H.to(): an int argument equal to 1 is specialised to a Python int by the JIT
+            row_mask = m_mask & (ih.to(tl.uint32) < h_lim) & (iw.to(tl.uint32) < w_lim)
             c_mask = c < C
             a = tl.load(
                 x_ptr + (row_base[:, None] + (kh * s_h + kw * s_w + c * s_c)[None, :]),

@@ -797,6 +797,11 @@ ONE_LOOP_CASES = {  # C_in >= 32: smaller inputs take the FLAT_C loops
     "3x3s1-cin33-train": CASES["3x3s1-cin33-train"],
     "3x3s1-cin40-eval-frozen": CASES["3x3s1-cin40-eval-frozen"],
     "3x3s1-cin35-nobn-bias": Case(2, 35, 10, 7, 9, 3, 1, bn=False, bias=True, residual=True),
+    # C_in a multiple of BLOCK_K (the model's 64/128/256: the step that wraps to the next tap is a full one),
+    # and C_out >= 32 so that the stride-1 input gradient (C_in = C_out) takes the one-loop form too
+    "3x3s1-cin32-cout40-train": Case(2, 32, 40, 7, 9, 3, 1),
+    "3x3s1-cin48-cout48-eval-res": Case(2, 48, 48, 6, 8, 3, 1, train=False, residual=True),
+    "3x3s2-cin64-train-cl": Case(2, 64, 24, 9, 11, 3, 2, channels_last=True),
 }
 
 
@@ -804,7 +809,7 @@ ONE_LOOP_CASES = {  # C_in >= 32: smaller inputs take the FLAT_C loops
 @pytest.mark.parametrize("name", list(ONE_LOOP_CASES))
 def test_one_loop_over_taps_and_channels(name, block_k, device, monkeypatch):
     """The single (tap, channel block) K loop (``ONE_LOOP``, an autotune choice on GPUs) against the float64
-    references: C_in of 33-40 at BLOCK_K 16/32 gives 2-3 channel steps per tap with partial last steps
+    references: C_in of 32-64 at BLOCK_K 16/32 gives 1-4 channel steps per tap, with and without partial last steps
     (the step -> (tap, channel block) split), stride 1 and 2, padding at every border, NCHW and
     channels_last, train and eval, residual, pixel sums, and (``TRITON_DGRAD``) the stride-1 input gradients
     through the same kernel."""
