@@ -19,7 +19,11 @@ def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print(__doc__.strip(), file=sys.stderr)
         return 2
-    paths = report(argv[0], argv[1])
+    try:
+        paths = report(argv[0], argv[1])
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {paths['markdown']}" + (f" and {paths['plot']}" if paths["plot"] else ""))
     if paths["rows"] and paths["plot"] is None:
         print(f"error: {paths['rows']} benchmark rows but no end_to_end.png: {paths['plot_skipped']}",

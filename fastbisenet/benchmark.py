@@ -1074,6 +1074,9 @@ class Row:
 def load_rows(json_path: str | Path) -> tuple[list[Row], dict[str, Any]]:
     """Benchmark rows (median time) and the file's machine/commit info."""
     data = json.loads(Path(json_path).read_text())
+    if not isinstance(data, dict) or "benchmarks" not in data:
+        raise ValueError(f"{json_path} is not a pytest-benchmark JSON (pytest bench/ --benchmark-only "
+                         "--benchmark-json FILE); a 'fastbisenet bench --json' file holds its table already")
     rows = [Row(b.get("group") or b["name"], b["name"], float(b["stats"]["median"]), b.get("extra_info") or {})
             for b in data.get("benchmarks", [])]
     meta = {"datetime": data.get("datetime"), "machine_info": data.get("machine_info", {}),
@@ -1327,15 +1330,17 @@ def _size(text: str) -> tuple[int, int]:
 
 def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Options of ``fastbisenet bench``."""
+    from fastbisenet.cli import nonnegative_int, positive_int
+
     p.add_argument("--size", type=_size, default=None,
                    help="input HxW (default 1024x2048 on CUDA, 256x512 on CPU)")
-    p.add_argument("--batch", type=int, default=1, help="batch size (default 1)")
+    p.add_argument("--batch", type=positive_int, default=1, help="batch size (default 1)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="default bf16 on CUDA, fp32 on CPU")
     p.add_argument("--aux-mode", choices=("pred", "eval", "train"), default="pred",
                    help="pred/eval: inference; train: a training step as `fastbisenet train` runs it (fp32 "
                         "master weights, autocast forward, OHEM CE on 3 heads, backward, SGD step)")
-    p.add_argument("--iters", type=int, default=None, help="timed samples (default 30 on CUDA, 5 on CPU)")
-    p.add_argument("--warmup", type=int, default=None, help="warm-up calls (default 5 on CUDA, 2 on CPU)")
+    p.add_argument("--iters", type=positive_int, default=None, help="timed samples (default 30 on CUDA, 5 on CPU)")
+    p.add_argument("--warmup", type=nonnegative_int, default=None, help="warm-up calls (default 5 on CUDA, 2 on CPU)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="also time torch.compile of the reference (default: on for CUDA, off for CPU)")
     p.add_argument("--max-autotune", action="store_true",
@@ -1345,7 +1350,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--preset", default="v1", help="model preset (default v1)")
     p.add_argument("--backbone", default="resnet18")
-    p.add_argument("--n-classes", type=int, default=19)
+    p.add_argument("--n-classes", type=positive_int, default=19)
     p.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     p.add_argument("--report", nargs=2, metavar=("JSON", "OUTDIR"), default=None,
                    help="only render a pytest-benchmark JSON into OUTDIR (report.md, end_to_end.png)")

@@ -7,9 +7,30 @@ import os
 import sys
 
 from fastbisenet import __version__
+from fastbisenet.ops import BackendUnavailableError
 
-USER_ERRORS = (OSError, ValueError, ImportError, ArithmeticError)
+USER_ERRORS = (OSError, ValueError, ImportError, ArithmeticError, BackendUnavailableError)
 """Reported as one ``error:`` line (exit status 1); set FASTBISENET_TRACEBACK=1 for the traceback."""
+
+
+def _int_at_least(low: int) -> type:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "positive int" if low == 1 else f"int >= {low}"  # argparse's "invalid <name> value"
+    return parse  # type: ignore[return-value]
+
+
+positive_int = _int_at_least(1)
+"""argparse ``type`` for counts and sizes (batch sizes, iterations, image sizes)."""
+nonnegative_int = _int_at_least(0)
+"""argparse ``type`` for counts where 0 means none (DataLoader workers, warm-up iterations)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

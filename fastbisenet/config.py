@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,7 @@ class TrainConfig:
     backend: str = "auto"
     device: str = "auto"
     weights: str | None = None
+    reset_classifier: bool = False
     backbone_weights: str | None = None
     # schedule
     iters: int | None = None
@@ -102,6 +104,16 @@ class TrainConfig:
             (self.save_every >= 1, f"save_every must be >= 1, got {self.save_every}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (all(s > 0 for s in self.eval_scales), f"eval_scales must be > 0, got {self.eval_scales}"),
+            (self.synthetic_size >= 1, f"synthetic_size must be >= 1, got {self.synthetic_size}"),
+            (self.synthetic_length >= 1, f"synthetic_length must be >= 1, got {self.synthetic_length}"),
+            (self.synthetic_val_length >= 1, f"synthetic_val_length must be >= 1, got {self.synthetic_val_length}"),
+            (self.workers is None or self.workers >= 0, f"workers must be >= 0, got {self.workers}"),
+            (self.warmup_iters is None or self.warmup_iters >= 0,
+             f"warmup_iters must be >= 0, got {self.warmup_iters}"),
+            (self.eval_every is None or self.eval_every >= 0, f"eval_every must be >= 0, got {self.eval_every}"),
+            (self.weights is not None or not self.reset_classifier, "reset_classifier needs weights to load"),
+            (self.eval_batch_size is None or self.eval_batch_size >= 1,
+             f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -112,6 +124,7 @@ class TrainConfig:
 
 
 FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
+_HINTS = typing.get_type_hints(TrainConfig)
 
 
 def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -151,17 +164,66 @@ def read_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return out
 
 
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def _scalar(name: str, value: Any, kind: type) -> Any:
+    """``value`` as an ``int``/``float``/``bool``/``str`` option, converting strings of numbers and booleans
+    (YAML reads ``1e-3`` as a string); anything else raises ``ValueError`` naming the option."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if isinstance(value, (int, str)) and text in _TRUE + _FALSE:
+            return text in _TRUE
+    elif kind is str:
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"option {name!r} must be a string, got {value!r} ({type(value).__name__}); "
+                         "quote it in a YAML file")
+    elif not isinstance(value, bool):
+        try:
+            number = float(value) if isinstance(value, str) else value
+            if kind is float and isinstance(number, (int, float)):
+                return float(number)
+            if kind is int and isinstance(number, (int, float)) and float(number).is_integer():
+                return int(number)
+        except ValueError:
+            pass
+    raise ValueError(f"option {name!r} must be {'an' if kind is int else 'a'} {kind.__name__}, got {value!r}")
+
+
+def coerce_option(name: str, value: Any) -> Any:
+    """``value`` converted to the type of :class:`TrainConfig` field ``name`` (``None`` where the field
+    allows it; a single number or a comma-separated string for list fields)."""
+    hint = _HINTS[name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    if value is None:
+        if optional:
+            return None
+        raise ValueError(f"option {name!r} must not be empty (null)")
+    base = args[0] if optional and len(args) == 1 else hint
+    if typing.get_origin(base) is list:
+        (item,) = typing.get_args(base)
+        items = value.split(",") if isinstance(value, str) else value
+        items = items if isinstance(items, (list, tuple)) else [items]
+        return [_scalar(name, v.strip() if isinstance(v, str) else v, item) for v in items]
+    return _scalar(name, value, base)
+
+
 def build_config(*layers: Mapping[str, Any]) -> TrainConfig:
-    """Defaults, then each mapping in order (later ones override: checkpoint < file < flags)."""
+    """Defaults, then each mapping in order (later ones override: checkpoint < file < flags); every value
+    is converted to its option's type by :func:`coerce_option`."""
     merged: dict[str, Any] = {}
     for layer in layers:
         for k, v in layer.items():
             if k not in FIELDS:
                 raise ValueError(f"unknown training option {k!r}")
-            merged[k] = v
+            merged[k] = coerce_option(k, v)
     cfg = TrainConfig(**merged)
     cfg.validate()
     return cfg
 
 
-__all__ = ["FIELDS", "TrainConfig", "build_config", "read_config_file"]
+__all__ = ["FIELDS", "TrainConfig", "build_config", "coerce_option", "read_config_file"]

@@ -8,11 +8,13 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 
 from fastbisenet.metrics import ConfusionMatrix, format_iou_table
 
@@ -68,14 +70,33 @@ def add_normalization_args(p: argparse.ArgumentParser) -> None:
 
 
 # ------------------------------------------------------------------------------------ checkpoints
+def _sidecar(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The ``<stem>.json`` that ``fastbisenet train`` writes next to ``model_final.pt``, if any."""
+    side = Path(path).with_suffix(".json")
+    if not side.is_file():
+        return {}
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) and isinstance(data.get("fastbisenet_meta"), dict) else {}
+
+
 def read_checkpoint_info(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """``(state_dict, meta)`` of a checkpoint; ``meta`` (classes, palette, preset, backbone) is filled
-    from a fastbisenet training checkpoint, or inferred from the state_dict's keys and shapes."""
+    """``(state_dict, meta)`` of a checkpoint; ``meta`` (classes, palette, preset, backbone, mean/std and
+    ``train_config``, the training options) comes from a fastbisenet training checkpoint or the
+    ``<stem>.json`` written beside ``model_final.pt``; what is missing is inferred from the state_dict."""
     from fastbisenet.weights import read_state_dict
 
     state = read_state_dict(path)
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    meta = dict(raw.get("meta", {})) if isinstance(raw, dict) else {}
+    side = _sidecar(path)
+    if isinstance(raw, dict) and isinstance(raw.get("meta"), dict):
+        meta = dict(raw["meta"])
+        meta["train_config"] = dict(raw.get("config") or {})
+    else:
+        meta = dict(side.get("fastbisenet_meta", {}))
+        meta["train_config"] = dict(side.get("config") or {})
     if "conv_out.conv_out.weight" not in state:
         raise ValueError(f"{path} is not a BiSeNet checkpoint (no conv_out.conv_out.weight)")
     meta.setdefault("n_classes", int(state["conv_out.conv_out.weight"].shape[0]))
@@ -167,27 +188,55 @@ def shard_indices(n: int, rank: int, world: int) -> list[int]:
     return list(range(rank, n, world))
 
 
+class _EvalSamples(Dataset):
+    """Each sample of ``dataset`` exactly once: a bad one (``skip_bad``) is ``None``, never a substitute."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        load = getattr(self.dataset, "load_or_none", None)
+        return load(index) if load is not None else self.dataset[index]
+
+
+def _collate_present(batch: Sequence) -> tuple[list[Tensor], list[Tensor], int]:
+    """:func:`fastbisenet.data.collate` of the samples that are not ``None``, and how many were."""
+    from fastbisenet.data import collate
+
+    present = [b for b in batch if b is not None]
+    images, labels = collate(present) if present else ([], [])
+    return images, labels, len(batch) - len(present)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, n_classes: int, *, device: torch.device, batch_size: int = 4,
              scales: Sequence[float] = (1.0,), flip: bool = False, channels_last: bool = False,
              amp: torch.dtype | None = None, workers: int = 0, rank: int = 0, world: int = 1,
              progress: bool = False, mean: Sequence[float] | None = None,
              std: Sequence[float] | None = None) -> ConfusionMatrix:
-    """Confusion matrix of ``model`` over ``dataset`` (summed across processes when distributed)."""
+    """Confusion matrix of ``model`` over ``dataset`` (summed across processes when distributed).
+
+    Every sample counts once: with ``skip_bad`` a bad one is left out (``cm.skipped_samples``), not replaced.
+    """
     from torch.utils.data import DataLoader, Subset
 
-    from fastbisenet.data import MEAN, STD, EvalTransform, collate
+    from fastbisenet.data import MEAN, STD, EvalTransform
     from fastbisenet.train import Progress
 
     was_training = model.training
     model.eval()
-    subset = Subset(dataset, shard_indices(len(dataset), rank, world)) if world > 1 else dataset
-    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
-                        pin_memory=device.type == "cuda")
+    samples = _EvalSamples(dataset)
+    subset = Subset(samples, shard_indices(len(dataset), rank, world)) if world > 1 else samples
+    loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                        collate_fn=_collate_present, pin_memory=device.type == "cuda")
     cm = ConfusionMatrix(n_classes, device=device)
     transform = EvalTransform(mean or MEAN, std or STD)
     bar = Progress(len(loader), desc="eval", enabled=progress)
-    for step, (images, labels) in enumerate(loader, 1):
+    for step, (images, labels, skipped) in enumerate(loader, 1):
+        cm.skipped_samples += skipped
         for idx in group_by_size(images):
             x, y = transform([images[i].to(device, non_blocking=True) for i in idx],
                              [labels[i].to(device, non_blocking=True) for i in idx])
@@ -202,6 +251,8 @@ def evaluate(model: nn.Module, dataset, n_classes: int, *, device: torch.device,
 
 # ---------------------------------------------------------------------------------------------- CLI
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from fastbisenet.cli import nonnegative_int, positive_int
+
     p = subparsers.add_parser("eval", help="mIoU of a checkpoint on a dataset",
                               description="Evaluate a checkpoint: per-class IoU and mIoU (ignore label 255).")
     p.add_argument("weights", help="checkpoint (.pt/.pth): a training checkpoint or a plain state_dict")
@@ -209,14 +260,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--dataset", default="auto", choices=["auto", "synthetic", "cityscapes", "folder"])
     p.add_argument("--split", default="val")
     p.add_argument("--classes-file", default=None, help="class list of a folder dataset (default classes.txt)")
-    p.add_argument("--synthetic-size", type=int, default=128)
-    p.add_argument("--synthetic-length", type=int, default=100)
+    p.add_argument("--synthetic-size", type=positive_int, default=None,
+                   help="synthetic data: image size (default: the checkpoint's training option, else 128)")
+    p.add_argument("--synthetic-length", type=positive_int, default=None,
+                   help="synthetic data: images (default: the training run's validation length, else 100)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="synthetic data: seed (default: the training run's, else 0), so that a checkpoint is "
+                        "scored on the validation images its training run reported")
     p.add_argument("--skip-bad", action="store_true", help="warn and skip unreadable/invalid samples")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S",
                    help="inference scales, e.g. --scales 0.75 1 1.25 (probabilities averaged)")
     p.add_argument("--flip", action="store_true", help="also average the mirrored input")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--batch-size", type=positive_int, default=4)
+    p.add_argument("--workers", type=nonnegative_int, default=2)
     p.add_argument("--preset", choices=["v1", "face-parsing"], default=None, help="default: from the checkpoint")
     p.add_argument("--backbone", default=None, help="default: from the checkpoint")
     p.add_argument("--backend", choices=["auto", "triton", "torch"], default="auto")
@@ -234,9 +290,16 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, meta = load_model(args.weights, "eval", backend=args.backend, device=device,
                              preset=args.preset, backbone=args.backbone)
+    trained = meta.get("train_config", {})
+
+    def option(value: Any, key: str, default: Any) -> Any:  # flag, else the training run's option, else default
+        return value if value is not None else trained.get(key, default)
+
     dataset = build_dataset(args.data, args.split, kind=args.dataset, skip_bad=args.skip_bad,
-                            classes_file=args.classes_file, synthetic_size=args.synthetic_size,
-                            synthetic_length=args.synthetic_length)
+                            classes_file=args.classes_file,
+                            synthetic_size=option(args.synthetic_size, "synthetic_size", 128),
+                            synthetic_length=option(args.synthetic_length, "synthetic_val_length", 100),
+                            seed=option(args.seed, "seed", 0))
     if dataset.n_classes != meta["n_classes"]:
         raise ValueError(f"the dataset has {dataset.n_classes} classes but {args.weights} predicts "
                          f"{meta['n_classes']}")
@@ -248,12 +311,15 @@ def run(args: argparse.Namespace) -> int:
                   std=std)
     iou = cm.iou().cpu()
     miou = cm.miou()
-    print(f"{args.weights} on {args.data} [{args.split}], {len(dataset)} images, scales {args.scales}"
+    n_images = len(dataset) - cm.skipped_samples
+    skipped = f" ({cm.skipped_samples} bad samples left out)" if cm.skipped_samples else ""
+    print(f"{args.weights} on {args.data} [{args.split}], {n_images} images{skipped}, scales {args.scales}"
           f"{' + flip' if args.flip else ''}")
     print(format_iou_table(iou, dataset.classes, miou))
     if args.json:
         names = dataset.classes
-        result = {"miou": miou, "pixel_accuracy": cm.pixel_accuracy(), "scales": args.scales, "flip": args.flip,
+        result = {"miou": miou, "pixel_accuracy": cm.pixel_accuracy(), "images": n_images,
+                  "skipped_samples": cm.skipped_samples, "scales": args.scales, "flip": args.flip,
                   "iou": {n: (None if math.isnan(v) else v) for n, v in zip(names, iou.tolist(), strict=True)}}
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(result, f, indent=2)

@@ -61,6 +61,8 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, height: int =
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from fastbisenet.cli import positive_int
+
     p = subparsers.add_parser("export", help="export a checkpoint to ONNX (reference backend)",
                               description="Export to ONNX: input 'input' (N, 3, H, W) float32 normalised RGB; "
                                           "output 'logits' (eval) or int32 'labels' (pred). Needs 'pip install onnx'.")
@@ -68,9 +70,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("-o", "--output", default=None, help="ONNX file (default: the checkpoint's name with .onnx)")
     p.add_argument("--aux-mode", choices=["eval", "pred"], default="eval",
                    help="eval: logits output; pred: int32 class-id output")
-    p.add_argument("--height", type=int, default=512, help="height of the example input")
-    p.add_argument("--width", type=int, default=1024, help="width of the example input")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--height", type=positive_int, default=512, help="height of the example input")
+    p.add_argument("--width", type=positive_int, default=1024, help="width of the example input")
+    p.add_argument("--opset", type=positive_int, default=17)
     p.add_argument("--static", action="store_true", help="fixed input size (default: dynamic N, H, W)")
     p.add_argument("--preset", choices=["v1", "face-parsing"], default=None)
     p.add_argument("--backbone", default=None)

@@ -20,6 +20,8 @@ class ConfusionMatrix:
         self.n = n_classes
         self.ignore_index = ignore_index
         self.mat = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=device)
+        self.skipped_samples = 0
+        """Samples the evaluation left out (bad files under ``skip_bad``), summed by :meth:`all_reduce`."""
 
     def update(self, pred: Tensor, target: Tensor) -> None:
         if pred.shape != target.shape:
@@ -31,11 +33,14 @@ class ConfusionMatrix:
         self.mat += torch.bincount(idx, minlength=self.n * self.n).view(self.n, self.n)
 
     def all_reduce(self) -> None:
-        """Sum the counts over the processes of the default group (no-op without one)."""
+        """Sum the counts (and skipped samples) over the processes of the default group (no-op without one)."""
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(self.mat)
+            skipped = torch.tensor([self.skipped_samples], dtype=torch.int64, device=self.mat.device)
+            dist.all_reduce(skipped)
+            self.skipped_samples = int(skipped.item())
 
     def iou(self) -> Tensor:
         return iou_from_confusion(self.mat)

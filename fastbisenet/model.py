@@ -148,9 +148,23 @@ class BiSeNet(nn.Module):
         return f"n_classes={self.n_classes}, aux_mode={self.aux_mode!r}, preset={self.preset!r}, " \
                f"backbone={self.backbone!r}, backend={self.backend!r}"
 
+    def _check_input_matches(self, x: Tensor) -> None:
+        """``ValueError`` for an input on another device than the parameters, or of another float dtype outside
+        autocast (each backend would fail or convert differently: the reference ops raise, the kernels cast)."""
+        p = next(self.parameters(), None)
+        if p is None or torch.compiler.is_compiling():
+            return
+        if x.device != p.device:
+            raise ValueError(f"input is on {x.device} but the model's parameters are on {p.device}: "
+                             "move one with .to()")
+        if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+            raise ValueError(f"input dtype {x.dtype} does not match the model's {p.dtype} parameters: convert "
+                             "the input or the model with .to(dtype), or run under torch.autocast")
+
     def forward(self, x: Tensor, labels: Tensor | None = None, *, ignore_index: int = 255
                 ) -> tuple[Tensor, ...] | Tensor:
         check_input(x)
+        self._check_input_matches(x)
         size = (x.shape[-2], x.shape[-1])
         if labels is not None:
             labels = self._check_labels(x, labels)

@@ -119,6 +119,8 @@ def predict_files(model: torch.nn.Module, files: Sequence[Path], out_dir: str | 
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from fastbisenet.cli import positive_int
+
     p = subparsers.add_parser("predict", help="segment images: colourised masks and overlays",
                               description="Segment images (files and/or folders) of any size and write "
                                           "<name>_mask.png (paletted PNG whose pixel values are the class ids) "
@@ -127,7 +129,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("-o", "--out-dir", default="predictions")
     p.add_argument("--recursive", action="store_true", help="search folders recursively")
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward (same-size images are grouped)")
+    p.add_argument("--batch-size", type=positive_int, default=4,
+                   help="images per forward (same-size images are grouped)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], metavar="S")
     p.add_argument("--flip", action="store_true")
     p.add_argument("--no-overlay", action="store_true", help="write only the masks")

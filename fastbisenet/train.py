@@ -9,6 +9,7 @@ iteration and RNG states; the data order is a function of ``(seed, samples consu
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import random
@@ -169,6 +170,17 @@ def aug_generator(seed: int, rank: int, it: int) -> torch.Generator:
 
 
 # ------------------------------------------------------------------------------------- checkpoints
+def write_meta_sidecar(weights: str | os.PathLike[str], meta: dict[str, Any], config: dict[str, Any]) -> Path:
+    """``<weights stem>.json`` next to a plain state_dict file: its classes, palette, preset, backbone and
+    normalisation (``meta``) and training options, which ``eval``/``predict`` read as a training
+    checkpoint's (:func:`fastbisenet.evaluate.read_checkpoint_info`)."""
+    path = Path(weights).with_suffix(".json")
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps({"fastbisenet_meta": meta, "config": config}, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a reader
     (or a crash) never sees a half-written checkpoint."""
@@ -259,6 +271,10 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     train_set = build_dataset(cfg.data, cfg.train_split, synthetic_length=cfg.synthetic_length, **ds_kw)
     val_set = build_dataset(cfg.data, cfg.val_split, synthetic_length=cfg.synthetic_val_length, **ds_kw)
     n_classes = train_set.n_classes
+    if getattr(train_set, "image_dir", None) is not None and train_set.image_dir == getattr(val_set, "image_dir", None):
+        warnings.warn(f"validation uses the training images ({train_set.image_dir}): there is no "
+                      f"{cfg.val_split}/images split folder under {cfg.data}, so the mIoU reported is on seen data",
+                      stacklevel=2)
 
     model = BiSeNet(n_classes, "train", preset=cfg.preset, backbone=cfg.backbone, backend=cfg.backend)
     if cfg.backbone_weights and not cfg.resume:  # a resumed run takes every weight from its checkpoint
@@ -268,7 +284,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     if cfg.weights and not cfg.resume:
         from fastbisenet import load_pretrained
 
-        load_pretrained(model, cfg.weights)
+        load_pretrained(model, cfg.weights, reset_classifier=cfg.reset_classifier)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
     model = model.to(device)
     if channels_last:
@@ -425,7 +441,8 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
         path = Path(cfg.resume) if cfg.resume and it == start_it else out_dir / "last.pt"
     seconds = time.perf_counter() - t_start
     if is_main:
-        atomic_save(raw_model.state_dict(), out_dir / "model_final.pt")
+        atomic_save(raw_model.state_dict(), out_dir / "model_final.pt")  # plain state_dict, as public weights
+        write_meta_sidecar(out_dir / "model_final.pt", meta, cfg.to_dict())
         if last_cm is not None:
             log(format_iou_table(last_cm.iou().cpu(), train_set.classes, miou))
         log(f"done: {it} iterations in {_fmt_time(seconds)}, mIoU {100 * miou:.2f}; "
@@ -456,6 +473,8 @@ _S = argparse.SUPPRESS
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from fastbisenet.cli import nonnegative_int, positive_int
+
     d = TrainConfig()
     p = subparsers.add_parser(
         "train", help="train BiSeNet (one process or torchrun)",
@@ -472,10 +491,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--classes-file", help="class list of a folder dataset (default <root>/classes.txt)")
     g.add_argument("--label-type", choices=["auto", "trainIds", "labelIds"], help="Cityscapes label files")
     g.add_argument("--skip-bad", action="store_true", help="warn and skip unreadable/invalid samples")
-    g.add_argument("--synthetic-size", type=int, help=f"synthetic image size (default {d.synthetic_size})")
-    g.add_argument("--synthetic-length", type=int, help=f"synthetic train images (default {d.synthetic_length})")
-    g.add_argument("--synthetic-val-length", type=int, help=f"default {d.synthetic_val_length}")
-    g.add_argument("--workers", type=int, help="DataLoader workers (default min(4, cpus/2))")
+    g.add_argument("--synthetic-size", type=positive_int, help=f"synthetic image size (default {d.synthetic_size})")
+    g.add_argument("--synthetic-length", type=positive_int,
+                   help=f"synthetic train images (default {d.synthetic_length})")
+    g.add_argument("--synthetic-val-length", type=positive_int, help=f"default {d.synthetic_val_length}")
+    g.add_argument("--workers", type=nonnegative_int, help="DataLoader workers (default min(4, cpus/2))")
     g = p.add_argument_group("model")
     g.add_argument("--preset", choices=["v1", "face-parsing"], help=f"default {d.preset}")
     g.add_argument("--backbone", choices=["resnet18", "resnet34", "resnet50", "resnet101"],
@@ -483,21 +503,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--backend", choices=["auto", "triton", "torch"], help=f"default {d.backend}")
     g.add_argument("--device", help="auto, cpu, cuda, cuda:1 ... (default auto)")
     g.add_argument("--weights", help="initial BiSeNet weights (fine-tuning)")
+    g.add_argument("--reset-classifier", action="store_true",
+                   help="with --weights: keep the new model's class-specific 1x1 convs (<head>.conv_out.*) and load "
+                        "everything else: fine-tuning on a different set of classes")
     g.add_argument("--backbone-weights", help="torchvision ImageNet ResNet weights for the backbone")
     g = p.add_argument_group("schedule")
-    g.add_argument("--iters", type=int, help="iterations (default 80000; 300 with --data synthetic)")
-    g.add_argument("--batch-size", type=int, help=f"images per process (default {d.batch_size})")
+    g.add_argument("--iters", type=positive_int, help="iterations (default 80000; 300 with --data synthetic)")
+    g.add_argument("--batch-size", type=positive_int, help=f"images per process (default {d.batch_size})")
     g.add_argument("--lr", type=float, help="base lr (default 1e-2 x global batch / 16)")
     g.add_argument("--momentum", type=float, help=f"default {d.momentum}")
     g.add_argument("--weight-decay", type=float, help=f"conv weights only (default {d.weight_decay})")
     g.add_argument("--lr-mult", type=float, help=f"lr multiplier of ffm and heads (default {d.lr_mult})")
-    g.add_argument("--warmup-iters", type=int, help="default min(1000, iters // 10)")
+    g.add_argument("--warmup-iters", type=nonnegative_int, help="default min(1000, iters // 10)")
     g.add_argument("--warmup-ratio", type=float, help=f"default {d.warmup_ratio}")
     g.add_argument("--warmup", choices=["exp", "linear"], help=f"default {d.warmup}")
     g.add_argument("--power", type=float, help=f"poly power (default {d.power})")
     g.add_argument("--ohem-thresh", type=float, help=f"OHEM probability threshold (default {d.ohem_thresh})")
     g = p.add_argument_group("augmentation")
-    g.add_argument("--crop", type=int, nargs="+", metavar="SIZE",
+    g.add_argument("--crop", type=positive_int, nargs="+", metavar="SIZE",
                    help="crop size: S or H W (default 1024; 64 with --data synthetic)")
     g.add_argument("--scale-min", type=float, help=f"default {d.scale_min}")
     g.add_argument("--scale-max", type=float, help=f"default {d.scale_max}")
@@ -507,16 +530,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--amp", choices=["auto", "bf16", "fp16", "none"], help="default auto (bf16 on CUDA)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, help="default: on for CUDA")
     g = p.add_argument_group("evaluation, checkpoints, logging")
-    g.add_argument("--eval-every", type=int, help="iterations between evaluations (default iters // 5; 0: end only)")
+    g.add_argument("--eval-every", type=nonnegative_int,
+                   help="iterations between evaluations (default iters // 5; 0: end only)")
     g.add_argument("--eval-scales", type=float, nargs="+", help="default 1.0")
     g.add_argument("--eval-flip", action=argparse.BooleanOptionalAction, help="default off")
-    g.add_argument("--eval-batch-size", type=int, help="default --batch-size")
-    g.add_argument("--save-every", type=int, help=f"iterations between checkpoints (default {d.save_every})")
+    g.add_argument("--eval-batch-size", type=positive_int, help="default --batch-size")
+    g.add_argument("--save-every", type=positive_int, help=f"iterations between checkpoints (default {d.save_every})")
     g.add_argument("--keep-checkpoints", action="store_true", help="also keep iter_NNNNNNN.pt files")
     g.add_argument("--out-dir", help=f"default {d.out_dir}")
     g.add_argument("--resume", help="continue a training checkpoint (e.g. runs/bisenet/last.pt) exactly")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
-    g.add_argument("--log-every", type=int, help=f"iterations between log lines (default {d.log_every})")
+    g.add_argument("--log-every", type=positive_int, help=f"iterations between log lines (default {d.log_every})")
     p.set_defaults(func=run)
     return p
 

@@ -27,6 +27,10 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
     """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive (legacy format: a pickle)
+        raise ValueError(f"{path} is not a PyTorch checkpoint (a file written by torch.save)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # the unpickler reports unsafe globals as UnpicklingError
@@ -56,9 +60,18 @@ def strip_prefix(state: Mapping[str, Tensor], prefix: str) -> dict[str, Tensor]:
 def load_state_dict_checked(module: nn.Module, state: Mapping[str, Tensor], what: str) -> None:
     """``module.load_state_dict(state)``, failing with one message that lists every problem.
 
-    The message names missing keys, unexpected keys and keys whose shapes differ.
+    The message names missing keys, unexpected keys and keys whose shapes differ. BatchNorm's
+    ``num_batches_tracked`` counters may be absent from BatchNorms whose other entries are there
+    (checkpoints written before PyTorch had them, such as torchvision's ImageNet ResNets): the module
+    keeps its own, as ``load_state_dict`` does for such files.
+    ``state`` itself is not modified.
     """
     own = module.state_dict()
+    state = dict(state)
+    for k in set(own) - set(state):
+        prefix, _, name = k.rpartition(".")
+        if name == "num_batches_tracked" and (f"{prefix}.running_mean" if prefix else "running_mean") in state:
+            state[k] = own[k]  # the rest of this BatchNorm is there: only its counter is absent
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     mismatched = sorted(
@@ -75,19 +88,41 @@ def load_state_dict_checked(module: nn.Module, state: Mapping[str, Tensor], what
     module.load_state_dict(state, strict=True)
 
 
-def load_pretrained(model: BiSeNet, path: str | os.PathLike[str]) -> BiSeNet:
+CLASSIFIER_HEADS = ("conv_out", *AUX_HEADS)
+"""Heads whose final 1x1 ``<head>.conv_out.*`` maps features to classes."""
+
+
+def is_classifier_key(key: str) -> bool:
+    """Whether ``key`` belongs to a head's class-specific 1x1 (``conv_out.conv_out.weight``, ...)."""
+    head, _, rest = key.partition(".")
+    return head in CLASSIFIER_HEADS and rest.startswith("conv_out.")
+
+
+def load_pretrained(model: BiSeNet, path: str | os.PathLike[str], *, reset_classifier: bool = False) -> BiSeNet:
     """Load a BiSeNet checkpoint file into ``model`` and return the model.
 
     Accepts the public checkpoints (a plain state_dict), DDP checkpoints (``module.`` prefix) and
     fastbisenet training checkpoints (state_dict under ``"model"``). When ``model`` has no auxiliary
     heads (aux_mode ``"eval"``/``"pred"``), exactly the ``conv_out16.*``/``conv_out32.*`` keys are
     dropped; any other difference raises ``ValueError`` listing missing, unexpected and
-    shape-mismatched keys.
+    shape-mismatched keys. ``reset_classifier=True`` (fine-tuning on other classes) loads everything but
+    the heads' class-specific 1x1 convs (``<head>.conv_out.*``), which keep the model's own values.
     """
     state = read_state_dict(path)
     if not model.has_aux_heads:
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in AUX_HEADS}
-    load_state_dict_checked(model, state, f"checkpoint {path}")
+    if reset_classifier:
+        own = model.state_dict()
+        state = {k: v for k, v in state.items() if not is_classifier_key(k)}
+        state.update({k: v for k, v in own.items() if is_classifier_key(k)})
+    try:
+        load_state_dict_checked(model, state, f"checkpoint {path}")
+    except ValueError as e:
+        if not reset_classifier and "conv_out.conv_out.weight: checkpoint" in str(e):
+            raise ValueError(f"{e}\n(the checkpoint has another number of classes: to fine-tune it on this "
+                             "model's classes, load it with reset_classifier=True, or --reset-classifier in "
+                             "'fastbisenet train')") from None
+        raise
     return model
 
 

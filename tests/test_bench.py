@@ -532,6 +532,10 @@ def test_report_script_fails_without_png(tmp_path: Path, monkeypatch: pytest.Mon
     # an empty JSON has nothing to plot: not a failure
     (tmp_path / "empty.json").write_text(json.dumps({"benchmarks": []}))
     assert main([str(tmp_path / "empty.json"), str(tmp_path / "out2")]) == 0
+    # a `fastbisenet bench --json` file is not a pytest-benchmark JSON: said, not rendered as an empty report
+    (tmp_path / "cli.json").write_text(json.dumps({"schema": fb.SCHEMA, "results": []}))
+    with pytest.raises(ValueError, match="not a pytest-benchmark JSON"):
+        fb.report(tmp_path / "cli.json", tmp_path / "out3")
 
 
 def test_report_script_fails_without_end_to_end_rows(tmp_path: Path) -> None:

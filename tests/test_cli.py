@@ -1,6 +1,7 @@
 """The fastbisenet command: help, argument errors, eval, predict, export, train through the CLI."""
 
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from PIL import Image
 
 from fastbisenet import BiSeNet
 from fastbisenet.cli import build_parser, main
+from fastbisenet.data import SYNTHETIC_CLASSES, SYNTHETIC_PALETTE
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +44,11 @@ def test_subcommands_registered():
     ["train", "--iters", "ten"],                # not an int
     ["eval"],                                   # missing weights
     ["predict", "w.pt"],                        # missing inputs
+    ["predict", "w.pt", "x.png", "--batch-size", "0"],  # counts are >= 1
+    ["eval", "w.pt", "--batch-size", "-1"],
+    ["eval", "w.pt", "--workers", "-1"],        # workers >= 0
+    ["train", "--iters", "0"],
+    ["export", "w.pt", "-o", "m.onnx", "--height", "0"],
 ])
 def test_argument_errors_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as e:
@@ -61,6 +68,68 @@ def test_runtime_errors_are_one_line(tmp_path, capsys):
     bad.write_text("iterz = 3\n")
     assert main(["train", "--config", str(bad)]) == 1
     assert "unknown option(s) iterz" in capsys.readouterr().err
+
+
+def test_triton_backend_on_cpu_is_one_line(weights, tmp_path, capsys, monkeypatch):
+    """``--backend triton`` where the kernels cannot run (a CPU tensor without Triton's interpreter) is a
+    one-line error, not a traceback."""
+    from fastbisenet import ops
+
+    monkeypatch.setattr(ops, "interpreter_enabled", lambda: False)
+    img = tmp_path / "x.png"
+    Image.fromarray(np.zeros((40, 48, 3), np.uint8)).save(img)
+    assert main(["predict", str(weights), str(img), "-o", str(tmp_path / "p"), "--backend", "triton",
+                 "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("fastbisenet predict: error: backend='triton' got a CPU tensor") and err.count("\n") == 1
+
+
+def test_eval_skip_bad_leaves_bad_samples_out(tmp_path, capsys):
+    """``eval --skip-bad`` scores each good sample once and says how many were left out; a bad sample is not
+    replaced by (a second count of) its neighbour: the confusion matrix equals that of the good ones."""
+    torch.manual_seed(0)
+    ckpt = tmp_path / "w3.pt"
+    torch.save(BiSeNet(3, "eval").state_dict(), ckpt)
+    _folder(tmp_path / "all", ["a", "b", "c", "d"])
+    _folder(tmp_path / "good", ["a", "c", "d"])
+    (tmp_path / "all" / "images" / "b.png").write_bytes(b"not a png")
+    results = {}
+    for name in ("all", "good"):
+        out = tmp_path / f"{name}.json"
+        argv = ["eval", str(ckpt), "--data", str(tmp_path / name), "--device", "cpu", "--workers", "0",
+                "--batch-size", "2", "--json", str(out)]
+        assert main([*argv, "--skip-bad"] if name == "all" else argv) == 0
+        results[name] = json.loads(out.read_text())
+    text = capsys.readouterr().out
+    assert "3 images (1 bad samples left out)" in text
+    assert (results["all"]["images"], results["all"]["skipped_samples"]) == (3, 1)
+    assert (results["good"]["images"], results["good"]["skipped_samples"]) == (3, 0)
+    assert results["all"]["iou"] == results["good"]["iou"]
+    assert results["all"]["pixel_accuracy"] == results["good"]["pixel_accuracy"]
+
+
+def _folder(root: Path, names: list[str]) -> Path:
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    (root / "classes.txt").write_text("bg\ncat\ndog\n")
+    for name in names:
+        rng = np.random.default_rng(ord(name))
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(root / "images" / f"{name}.png")
+        Image.fromarray(rng.integers(0, 3, (40, 56), dtype=np.uint8)).save(root / "masks" / f"{name}.png")
+    return root
+
+
+def test_train_warns_when_validation_is_the_training_set(tmp_path, capsys):
+    """A folder dataset without a val/ split folder validates on its training images: said, not silent."""
+    data = _folder(tmp_path / "d", ["a", "b", "c"])
+    argv = ["train", "--data", str(data), "--iters", "1", "--batch-size", "2", "--crop", "32", "--workers", "0",
+            "--device", "cpu", "--out-dir", str(tmp_path / "run")]
+    with pytest.warns(UserWarning, match="validation uses the training images"):
+        assert main(argv) == 0
+    _folder(data / "val", ["d"])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="validation uses")
+        assert main([*argv, "--out-dir", str(tmp_path / "run2")]) == 0
 
 
 def test_eval_single_flip_multiscale(weights, tmp_path, capsys):
@@ -150,17 +219,30 @@ def test_export_without_onnx_is_a_clear_error(weights, tmp_path, capsys, monkeyp
 def test_train_eval_predict_roundtrip(tmp_path, capsys):
     cfg = tmp_path / "c.toml"
     cfg.write_text('data = "synthetic"\nsynthetic_size = 64\nsynthetic_length = 16\nsynthetic_val_length = 2\n'
-                   'batch_size = 2\nworkers = 0\neval_every = 0\ndevice = "cpu"\niters = 100\n')
+                   'batch_size = 2\nworkers = 0\neval_every = 0\ndevice = "cpu"\niters = 100\nseed = 3\n')
     run = tmp_path / "run"
     assert main(["train", "--config", str(cfg), "--iters", "2", "--out-dir", str(run)]) == 0
     out = capsys.readouterr().out
     assert "iters 2" in out and "done: 2 iterations" in out
     ckpt = run / "last.pt"
-    assert main(["eval", str(ckpt), "--synthetic-length", "2", "--synthetic-size", "64", "--workers", "0"]) == 0
+
+    def miou(*argv: str) -> float:
+        assert main(["eval", *argv, "--workers", "0", "--json", str(tmp_path / "e.json")]) == 0
+        return json.loads((tmp_path / "e.json").read_text())["miou"]
+
+    # eval scores a checkpoint on its training run's validation images (size, length, seed) by default,
+    # from the training checkpoint and from the sidecar beside the plain model_final.pt alike
+    same = miou(str(ckpt), "--synthetic-length", "2", "--synthetic-size", "64", "--seed", "3")
+    assert miou(str(ckpt)) == same and miou(str(run / "model_final.pt")) == same
+    assert f"mIoU {100 * same:.2f}" in out  # what training reported at its end
+    assert miou(str(ckpt), "--seed", "0") != same
+    side = json.loads((run / "model_final.json").read_text())
+    assert side["fastbisenet_meta"]["classes"] == list(SYNTHETIC_CLASSES) and side["config"]["seed"] == 3
     img = tmp_path / "x.png"
     Image.fromarray(np.zeros((48, 64, 3), np.uint8)).save(img)
     assert main(["predict", str(run / "model_final.pt"), str(img), "-o", str(tmp_path / "p")]) == 0
-    assert (tmp_path / "p" / "x_mask.png").is_file()
+    mask = Image.open(tmp_path / "p" / "x_mask.png")
+    assert mask.getpalette()[:3 * len(SYNTHETIC_PALETTE)] == [v for c in SYNTHETIC_PALETTE for v in c]
     # resuming a finished run is a no-op that still reports
     assert main(["train", "--resume", str(ckpt), "--out-dir", str(run)]) == 0
 

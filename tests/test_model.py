@@ -330,11 +330,21 @@ def test_init_follows_public_model():
         (torch.randint(0, 255, (1, 3, 64, 64), dtype=torch.uint8), "floating-point"),
         (torch.randn(3, 64, 64), "4-D"),
         (torch.randn(0, 3, 64, 64), "empty"),
+        (torch.randn(1, 3, 64, 64, dtype=torch.float16), "dtype torch.float16 does not match"),
+        (torch.randn(1, 3, 64, 64, dtype=torch.float64), "dtype torch.float64 does not match"),
+        (torch.randn(1, 3, 64, 64, device="meta"), "input is on meta"),
     ],
 )
 def test_bad_input_raises_value_error(x, match):
     with pytest.raises(ValueError, match=match):
         BiSeNet(2, "eval")(x)
+
+
+def test_other_input_dtype_under_autocast_is_accepted():
+    model = BiSeNet(2, "eval").eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        (out,) = model(torch.randn(1, 3, 64, 64, dtype=torch.bfloat16))
+    assert out.shape == (1, 2, 64, 64)
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,31 @@ def test_config_errors(tmp_path):
         build_config({"amp": "fp8"})
 
 
+def test_config_values_are_converted_or_named(tmp_path):
+    """YAML reads ``1e-3`` as a string and TOML files may quote numbers: values are converted to each option's
+    type; what cannot be converted (or a YAML ``no`` given to a string option) is a ValueError naming it."""
+    toml = tmp_path / "c.toml"
+    toml.write_text('lr = "1e-3"\niters = "5"\nweight_decay = "5e-4"\nflip = "no"\ncrop = "96,128"\n'
+                    'eval_scales = [1, "1.5"]\nworkers = 0\n')
+    cfg = build_config(read_config_file(toml))
+    assert (cfg.lr, cfg.iters, cfg.weight_decay, cfg.flip, cfg.crop, cfg.eval_scales, cfg.workers) == (
+        1e-3, 5, 5e-4, False, [96, 128], [1.0, 1.5], 0)
+    assert isinstance(cfg.iters, int) and isinstance(cfg.lr, float)
+    for option, value, message in [("iters", "2.5", "'iters' must be an int"),
+                                   ("iters", True, "'iters' must be an int"),
+                                   ("lr", "fast", "'lr' must be a float"), ("flip", "maybe", "'flip' must be a bool"),
+                                   ("amp", False, "'amp' must be a string"), ("batch_size", None, "'batch_size'"),
+                                   ("synthetic_val_length", 0, "synthetic_val_length must be >= 1"),
+                                   ("workers", -1, "workers must be >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            build_config({option: value})
+    pytest.importorskip("yaml")
+    yml = tmp_path / "c.yaml"
+    yml.write_text("lr: 1e-3\namp: no\n")
+    with pytest.raises(ValueError, match="'amp' must be a string"):
+        build_config(read_config_file(yml))
+
+
 def test_sampler_resumes_mid_epoch():
     full = InfiniteSampler(10, seed=1, rank=1, world=2)
     it = iter(full)

@@ -93,6 +93,10 @@ def test_missing_file_and_non_state_dict(tmp_path):
     torch.save([torch.zeros(1)], path)
     with pytest.raises(ValueError, match="state_dict"):
         load_pretrained(BiSeNet(4, "eval"), path)
+    text = tmp_path / "notes.pth"
+    text.write_text("hello")
+    with pytest.raises(ValueError, match="is not a PyTorch checkpoint"):
+        load_pretrained(BiSeNet(4, "eval"), text)
 
 
 def test_torchvision_resnet_weights_into_backbone(tmp_path):
@@ -107,6 +111,55 @@ def test_torchvision_resnet_weights_into_backbone(tmp_path):
     with torch.no_grad():
         for got, want in zip(model.cp.resnet.eval()(x), tv.eval()(x), strict=True):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_backbone_weights_without_batch_counters(tmp_path):
+    """torchvision's ImageNet files predate BatchNorm's ``num_batches_tracked``: they load all the same (the
+    model keeps its counters, as ``load_state_dict`` does), and nothing else may be missing."""
+    tv = randomize_(Resnet18())
+    state = {k: v for k, v in tv.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert len(state) == 100  # 102 keys of torchvision's resnet18 file, less fc.weight / fc.bias
+    path = tmp_path / "resnet18-old.pth"
+    torch.save(state, path)
+    model = BiSeNet(19, "eval")
+    with torch.no_grad():
+        model.cp.resnet.bn1.num_batches_tracked.fill_(7)
+    load_backbone_weights(model, path)
+    torch.testing.assert_close(model.cp.resnet.layer1[0].bn1.running_var, tv.layer1[0].bn1.running_var)
+    assert int(model.cp.resnet.bn1.num_batches_tracked) == 7
+    del state["layer1.0.bn1.running_var"]
+    torch.save(state, path)
+    with pytest.raises(ValueError, match=r"missing \(1\): layer1\.0\.bn1\.running_var$"):
+        load_backbone_weights(BiSeNet(19, "eval"), path)
+    full = {k: v for k, v in BiSeNet(19, "eval").state_dict().items() if not k.endswith("num_batches_tracked")}
+    torch.save(full, path)
+    load_pretrained(BiSeNet(19, "eval"), path)  # whole-model checkpoints without counters too
+
+
+def test_reset_classifier_fine_tunes_to_other_classes(tmp_path):
+    """A 19-class checkpoint into a 5-class model: refused with a hint, or with ``reset_classifier=True``
+    every weight but the heads' class-specific 1x1s loaded (those keep the model's values)."""
+    src = randomize_(BiSeNet(19, "train"))
+    path = tmp_path / "city.pth"
+    torch.save(src.state_dict(), path)
+    with pytest.raises(ValueError, match="reset_classifier=True"):
+        load_pretrained(BiSeNet(5, "train"), path)
+    model = BiSeNet(5, "train")
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    load_pretrained(model, path, reset_classifier=True)
+    heads = ("conv_out.conv_out.", "conv_out16.conv_out.", "conv_out32.conv_out.")
+    reset = sorted(k for k in fresh if k.startswith(heads))
+    assert reset == [f"{h}.conv_out.{p}" for h in ("conv_out", "conv_out16", "conv_out32") for p in ("bias", "weight")]
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, fresh[k] if k in reset else src.state_dict()[k], rtol=0, atol=0, msg=k)
+    # the heads' 3x3 (conv_out.conv.*) is not class-specific: loaded
+    assert not torch.equal(model.conv_out.conv.conv.weight, fresh["conv_out.conv.conv.weight"])
+    # a real mismatch elsewhere is still an error
+    bad = dict(src.state_dict())
+    bad["ffm.convblk.conv.weight"] = torch.zeros(1)
+    torch.save(bad, path)
+    with pytest.raises(ValueError, match=r"ffm\.convblk\.conv\.weight: checkpoint"):
+        load_pretrained(BiSeNet(5, "train"), path, reset_classifier=True)
 
 
 def test_backbone_weights_of_the_wrong_depth_are_refused(tmp_path):

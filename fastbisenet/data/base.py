@@ -84,7 +84,8 @@ class SegmentationDataset(Dataset):
     """Base class: subclasses implement :meth:`load` and set ``classes`` / ``palette``.
 
     ``skip_bad=True``: a sample that raises :class:`DatasetError` is reported once with a warning and
-    replaced by the next good sample (deterministically, by index), instead of stopping the run.
+    replaced by the next good sample (deterministically, by index), instead of stopping the run;
+    :meth:`load_or_none` returns ``None`` for it instead (evaluation leaves bad samples out).
     """
 
     classes: list[str]
@@ -113,14 +114,23 @@ class SegmentationDataset(Dataset):
         if not self.skip_bad:
             return self.load(index)
         for k in range(n):
-            j = (index + k) % n
-            try:
-                return self.load(j)
-            except DatasetError as e:
-                if j not in self._warned:
-                    self._warned.add(j)
-                    warnings.warn(f"skipping bad sample: {e}", stacklevel=2)
+            sample = self.load_or_none((index + k) % n)
+            if sample is not None:
+                return sample
         raise DatasetError(f"every sample of {type(self).__name__} is bad")
+
+    def load_or_none(self, index: int) -> Sample | None:
+        """Sample ``index`` itself, or with ``skip_bad`` ``None`` (and a warning, once) when it is bad:
+        evaluation drops bad samples instead of counting a substitute twice."""
+        try:
+            return self.load(index)
+        except DatasetError as e:
+            if not self.skip_bad:
+                raise
+            if index not in self._warned:
+                self._warned.add(index)
+                warnings.warn(f"skipping bad sample: {e}", stacklevel=2)
+            return None
 
 
 def collate(batch: Sequence[Sample]) -> tuple[list[Tensor], list[Tensor]]:

@@ -21,6 +21,10 @@ from fastbisenet import reference
 BACKENDS = ("auto", "triton", "torch")
 
 
+class BackendUnavailableError(RuntimeError):
+    """``backend="triton"`` on a tensor the kernels cannot run on (a CPU tensor without the interpreter)."""
+
+
 def check_backend(backend: str) -> str:
     """Return ``backend`` if it names a backend, else raise ``ValueError``."""
     if backend not in BACKENDS:
@@ -43,7 +47,7 @@ def resolve(backend: str, x: Tensor) -> str:
         return "triton" if x.is_cuda else "torch"
     if backend == "triton":
         if not x.is_cuda and not interpreter_enabled():
-            raise RuntimeError(
+            raise BackendUnavailableError(
                 "backend='triton' got a CPU tensor: the Triton kernels need a CUDA GPU, or Triton's "
                 "interpreter enabled with TRITON_INTERPRET=1 in the environment before triton is imported"
             )
