@@ -219,6 +219,15 @@ def loop_stats(cubin: bytes) -> LoopStats:
     return LoopStats(spills, len(body), sum(op in ("HGMMA", "HMMA") for op in body))
 
 
+def _inference_modes(model: torch.nn.Module, x: torch.Tensor) -> None:
+    """The model's eval and pred forwards (no grad) on ``x``."""
+    model.eval()
+    with torch.no_grad():
+        for mode in ("eval", "pred"):
+            model.aux_mode = mode
+            model(x)
+
+
 def workloads(dtypes: list[str], quick: bool) -> Iterator[tuple[str, Callable[[], None]]]:
     """``(name, run)`` pairs; each run drives the model through every kernel it launches."""
     from fastbisenet import BiSeNet
@@ -247,11 +256,7 @@ def workloads(dtypes: list[str], quick: bool) -> Iterator[tuple[str, Callable[[]
                 feat = torch.randn(2, 64, 12, 20).to(dtype=dtype, memory_format=torch.channels_last)
                 logits = fused.head_logits(feat.requires_grad_(), head.conv_out, (96, 160), head.align_corners)
                 fused.cross_entropy(logits, labels, 255).mean().backward()
-                model.eval()
-                with torch.no_grad():
-                    for mode in ("eval", "pred"):
-                        model.aux_mode = mode
-                        model(x[:1])
+                _inference_modes(model, x[:1])
 
             yield f"{preset}/{backbone}/{name}", run
 
@@ -306,11 +311,7 @@ def workloads(dtypes: list[str], quick: bool) -> Iterator[tuple[str, Callable[[]
             x = torch.randn(2, 3, 32, 32).to(dtype)
             labels = torch.randint(0, 19, (2, 32, 32))
             sum(loss.mean() for loss in model(x, labels, ignore_index=255)).backward()
-            model.eval()
-            with torch.no_grad():
-                for mode in ("eval", "pred"):
-                    model.aux_mode = mode
-                    model(x[:1])
+            _inference_modes(model, x[:1])
 
         yield f"one-pixel-maps/{name}", one_pixel_maps
 

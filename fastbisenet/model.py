@@ -36,14 +36,18 @@ PRESETS: dict[str, Preset] = {
 }
 
 
+def _autocast_on(device_type: str) -> bool | None:
+    """Whether autocast is on for ``device_type``; None where it does not exist (e.g. "meta": cost tracing)."""
+    if not torch.amp.is_autocast_available(device_type):
+        return None
+    return torch.is_autocast_enabled(device_type)
+
+
 def _autocast_input(x: Tensor) -> Tensor:
     """``x`` in the autocast dtype of its device when autocast is on there (what each conv would cast it
     to; autocast leaves float64 alone), else ``x``."""
-    device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type):  # e.g. "meta" (cost tracing): nothing to cast
-        return x
-    if torch.is_autocast_enabled(device_type) and x.is_floating_point() and x.dtype != torch.float64:
-        return x.to(torch.get_autocast_dtype(device_type))
+    if _autocast_on(x.device.type) and x.is_floating_point() and x.dtype != torch.float64:
+        return x.to(torch.get_autocast_dtype(x.device.type))
     return x
 
 
@@ -150,14 +154,15 @@ class BiSeNet(nn.Module):
 
     def _check_input_matches(self, x: Tensor) -> None:
         """``ValueError`` for an input on another device than the parameters, or of another float dtype outside
-        autocast (each backend would fail or convert differently: the reference ops raise, the kernels cast)."""
+        autocast (each backend would fail or convert differently: the reference ops raise, the kernels cast);
+        device types without autocast (meta: cost tracing) are not checked for dtype."""
         p = next(self.parameters(), None)
         if p is None or torch.compiler.is_compiling():
             return
         if x.device != p.device:
             raise ValueError(f"input is on {x.device} but the model's parameters are on {p.device}: "
                              "move one with .to()")
-        if x.dtype != p.dtype and not torch.is_autocast_enabled(x.device.type):
+        if x.dtype != p.dtype and _autocast_on(x.device.type) is False:
             raise ValueError(f"input dtype {x.dtype} does not match the model's {p.dtype} parameters: convert "
                              "the input or the model with .to(dtype), or run under torch.autocast")
 
