@@ -90,13 +90,12 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
 
     state = read_state_dict(path)
     raw = torch.load(path, map_location="cpu", weights_only=True)
-    side = _sidecar(path)
     if isinstance(raw, dict) and isinstance(raw.get("meta"), dict):
-        meta = dict(raw["meta"])
-        meta["train_config"] = dict(raw.get("config") or {})
-    else:
-        meta = dict(side.get("fastbisenet_meta", {}))
-        meta["train_config"] = dict(side.get("config") or {})
+        meta, config = raw["meta"], raw.get("config")
+    else:  # a plain state_dict: the sidecar, read only here
+        side = _sidecar(path)
+        meta, config = side.get("fastbisenet_meta", {}), side.get("config")
+    meta = {**meta, "train_config": dict(config or {})}
     if "conv_out.conv_out.weight" not in state:
         raise ValueError(f"{path} is not a BiSeNet checkpoint (no conv_out.conv_out.weight)")
     meta.setdefault("n_classes", int(state["conv_out.conv_out.weight"].shape[0]))
