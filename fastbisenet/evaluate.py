@@ -86,10 +86,10 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
     """``(state_dict, meta)`` of a checkpoint; ``meta`` (classes, palette, preset, backbone, mean/std and
     ``train_config``, the training options) comes from a fastbisenet training checkpoint or the
     ``<stem>.json`` written beside ``model_final.pt``; what is missing is inferred from the state_dict."""
-    from fastbisenet.weights import read_state_dict
+    from fastbisenet.weights import read_checkpoint, state_dict_of
 
-    state = read_state_dict(path)
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = read_checkpoint(path)
+    state = state_dict_of(raw, path)
     if isinstance(raw, dict) and isinstance(raw.get("meta"), dict):
         meta, config = raw["meta"], raw.get("config")
     else:  # a plain state_dict: the sidecar, read only here
@@ -112,21 +112,23 @@ def read_checkpoint_info(path: str | os.PathLike[str]) -> tuple[dict[str, Tensor
 def load_model(path: str | os.PathLike[str], aux_mode: str = "eval", *, backend: str = "auto",
                device: torch.device | str = "cpu", n_classes: int | None = None, preset: str | None = None,
                backbone: str | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """A BiSeNet in eval mode with the weights of ``path`` (via :func:`fastbisenet.load_pretrained`).
+    """A BiSeNet in eval mode with the weights of ``path`` (the file read once, loaded as
+    :func:`fastbisenet.load_pretrained` loads it).
 
     Classes, preset and backbone come from the checkpoint (or are inferred from it) unless given.
     Returns ``(model, meta)``.
     """
-    from fastbisenet import BiSeNet, load_pretrained
+    from fastbisenet import BiSeNet
+    from fastbisenet.weights import load_state_into
 
-    _, meta = read_checkpoint_info(path)
+    state, meta = read_checkpoint_info(path)
     if n_classes is not None and n_classes != meta["n_classes"]:
         raise ValueError(f"--n-classes {n_classes} but {path} has {meta['n_classes']} classes")
     meta["preset"] = preset or meta["preset"]
     meta["backbone"] = backbone or meta["backbone"]
     model = BiSeNet(meta["n_classes"], aux_mode, preset=meta["preset"], backbone=meta["backbone"],
                     backend=backend)
-    load_pretrained(model, path)
+    load_state_into(model, state, f"checkpoint {path}")
     return model.to(device).eval(), meta
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +26,16 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         FileNotFoundError: ``path`` does not exist.
         ValueError: the file is not a safe (weights-only) checkpoint or holds no state_dict.
     """
+    return state_dict_of(read_checkpoint(path), path)
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> Any:
+    """The object ``torch.save`` wrote to ``path``, loaded with ``weights_only=True`` on the CPU.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a PyTorch checkpoint, or not a safe (weights-only) one.
+    """
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     with open(path, "rb") as f:
@@ -38,6 +49,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
             f"cannot load {path} with weights_only=True (only tensors and plain containers are "
             f"accepted, never pickled objects): {e}"
         ) from e
+    return obj
+
+
+def state_dict_of(obj: Any, path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """The state_dict held by a checkpoint object (:func:`read_checkpoint`) read from ``path``: the object
+    itself or one level down (``"model"``, ``"state_dict"``, ...), ``module.`` prefixes stripped."""
     if isinstance(obj, Mapping) and not _is_state_dict(obj):
         for key in _NESTED_KEYS:
             if isinstance(obj.get(key), Mapping) and _is_state_dict(obj[key]):
@@ -108,7 +125,12 @@ def load_pretrained(model: BiSeNet, path: str | os.PathLike[str], *, reset_class
     shape-mismatched keys. ``reset_classifier=True`` (fine-tuning on other classes) loads everything but
     the heads' class-specific 1x1 convs (``<head>.conv_out.*``), which keep the model's own values.
     """
-    state = read_state_dict(path)
+    return load_state_into(model, read_state_dict(path), f"checkpoint {path}", reset_classifier=reset_classifier)
+
+
+def load_state_into(model: BiSeNet, state: Mapping[str, Tensor], source: str, *,
+                    reset_classifier: bool = False) -> BiSeNet:
+    """:func:`load_pretrained` of a state_dict already read (``source`` names it in errors)."""
     if not model.has_aux_heads:
         state = {k: v for k, v in state.items() if k.split(".", 1)[0] not in AUX_HEADS}
     if reset_classifier:
@@ -116,7 +138,7 @@ def load_pretrained(model: BiSeNet, path: str | os.PathLike[str], *, reset_class
         state = {k: v for k, v in state.items() if not is_classifier_key(k)}
         state.update({k: v for k, v in own.items() if is_classifier_key(k)})
     try:
-        load_state_dict_checked(model, state, f"checkpoint {path}")
+        load_state_dict_checked(model, state, source)
     except ValueError as e:
         if not reset_classifier and "conv_out.conv_out.weight: checkpoint" in str(e):
             raise ValueError(f"{e}\n(the checkpoint has another number of classes: to fine-tune it on this "

@@ -42,6 +42,23 @@ def test_ddp_prefix_and_nested_training_checkpoint(tmp_path):
     _same_state(load_pretrained(BiSeNet(4, "train"), nested), src)
 
 
+@pytest.mark.parametrize("nested", [False, True])
+def test_load_model_reads_the_file_once(tmp_path, monkeypatch, nested):
+    from fastbisenet.evaluate import load_model
+
+    src = randomize_(BiSeNet(5, "train", preset="face-parsing"))
+    path = tmp_path / "ckpt.pth"
+    torch.save({"model": src.state_dict(), "meta": {"classes": list("abcde")}} if nested else src.state_dict(), path)
+    loads = []
+    real_load = torch.load
+    monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+    model, meta = load_model(path, "eval")
+    assert len(loads) == 1
+    assert meta["preset"] == "face-parsing" and meta["n_classes"] == 5
+    assert meta.get("classes") == (list("abcde") if nested else None)
+    _same_state(model, src)
+
+
 def test_mismatch_lists_missing_unexpected_and_shape(tmp_path):
     state = BiSeNet(4, "train").state_dict()
     state.pop("ffm.bn.weight")
