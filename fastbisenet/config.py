@@ -41,6 +41,7 @@ class TrainConfig:
     weights: str | None = None
     reset_classifier: bool = False
     backbone_weights: str | None = None
+    sync_bn: bool = False
     # schedule
     iters: int | None = None
     batch_size: int = 8

@@ -221,14 +221,32 @@ def evaluate(model: nn.Module, dataset, n_classes: int, *, device: torch.device,
     """Confusion matrix of ``model`` over ``dataset`` (summed across processes when distributed).
 
     Every sample counts once: with ``skip_bad`` a bad one is left out (``cm.skipped_samples``), not replaced.
+    A BiSeNet in ``aux_mode="train"`` runs as ``"eval"`` (no auxiliary heads); its mode and ``training`` flag
+    are restored afterwards, also when evaluation raises.
     """
+    was_training, aux_mode = model.training, getattr(model, "aux_mode", None)
+    model.eval()
+    if aux_mode == "train":  # the auxiliary heads' logits would be computed and dropped
+        model.aux_mode = "eval"
+    try:
+        return _confusion(model, dataset, n_classes, device, batch_size, scales, flip, channels_last, amp, workers,
+                          rank, world, progress, mean, std)
+    finally:
+        model.train(was_training)
+        if aux_mode == "train":
+            model.aux_mode = aux_mode
+
+
+def _confusion(model: nn.Module, dataset, n_classes: int, device: torch.device, batch_size: int,
+               scales: Sequence[float], flip: bool, channels_last: bool, amp: torch.dtype | None, workers: int,
+               rank: int, world: int, progress: bool, mean: Sequence[float] | None,
+               std: Sequence[float] | None) -> ConfusionMatrix:
+    """:func:`evaluate`'s loop, on a model already in eval mode."""
     from torch.utils.data import DataLoader, Subset
 
     from fastbisenet.data import MEAN, STD, EvalTransform
     from fastbisenet.train import Progress
 
-    was_training = model.training
-    model.eval()
     samples = _EvalSamples(dataset)
     subset = Subset(samples, shard_indices(len(dataset), rank, world)) if world > 1 else samples
     loader = DataLoader(subset, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -246,7 +264,6 @@ def evaluate(model: nn.Module, dataset, n_classes: int, *, device: torch.device,
         bar.update(step)
     bar.close()
     cm.all_reduce()
-    model.train(was_training)
     return cm
 
 

@@ -247,7 +247,7 @@ def _seed_all(seed: int) -> None:
 def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     """Run training as configured; returns ``{"iteration", "miou", "checkpoint", "seconds", "history"}``."""
     from fastbisenet import BiSeNet
-    from fastbisenet.data import TrainAugment, build_dataset, collate
+    from fastbisenet.data import CityscapesDataset, TrainAugment, build_dataset, collate
     from fastbisenet.evaluate import evaluate, normalization_for, resolve_amp
     from fastbisenet.losses import OhemCELoss, total_pixel_loss
     from fastbisenet.metrics import format_iou_table
@@ -276,6 +276,9 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
                       f"{cfg.val_split}/images split folder under {cfg.data}, so the mIoU reported is on seen data",
                       stacklevel=2)
 
+    if is_main:
+        for note in recipe_notes(cfg, dist_info.world, isinstance(train_set, CityscapesDataset)):
+            warnings.warn(note, stacklevel=2)
     model = BiSeNet(n_classes, "train", preset=cfg.preset, backbone=cfg.backbone, backend=cfg.backend)
     if cfg.backbone_weights and not cfg.resume:  # a resumed run takes every weight from its checkpoint
         from fastbisenet import load_backbone_weights
@@ -289,9 +292,12 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if dist_info.world > 1 and device.type == "cuda":
-        # Exact cross-GPU statistics: the fused backend runs ops whose BN is a training SyncBatchNorm on
-        # the reference path (cuDNN + all-reduce); see fastbisenet.ops.fused.
+    if cfg.sync_bn and dist_info.world > 1:
+        if device.type != "cuda":
+            raise ValueError(f"--sync-bn needs CUDA devices (SyncBatchNorm), this run is on {device}")
+        # Statistics over the global batch: the fused backend runs ops whose BN is a training SyncBatchNorm on
+        # the reference path (cuDNN + all-reduce); see fastbisenet.ops.fused. Off by default, as in the
+        # published recipe (each process normalises with its own batch's statistics).
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     raw_model = model
 
@@ -456,6 +462,26 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     return {"iteration": it, "miou": miou, "checkpoint": str(path), "seconds": seconds, "history": history}
 
 
+def recipe_notes(cfg: TrainConfig, world: int, cityscapes: bool) -> list[str]:
+    """Where a run on real data departs from the published recipe in ways that cost accuracy: a backbone
+    without ImageNet weights, a global batch other than 16 on Cityscapes (empty for synthetic data and resumes)."""
+    if cfg.data == "synthetic" or cfg.dataset == "synthetic" or cfg.resume:
+        return []
+    notes = []
+    if not (cfg.weights or cfg.backbone_weights):
+        notes.append(
+            f"training the {cfg.backbone} backbone from random initialisation: the published BiSeNet results start "
+            f"from torchvision's ImageNet weights; pass --backbone-weights FILE (e.g. what "
+            f"torchvision.models.{cfg.backbone}(weights='IMAGENET1K_V1') downloads to "
+            f"~/.cache/torch/hub/checkpoints/), or --weights to fine-tune a BiSeNet checkpoint")
+    global_batch = cfg.batch_size * world
+    if cityscapes and global_batch != 16:
+        notes.append(f"the published Cityscapes recipe trains with a global batch of 16 (2 GPUs x 8); this run's "
+                         f"is {global_batch} ({cfg.batch_size} x {world} processes), with the lr scaled linearly "
+                         f"unless --lr is given: expect a different mIoU after the same --iters")
+    return notes
+
+
 def _gather_rng(info: DistInfo) -> dict[str, Any]:
     """Every rank's RNG state, keyed by rank (collected on rank 0 when distributed)."""
     mine = rng_state()
@@ -506,7 +532,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--reset-classifier", action="store_true",
                    help="with --weights: keep the new model's class-specific 1x1 convs (<head>.conv_out.*) and load "
                         "everything else: fine-tuning on a different set of classes")
-    g.add_argument("--backbone-weights", help="torchvision ImageNet ResNet weights for the backbone")
+    g.add_argument("--backbone-weights", help="torchvision ImageNet ResNet weights for the backbone (the published "
+                                              "recipe starts from them; without, a warning on real data)")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction,
+                   help="multi-process: BatchNorm statistics over the global batch (SyncBatchNorm; those BNs run on "
+                        "the reference ops, not the kernels). Default off, as in the published recipe")
     g = p.add_argument_group("schedule")
     g.add_argument("--iters", type=positive_int, help="iterations (default 80000; 300 with --data synthetic)")
     g.add_argument("--batch-size", type=positive_int, help=f"images per process (default {d.batch_size})")

@@ -17,6 +17,7 @@ from fastbisenet.data import (
     collate,
     normalize,
 )
+from fastbisenet.data.transforms import color_jitter
 
 
 def _png(path: Path, array: np.ndarray) -> Path:
@@ -193,7 +194,35 @@ def test_augment_identity_flip_and_padding():
                                            "flip": torch.ones(len(sizes), dtype=torch.bool)}
     xf, yf = aug(images, labels, g)
     assert torch.allclose(xf, x.flip(-1), atol=1e-4) and torch.equal(yf, y.flip(-1))
-    # scale 0.5 into a 40x50 crop: a 20x25 image, the rest is label 255 and image value 0
-    x, y = TrainAugment((40, 50), scale=(0.5, 0.5), flip=False, jitter=0.4)(images, labels, g)
-    assert (y[:, 20:] == 255).all() and (y[:, :, 25:] == 255).all() and (y[:, :20, :25] != 255).all()
-    assert torch.allclose(x[:, :, 20:], normalize(torch.zeros(2, 3, 20, 50)))
+    # scale 1 of a 20x25 image into a 40x50 crop: centred (+-1 pixel, as the public recipe pads), the rest
+    # label 255 and image value 0
+    small = [im[:, ::2, ::2].contiguous() for im in images]
+    small_labels = [lb[::2, ::2].contiguous() for lb in labels]
+    zero = normalize(torch.zeros(1, 3, 40, 50))[0]
+    corners = set()
+    for seed in range(40):
+        x, y = TrainAugment((40, 50), scale=(1, 1), flip=False, jitter=0)(
+            small, small_labels, torch.Generator().manual_seed(seed))
+        for k in range(2):
+            top = int((y[k] != 255).any(dim=1).nonzero()[0])
+            left = int((y[k] != 255).any(dim=0).nonzero()[0])
+            inside = (slice(top, top + 20), slice(left, left + 25))
+            assert torch.equal(y[k][inside], small_labels[k].long()) and int((y[k] != 255).sum()) == 20 * 25
+            assert torch.allclose(x[k][(slice(None), *inside)], normalize(small[k][None])[0], atol=1e-4)
+            pad = torch.ones(3, 40, 50, dtype=torch.bool)
+            pad[(slice(None), *inside)] = False
+            assert torch.equal(x[k][pad], zero[pad])
+            corners.add((top, left))
+    assert {t for t, _ in corners} == {9, 10, 11} and {c for _, c in corners} == {12, 13}
+
+
+def test_color_jitter_contrast_ignores_padding():
+    x = torch.rand(2, 3, 12, 16, generator=torch.Generator().manual_seed(1))
+    valid = torch.zeros(2, 1, 12, 16, dtype=torch.bool)
+    valid[:, :, 2:9, 3:14] = True
+    factors = [torch.tensor([0.8, 1.3]), torch.tensor([0.6, 1.4]), torch.tensor([1.2, 0.7])]
+    padded = torch.where(valid, x, torch.rand(2, 3, 12, 16))  # whatever lies outside must not matter
+    out = color_jitter(padded, *factors, valid)
+    alone = color_jitter(x[:, :, 2:9, 3:14].contiguous(), *factors)
+    assert torch.allclose(out[:, :, 2:9, 3:14], alone, atol=1e-6)
+    assert not torch.allclose(color_jitter(padded, *factors)[:, :, 2:9, 3:14], alone, atol=1e-3)

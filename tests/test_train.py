@@ -227,6 +227,50 @@ def test_short_synthetic_run_learns(tmp_path, capsys, one_thread):
     assert "mIoU" in out and "img/s" in out
 
 
+def test_recipe_notes_on_real_data(tmp_path):
+    from fastbisenet.train import recipe_notes
+
+    assert recipe_notes(tiny(tmp_path), 1, cityscapes=False) == []
+    folder = dict(data=str(tmp_path), dataset="folder")
+    (note,) = recipe_notes(tiny(tmp_path, **folder), 1, cityscapes=False)
+    assert "random initialisation" in note and "--backbone-weights" in note
+    assert recipe_notes(tiny(tmp_path, backbone_weights="r18.pth", **folder), 1, cityscapes=False) == []
+    assert recipe_notes(tiny(tmp_path, weights="w.pth", **folder), 1, cityscapes=False) == []
+    assert recipe_notes(tiny(tmp_path, resume="last.pt", **folder), 1, cityscapes=True) == []
+    city = dict(data=str(tmp_path), dataset="cityscapes", backbone_weights="r18.pth")
+    (note,) = recipe_notes(tiny(tmp_path, batch_size=8, **city), 1, cityscapes=True)
+    assert "global batch of 16" in note and "is 8 (8 x 1 processes)" in note
+    assert recipe_notes(tiny(tmp_path, batch_size=8, **city), 2, cityscapes=True) == []
+
+
+def test_sync_bn_is_off_by_default_and_needs_cuda(tmp_path, monkeypatch):
+    import fastbisenet.train as train_module
+    from fastbisenet.train import DistInfo
+
+    assert TrainConfig().sync_bn is False and tiny(tmp_path, sync_bn="yes").sync_bn is True
+    monkeypatch.setattr(train_module, "init_distributed", lambda device: (DistInfo(0, 2), torch.device("cpu")))
+    with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
+        train(tiny(tmp_path, sync_bn=True))
+
+
+def test_evaluate_skips_the_aux_heads_and_restores_the_model(monkeypatch):
+    from fastbisenet.data import SyntheticDataset
+    from fastbisenet.evaluate import evaluate
+
+    model = BiSeNet(8, "train", backend="torch").train()
+    calls = []
+    model.conv_out16.register_forward_hook(lambda *_: calls.append(1))
+    ds = SyntheticDataset(2, 64, seed=1, split="val")
+    cm = evaluate(model, ds, 8, device=torch.device("cpu"), batch_size=2)
+    assert int(cm.mat.sum()) > 0 and not calls
+    assert model.training and model.aux_mode == "train"
+    model.eval()
+    monkeypatch.setattr(model.conv_out, "forward", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        evaluate(model, ds, 8, device=torch.device("cpu"), batch_size=2)
+    assert not model.training and model.aux_mode == "train"
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("FASTBISENET_SLOW"), reason="set FASTBISENET_SLOW=1 to run (minutes on CPU)")
 def test_longer_synthetic_run_reaches_high_miou(tmp_path, capsys):

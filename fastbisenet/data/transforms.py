@@ -34,18 +34,34 @@ def _grey(x: Tensor) -> Tensor:
     return (x * w).sum(dim=1, keepdim=True)
 
 
-def color_jitter(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor) -> Tensor:
-    """Per-image brightness, contrast and saturation factors (N,) applied to RGB in [0, 1]."""
+def color_jitter(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor,
+                 valid: Tensor | None = None) -> Tensor:
+    """Per-image brightness, contrast and saturation factors (N,) applied to RGB in [0, 1]; the contrast
+    pivots on each image's mean grey level over its ``valid`` (N, 1, H, W) pixels (all when ``None``)."""
     f = lambda t: t.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
     x = (x * f(brightness)).clamp_(0, 1)
-    m = _grey(x).mean(dim=(2, 3), keepdim=True)
+    if valid is None:
+        m = _grey(x).mean(dim=(2, 3), keepdim=True)
+    else:
+        m = (_grey(x) * valid).sum(dim=(2, 3), keepdim=True) / valid.sum(dim=(2, 3), keepdim=True).clamp_(min=1)
     x = ((x - m) * f(contrast) + m).clamp_(0, 1)
     g = _grey(x)
     return ((x - g) * f(saturation) + g).clamp_(0, 1)
 
 
+def _crop_offset(size: Tensor, crop: int, u: Tensor) -> Tensor:
+    """Top/left offsets of the crop windows, uniform from ``u`` in [0, 1). A side longer than the crop: every
+    offset in ``[0, size - crop]``; a shorter one: the side centred (to +-1 pixel, as the public recipe's
+    symmetric padding of ``(crop - size) // 2 + 1``), the window starting before the image."""
+    pad = torch.clamp(crop - size, min=0)
+    before = torch.where(pad > 0, pad // 2 + 1, 0)
+    span = torch.where(pad > 0, 2 * before - pad, size - crop)
+    return (u * (span + 1)).floor().long() - before
+
+
 class TrainAugment:
-    """Random scale, random crop (image pad 0, label pad 255), h-flip, colour jitter, normalise.
+    """Random scale, random crop (a side shorter than the crop centred; image pad 0, label pad 255), h-flip,
+    colour jitter, normalise.
 
     Call with lists of uint8 images (3, H, W) and uint8/long labels (H, W) on one device (sizes may
     differ) and a CPU generator; returns ``(float (N, 3, ch, cw) normalised, long (N, ch, cw))``.
@@ -73,8 +89,8 @@ class TrainAugment:
         ws = torch.tensor([s[1] for s in sizes], dtype=torch.float64)
         sh = torch.clamp((hs * scale).round(), min=1).long()
         sw = torch.clamp((ws * scale).round(), min=1).long()
-        y0 = (u[:, 1] * (torch.clamp(sh - ch, min=0) + 1)).floor().long()
-        x0 = (u[:, 2] * (torch.clamp(sw - cw, min=0) + 1)).floor().long()
+        y0 = _crop_offset(sh, ch, u[:, 1])
+        x0 = _crop_offset(sw, cw, u[:, 2])
         flip = (u[:, 3] < 0.5) if self.flip else torch.zeros(n, dtype=torch.bool)
         j = self.jitter
         factors = (1 - j + 2 * j * u[:, 4:7]).float()
@@ -101,7 +117,7 @@ class TrainAugment:
             gy = (2 * (ys + 0.5) / sh - 1).view(ch, 1).expand(ch, cw)
             gx = (2 * (xs + 0.5) / sw - 1).view(1, cw).expand(ch, cw)
             grid = torch.stack((gx, gy), dim=-1).unsqueeze(0)
-            valid = (ys < sh).view(ch, 1) & (xs < sw).view(1, cw)
+            valid = ((ys >= 0) & (ys < sh)).view(ch, 1) & ((xs >= 0) & (xs < sw)).view(1, cw)
             x = F.grid_sample(im.unsqueeze(0).float().div_(255.0), grid, mode="bilinear",
                               padding_mode="border", align_corners=False)
             y = F.grid_sample(lb.view(1, 1, *lb.shape[-2:]).float(), grid, mode="nearest",
@@ -113,7 +129,7 @@ class TrainAugment:
         y = torch.stack(out_y).long()
         valid = torch.stack(out_valid).unsqueeze(1)
         if self.jitter > 0:
-            x = color_jitter(x, p["brightness"], p["contrast"], p["saturation"])
+            x = color_jitter(x, p["brightness"], p["contrast"], p["saturation"], valid)
         x = x * valid  # the padding is image value 0 (before normalisation)
         return normalize(x, self.mean, self.std), y
 
