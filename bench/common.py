@@ -10,6 +10,8 @@ Environment (all optional):
     FASTBISENET_BENCH_SAMPLE_MS device time aimed at per sample (one graph replay), default 2
     FASTBISENET_BENCH_BUDGET_S  wall-clock budget of the session: rows that would start too late are
                                 skipped ("time budget"), so the JSON is still written
+    FASTBISENET_BENCH_STAGES    comma list of the stages to run (default all, see :data:`STAGES`); rows of
+                                other stages are deselected
 """
 
 from __future__ import annotations
@@ -41,6 +43,19 @@ def _env_list(name: str, default: Sequence[str], allowed: Sequence[str]) -> tupl
     return values
 
 
+STAGES = ("headline", "ab", "ops", "more")
+"""Every row belongs to one stage; stages run in this order (each can be its own process, see
+bench/gpu_suite.sh) and rows within a stage in the order below, so a time budget cuts the least needed:
+
+- ``headline``: the rows the goals are judged on, bf16 end-to-end inference at 1x3x1024x2048 (fastbisenet,
+  eager, compile, then max-autotune last: it compiles longest) and the training step at 8x3x1024x1024
+  (fastbisenet, eager, compile);
+- ``ab``: the A/B rows that decide code defaults (stem loop form, Triton or cuDNN dgrad), bf16;
+- ``ops``: bf16 per-op rows at batch 1 (fastbisenet, eager, compile), each op's variants one after another
+  so that a cut leaves whole comparisons;
+- ``more``: everything else (other sizes and batch 8, max-autotune per op and for training, fp16, ...).
+"""
+SELECTED_STAGES = _env_list("FASTBISENET_BENCH_STAGES", STAGES, STAGES)
 DTYPES = _env_list("FASTBISENET_BENCH_DTYPES", ("bf16",) if QUICK else ("bf16", "fp16"), ("bf16", "fp16", "fp32"))
 VARIANTS = _env_list("FASTBISENET_BENCH_VARIANTS", fb.VARIANTS[:3] if QUICK else fb.VARIANTS, fb.VARIANTS)
 ROUNDS = int(os.environ.get("FASTBISENET_BENCH_ROUNDS", "10" if QUICK else "20"))
@@ -106,11 +121,24 @@ def _slug(text: str) -> str:
     return text.replace(" ", "_").replace(",", "+")
 
 
-def _priority(*, e2e_main: bool, batch1: bool, e2e: bool, dtype: str, variant: str) -> tuple[int, ...]:
-    """Order of execution under a time budget: bf16 first, max-autotune late, the headline
-    end-to-end rows, then batch-1 op rows, other end-to-end sizes, batch-8 op rows."""
-    kind = 0 if e2e_main else 1 if (not e2e and batch1) else 2 if e2e else 3
-    return (DTYPES.index(dtype), variant == "max-autotune", kind, VARIANTS.index(variant))
+def priority(stage: str, dtype: str = "bf16", variant: str = "fastbisenet", kind: int = 0) -> tuple[int, ...]:
+    """A row's ``bench_priority`` key: its stage (:data:`STAGES`), then dtype, max-autotune last, then ``kind``;
+    ties keep the collection order (a case's variants are collected one after another)."""
+    return (STAGES.index(stage), DTYPES.index(dtype) if dtype in DTYPES else len(DTYPES),
+            int(variant == "max-autotune"), kind)
+
+
+def stage_of(key: tuple[int, ...]) -> str:
+    """The stage of a ``bench_priority`` key (rows without one belong to "more")."""
+    return STAGES[key[0]] if key and 0 <= key[0] < len(STAGES) else "more"
+
+
+def run_order(keys: Sequence[tuple[int, ...] | None], stages: Sequence[str] = STAGES) -> list[int]:
+    """Indices of the rows to run, in execution order, for rows with these ``bench_priority`` keys (``None``:
+    no key, stage "more"): the rows of ``stages`` only, sorted by key, ties in the given order."""
+    full = [k if k is not None else (len(STAGES),) for k in keys]
+    keep = [i for i, k in enumerate(full) if stage_of(k) in stages]
+    return sorted(keep, key=lambda i: (full[i], i))
 
 
 def op_params(family: str, cases: Sequence[fb.OpCase] | None = None) -> list[Any]:
@@ -125,12 +153,19 @@ def op_params(family: str, cases: Sequence[fb.OpCase] | None = None) -> list[Any
         for dtype in DTYPES:
             for pass_ in passes:
                 for variant in VARIANTS:
-                    prio = _priority(e2e_main=False, batch1=case.input_shape[0] == 1, e2e=False,
-                                     dtype=dtype, variant=variant)
+                    main = dtype == "bf16" and case.input_shape[0] == 1 and variant != "max-autotune"
+                    # forward rows first (the inference goal), then forward + backward
+                    prio = priority("ops" if main else "more", dtype, variant, kind=int(pass_ != "fwd"))
                     params.append(pytest.param(
                         case, dtype, pass_, variant, marks=pytest.mark.bench_priority(prio),
                         id=f"{case.op}-{_slug(case.label)}-{dtype}-{pass_}-{variant}"))
     return params
+
+
+HEADLINE_E2E = (("pred", MAIN_SHAPE), ("train", TRAIN_SHAPE))
+"""The end-to-end cases the goals are judged on (stage "headline")."""
+AB_STEM_E2E, AB_DGRAD_E2E, AB_STEM_OPS, AB_DGRAD_OPS = range(4)
+"""``kind`` of the A/B rows within stage "ab": the whole-model A/Bs first."""
 
 
 def dgrad_params() -> list[Any]:
@@ -140,8 +175,7 @@ def dgrad_params() -> list[Any]:
     for case in fb.dgrad_cases(traced_cases()):
         for dtype in DTYPES:
             for variant in (v for v in fb.DGRAD_VARIANTS if v in VARIANTS):
-                prio = _priority(e2e_main=False, batch1=case.input_shape[0] == 1, e2e=False, dtype=dtype,
-                                 variant=variant)
+                prio = priority("ab" if dtype == "bf16" else "more", dtype, variant, kind=AB_DGRAD_OPS)
                 params.append(pytest.param(case, dtype, variant, marks=pytest.mark.bench_priority(prio),
                                            id=f"conv_dgrad-{_slug(case.label)}-{dtype}-{variant}"))
     return params
@@ -153,8 +187,9 @@ def e2e_params() -> list[Any]:
     for aux_mode, shape in E2E_CASES:
         for dtype in DTYPES:
             for variant in VARIANTS:
-                prio = _priority(e2e_main=shape in (MAIN_SHAPE, TRAIN_SHAPE) and (aux_mode, shape) != (
-                    "pred", TRAIN_SHAPE), batch1=shape[0] == 1, e2e=True, dtype=dtype, variant=variant)
+                headline = dtype == "bf16" and (aux_mode, shape) in HEADLINE_E2E and (
+                    variant != "max-autotune" or aux_mode == "pred")
+                prio = priority("headline", dtype, variant) if headline else priority("more", dtype, variant)
                 params.append(pytest.param(aux_mode, shape, dtype, variant, marks=pytest.mark.bench_priority(prio),
                                            id=f"{aux_mode}-{fb.shape_str(shape)}-{dtype}-{variant}"))
     return params
@@ -166,6 +201,8 @@ def _reserve_s(variant: str, e2e: bool) -> float:
         return 240.0 if e2e else 45.0
     if variant == "compile":
         return 90.0 if e2e else 15.0
+    if variant == "fastbisenet":  # the first rows autotune every conv shape they meet
+        return 60.0 if e2e else 8.0
     return 20.0 if e2e else 4.0
 
 
@@ -186,9 +223,13 @@ def _check_variant(variant: str) -> None:
 
 
 def measure_row(benchmark: Any, *, make_step: Callable[[], Callable[[], Any]], group: str, variant: str,
-                e2e: bool, info: dict[str, Any]) -> None:
+                e2e: bool, info: dict[str, Any], extra: dict[str, Any] | None = None) -> None:
     """Build the step, time it (CUDA graph + events), feed the per-iteration device times to
-    pytest-benchmark and attach the shared ``extra_info``. Missing fused ops skip the row.
+    pytest-benchmark and attach the shared ``extra_info`` (``extra`` overrides its fields, e.g. an A/B arm's
+    ``variant`` label). Missing fused ops skip the row.
+
+    The group and ``extra_info`` are set before the times are fed: pytest-benchmark copies the group when
+    ``pedantic`` runs, so a group changed afterwards never reaches the JSON.
 
     L2: per-op rows are timed cold (``cache: "cold-l2-flush"``, see :func:`fb.time_cuda`): a single
     op replayed back to back would find its inputs and weights still in the ~50 MB L2 and be compared
@@ -201,22 +242,45 @@ def measure_row(benchmark: Any, *, make_step: Callable[[], Callable[[], Any]], g
     benchmark.group = group
     try:
         step = make_step()
-        timing = fb.time_cuda(step, rounds=ROUNDS, warmup=WARMUP, sample_ms=SAMPLE_MS, l2_flush=not e2e)
-    except (ImportError, AttributeError, NotImplementedError) as exc:
-        if variant != "fastbisenet":
-            raise
-        pytest.skip(f"fastbisenet op unavailable: {fb._first_line(exc)}")
+    except fb.OpUnavailable as exc:
+        pytest.skip(f"fastbisenet op unavailable: {exc}")
+    timing = fb.time_cuda(step, rounds=ROUNDS, warmup=WARMUP, sample_ms=SAMPLE_MS, l2_flush=not e2e)
+    resident = torch.cuda.memory_allocated() if torch.cuda.is_available() else None  # the row's own tensors
     mem = fb.peak_memory(step)
     del step
     fb.free_memory()
-    row_info = fb.extra_info(timing=timing, peak_mem=mem, variant=variant, **info)
+    after = torch.cuda.memory_allocated() if torch.cuda.is_available() else None  # > 0: an earlier row leaks
+    benchmark.extra_info.update(fb.extra_info(timing=timing, peak_mem=mem, variant=variant, **info),
+                                allocated_at_peak_start_bytes=resident, allocated_after_row_bytes=after,
+                                **(extra or {}))
     fb.feed_benchmark(benchmark, timing.samples_ms)
-    benchmark.extra_info.update(row_info)
+
+
+def op_group(case: fb.OpCase, dtype: str, pass_: str) -> str:
+    """The report group of a per-op row (its variants are compared within it)."""
+    return f"{case.op} {case.label} {dtype} {pass_}"
+
+
+def e2e_group(aux_mode: str, shape: tuple[int, ...], dtype: str) -> str:
+    """The report group of an end-to-end row."""
+    return f"end_to_end {aux_mode} {fb.shape_str(shape)} {dtype}"
+
+
+def ab_arm(base_group: str, knob: str, arm: str, default: str) -> dict[str, Any]:
+    """``group`` and ``extra`` of one A/B row: both arms share the group ``"<knob> A/B: <base group>"``; the
+    default arm keeps the variant name "fastbisenet" and the other is "fastbisenet <knob>=<arm>", so the
+    report's speedup column reads other-arm time / default-arm time (> 1: the default is faster). The op
+    ``"<knob> A/B"`` gives the rows their own report section (and keeps them out of the end-to-end plot)."""
+    extra = {"op": f"{knob} A/B", knob: arm}
+    if arm != default:
+        extra["variant"] = f"fastbisenet {knob}={arm}"
+    return {"group": f"{knob} A/B: {base_group}", "extra": extra}
 
 
 def run_op(benchmark: Any, case: fb.OpCase, dtype: str, pass_: str, variant: str, floors: dict[str, float],
-           env: dict[str, Any]) -> None:
-    """One per-op row: the op at ``case`` in ``variant``, forward or forward + backward."""
+           env: dict[str, Any], *, group: str | None = None, extra: dict[str, Any] | None = None) -> None:
+    """One per-op row: the op at ``case`` in ``variant``, forward or forward + backward; ``group``
+    (default :func:`op_group`) and ``extra`` as in :func:`measure_row` (A/B rows set both)."""
     torch_dtype = fb.DTYPES[dtype]
     backward = pass_ == "fwd+bwd"
     flops, nbytes = fb.op_cost(case, torch_dtype, backward=backward)
@@ -227,29 +291,31 @@ def run_op(benchmark: Any, case: fb.OpCase, dtype: str, pass_: str, variant: str
                 call_sites=list(case.where))
     measure_row(benchmark,
                 make_step=lambda: fb.op_workload(case, variant, torch_dtype, backward=backward, device=DEVICE),
-                group=f"{case.op} {case.label} {dtype} {pass_}", variant=variant, e2e=False, info=info)
+                group=group or op_group(case, dtype, pass_), variant=variant, e2e=False, info=info, extra=extra)
 
 
 def run_e2e(benchmark: Any, aux_mode: str, shape: tuple[int, ...], dtype: str, variant: str,
-            floors: dict[str, float], env: dict[str, Any]) -> None:
-    """One end-to-end row: inference ("pred") or a training step ("train") of BiSeNet v1."""
+            floors: dict[str, float], env: dict[str, Any], *, group: str | None = None,
+            extra: dict[str, Any] | None = None) -> None:
+    """One end-to-end row: inference ("pred") or a training step ("train") of BiSeNet v1; ``group``
+    (default :func:`e2e_group`) and ``extra`` as in :func:`measure_row`."""
     torch_dtype = fb.DTYPES[dtype]
     flops, nbytes = fb.model_cost(shape, torch_dtype, aux_mode=aux_mode)
-    extra: dict[str, Any] = {}
+    side: dict[str, Any] = {}
 
     def make_step() -> Callable[[], Any]:
         wl = fb.model_workload(variant, shape, torch_dtype, aux_mode=aux_mode, device=DEVICE)
-        extra.update(wl.info)
+        side.update(wl.info)
         if wl.saved_bytes is not None and variant not in fb.COMPILE_MODES:  # hooks and dynamo: not mixed
             try:
-                extra["saved_for_backward_bytes"] = wl.saved_bytes()
+                side["saved_for_backward_bytes"] = wl.saved_bytes()
             except Exception as exc:  # a side figure: never costs the timed row
-                extra["saved_for_backward_error"] = fb._first_line(exc)
+                side["saved_for_backward_error"] = fb._first_line(exc)
             fb.free_memory()
+        side.update(extra or {})
         return wl.step
 
     info = dict(op="end_to_end", case=f"{aux_mode} {fb.shape_str(shape)}", pass_=aux_mode, dtype=torch_dtype,
                 shape=shape, flops=flops, nbytes=nbytes, floors=floors, env=env, aux_mode=aux_mode)
-    measure_row(benchmark, make_step=make_step, group=f"end_to_end {aux_mode} {fb.shape_str(shape)} {dtype}",
-                variant=variant, e2e=True, info=info)
-    benchmark.extra_info.update(extra)
+    measure_row(benchmark, make_step=make_step, group=group or e2e_group(aux_mode, shape, dtype), variant=variant,
+                e2e=True, info=info, extra=side)  # filled by make_step

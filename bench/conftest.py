@@ -28,19 +28,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     mine = {id(i) for i in items if Path(i.path).is_relative_to(BENCH_DIR)}
+
+    def key(item: pytest.Item) -> tuple | None:
+        m = item.get_closest_marker("bench_priority")
+        return m.args[0] if m else None
+
+    others = [it for it in items if id(it) not in mine]
+    bench = [it for it in items if id(it) in mine]
+    order = common.run_order([key(it) for it in bench], common.SELECTED_STAGES)  # FASTBISENET_BENCH_STAGES
+    kept = {id(bench[i]) for i in order}
+    dropped = [it for it in bench if id(it) not in kept]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = others + [bench[i] for i in order]
     if not HAS_CUDA:
         skip = pytest.mark.skip(reason=NO_CUDA_REASON)
         for item in items:
             if id(item) in mine:
                 item.add_marker(skip)
-        return
-
-    def key(item: pytest.Item) -> tuple:
-        m = item.get_closest_marker("bench_priority")
-        return m.args[0] if m else (99,)
-
-    order = {id(it): n for n, it in enumerate(items)}
-    items.sort(key=lambda it: (key(it), order[id(it)]) if id(it) in mine else ((-1,), order[id(it)]))
 
 
 @pytest.fixture(scope="session")
@@ -61,5 +66,10 @@ def floors() -> dict[str, float]:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict[str, Any]) -> None:
+    try:  # runs as the JSON is written: a failure here must not cost the measured rows
+        autotune: Any = fb.autotune_choices()
+    except Exception as exc:
+        autotune = {"error": fb._first_line(exc)}
     machine_info["fastbisenet"] = {**fb.env_info("cuda" if HAS_CUDA else "cpu"), "floors": dict(common.floors_measured),
-                                   "bench_mode": common.MODE, "autotune": fb.autotune_choices()}
+                                   "bench_mode": common.MODE, "stages": list(common.SELECTED_STAGES),
+                                   "autotune": autotune}

@@ -2,12 +2,14 @@
 # Full GPU check of fastbisenet in one go (fits one 10-minute device call by default):
 #   env info -> editable install (no network) -> import check (stops here if fastbisenet does not
 #   import) -> test suite with compiled Triton (no interpreter)
-#   -> pytest bench/ --benchmark-only --benchmark-json OUTDIR/bench.json -> OUTDIR/report.md + PNG.
+#   -> the benchmark stages (bench/common.py STAGES), each its own pytest process (a CUDA error in one
+#      cannot poison the next) writing OUTDIR/bench-<stage>.json -> OUTDIR/report.md + PNG from all of them.
 # Every step's log is tee'd into OUTDIR; later steps run even when earlier ones fail (except the
-# import check); the exit status is non-zero when any step failed (OUTDIR/summary.txt says which).
-# A run with benchmark rows but no end_to_end.png (e.g. matplotlib missing) fails the report step.
+# import check); the exit status is non-zero when any step failed (OUTDIR/summary.txt says which, and
+# report.md quotes it at the top). A run with benchmark rows but no end_to_end.png (e.g. matplotlib
+# missing) fails the report step.
 #
-# Usage: bench/gpu_suite.sh OUTDIR [extra pytest args for the benchmark step, e.g. -k end_to_end]
+# Usage: bench/gpu_suite.sh OUTDIR [extra pytest args for each benchmark stage, e.g. -k end_to_end]
 #        bench/gpu_suite.sh --results [...]   writes to bench/results/<device>_<date>/, or
 #                                             <device>_<date>_2/, _3/, ... when that exists
 # Environment:
@@ -16,12 +18,17 @@
 #   TEST_JOBS         test files run in parallel, one pytest process each (default 4; bench/run_tests.sh);
 #                     log and JUnit XML per file in OUTDIR/tests/; SUITE_TESTS_DIR replaces tests/
 #   SKIP_TESTS=1      skip the test-suite step (benchmarks only); SKIP_INSTALL=1 skips the install
+#   SUITE_BENCH_STAGES  benchmark stages to run, in order (default "headline ab ops"; "more" is the rest;
+#                     "none" runs no benchmark)
+#   SUITE_PACK        a .tgz path: OUTDIR is packed there after every step, so a run cut off by a time
+#                     limit still leaves everything up to its last finished step (the device tool returns at
+#                     most 8 files: pack into $OUT/run.tgz)
 #   RESULTS_ROOT      parent directory for --results (default bench/results)
 #   SUITE_DRY_RUN=1   print the output directory that would be used and exit (creates nothing)
 #   FASTBISENET_GIT_COMMIT  commit to record when there is no .git (e.g. on a remote device)
 #   FASTBISENET_BENCH_MODE=quick|full and the other FASTBISENET_BENCH_* knobs (bench/common.py);
-#   this script defaults FASTBISENET_BENCH_MODE to quick. FASTBISENET_BENCH_BUDGET_S is derived
-#   from what is left of SUITE_BUDGET_S unless set.
+#   this script defaults FASTBISENET_BENCH_MODE to full (the stages pick the rows).
+#   FASTBISENET_BENCH_BUDGET_S is derived per stage from what is left of SUITE_BUDGET_S unless set.
 set -u -o pipefail
 
 if [[ $# -lt 1 ]]; then
@@ -52,7 +59,7 @@ cd "$HERE/.."
 
 START=$(date +%s)
 BUDGET=${SUITE_BUDGET_S:-530}
-export FASTBISENET_BENCH_MODE=${FASTBISENET_BENCH_MODE:-quick}
+export FASTBISENET_BENCH_MODE=${FASTBISENET_BENCH_MODE:-full}
 unset TRITON_INTERPRET
 FAILED=()
 : > "$OUT/summary.txt"
@@ -61,8 +68,14 @@ elapsed() { echo $(( $(date +%s) - START )); }
 
 note() { echo "=== $*" | tee -a "$OUT/summary.txt"; }
 
+pack() {  # OUTDIR -> SUITE_PACK (atomically), when asked for
+    [[ -n "${SUITE_PACK:-}" ]] || return 0
+    tar czf "$SUITE_PACK.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv -f "$SUITE_PACK.part" "$SUITE_PACK"
+}
+
 finish() {
     note "total $(elapsed) s; failed steps: ${FAILED[*]:-none}"
+    pack
     [[ ${#FAILED[@]} -eq 0 ]]
     exit $?
 }
@@ -79,6 +92,18 @@ step() {  # step NAME COMMAND... : run, tee into OUTDIR/NAME.log, record the sta
     if [[ $rc -ne 0 ]]; then
         FAILED+=("$name(rc=$rc)")
     fi
+    pack
+    return "$rc"
+}
+
+bench_stage() {  # bench_stage STAGE LIMIT_S [pytest args]: one stage's rows; "no rows selected" (5) is no failure
+    local stage=$1 limit=$2
+    shift 2
+    FASTBISENET_BENCH_STAGES=$stage timeout -s INT -k 20 "$limit" \
+        python -m pytest bench/ --benchmark-only -p no:cacheprovider -rs \
+        --benchmark-json "$OUT/bench-$stage.json" --benchmark-columns=min,median,max,rounds "$@"
+    local rc=$?
+    [[ $rc -eq 5 ]] && return 0
     return "$rc"
 }
 
@@ -126,31 +151,38 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
         bash "$HERE/run_tests.sh" "$OUT" "${SUITE_TESTS_DIR:-tests}"
 fi
 
-LEFT=$(( BUDGET - $(elapsed) - 20 ))  # 20 s for the report
-if [[ $LEFT -lt 30 ]]; then
-    note "[bench] skipped: only $LEFT s left of SUITE_BUDGET_S=$BUDGET"
-    FAILED+=("bench(no time left)")
-else
+USER_BENCH_BUDGET=${FASTBISENET_BENCH_BUDGET_S:-}
+STAGES=${SUITE_BENCH_STAGES:-headline ab ops}
+[[ "$STAGES" == none ]] && STAGES=""
+for STAGE in ${STAGES//,/ }; do
+    LEFT=$(( BUDGET - $(elapsed) - 20 ))  # 20 s for the report
+    if [[ $LEFT -lt 30 ]]; then
+        note "[bench-$STAGE] skipped: only $LEFT s left of SUITE_BUDGET_S=$BUDGET"
+        FAILED+=("bench-$STAGE(no time left)")
+        continue
+    fi
     # in-process budget stops starting new rows in time; the hard timeout (SIGINT: pytest still
     # writes the JSON) is the backstop for a row that runs long.
-    export FASTBISENET_BENCH_BUDGET_S=${FASTBISENET_BENCH_BUDGET_S:-$(( LEFT - 30 ))}
-    step bench timeout -s INT -k 20 "$LEFT" \
-        python -m pytest bench/ --benchmark-only -p no:cacheprovider -rs \
-        --benchmark-json "$OUT/bench.json" --benchmark-columns=min,median,max,rounds "$@"
-fi
+    export FASTBISENET_BENCH_BUDGET_S=${USER_BENCH_BUDGET:-$(( LEFT - 30 ))}
+    step "bench-$STAGE" bench_stage "$STAGE" "$LEFT" "$@"
+done
 
-if [[ -s "$OUT/bench.json" ]]; then
+JSONS=()
+for f in "$OUT"/bench-*.json; do
+    [[ -s "$f" ]] && JSONS+=("$f")
+done
+if [[ ${#JSONS[@]} -gt 0 ]]; then
     # report.py exits 1 when there are rows but no PNG (matplotlib missing, no end-to-end rows)
-    if step report python bench/report.py "$OUT/bench.json" "$OUT"; then
-        ROWS=$(python -c "import json, sys; print(len(json.load(open(sys.argv[1])).get('benchmarks', [])))" \
-               "$OUT/bench.json" 2>/dev/null || echo 0)
+    if step report python bench/report.py "${JSONS[@]}" "$OUT"; then
+        ROWS=$(python -c "import json, sys; print(sum(len(json.load(open(p)).get('benchmarks', [])) for p in sys.argv[1:]))" \
+               "${JSONS[@]}" 2>/dev/null || echo 0)
         if [[ "$ROWS" != 0 && ! -s "$OUT/end_to_end.png" ]]; then
             note "[report] $ROWS benchmark rows but no end_to_end.png"
             FAILED+=("report(no end_to_end.png)")
         fi
     fi
-else
-    note "[report] skipped: $OUT/bench.json is missing or empty (no benchmark row ran)"
+elif [[ -n "$STAGES" ]]; then
+    note "[report] skipped: no OUTDIR/bench-<stage>.json with content (no benchmark row ran)"
     FAILED+=("report(no json)")
 fi
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Render a pytest-benchmark JSON into OUTDIR/report.md and OUTDIR/end_to_end.png (matplotlib).
 
-Usage: python bench/report.py BENCH_JSON OUTDIR   (the files of ``fastbisenet.benchmark.report``)
+Usage: python bench/report.py BENCH_JSON [BENCH_JSON ...] OUTDIR
+    (the files of ``fastbisenet.benchmark.report``; several JSONs: the stages of one run, rows merged)
 
 Exit status 1 when the JSON has benchmark rows but no PNG could be made (matplotlib missing, or no
 end-to-end inference rows to plot): the report of a suite run is incomplete then. The markdown is
@@ -16,11 +17,11 @@ from fastbisenet.benchmark import report
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
+    if len(argv) < 2:
         print(__doc__.strip(), file=sys.stderr)
         return 2
     try:
-        paths = report(argv[0], argv[1])
+        paths = report(argv[:-1], argv[-1])
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

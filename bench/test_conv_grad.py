@@ -33,10 +33,9 @@ def test_conv_dgrad(benchmark: Any, case: Any, dtype: str, variant: str, floors:
 
 
 @pytest.mark.parametrize("dgrad", list(DGRADS), ids=[f"train-e2e-dgrad-{d}" for d in DGRADS])
-@pytest.mark.bench_priority((0, False, 2, 0))  # after the headline rows, with the other end-to-end sizes
+@pytest.mark.bench_priority(common.priority("ab", kind=common.AB_DGRAD_E2E))
 def test_train_step_dgrad(benchmark: Any, dgrad: str, floors: dict, bench_env: dict,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conv_bn, "TRITON_DGRAD", DGRADS[dgrad])
-    common.run_e2e(benchmark, "train", common.TRAIN_SHAPE, "bf16", "fastbisenet", floors, bench_env)
-    benchmark.group = f"dgrad A/B: {benchmark.group} dgrad={dgrad}"
-    benchmark.extra_info.update(op="dgrad A/B", dgrad=dgrad)  # own report section, not in the e2e plot
+    arm = common.ab_arm(common.e2e_group("train", common.TRAIN_SHAPE, "bf16"), "dgrad", dgrad, "cudnn")
+    common.run_e2e(benchmark, "train", common.TRAIN_SHAPE, "bf16", "fastbisenet", floors, bench_env, **arm)

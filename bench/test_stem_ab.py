@@ -19,7 +19,7 @@ from bench import common
 from fastbisenet import benchmark as fb
 
 LOOPS = {"row": True, "flat": False}
-PRIORITY = (0, False, 0, 0)  # with the headline rows: the A/B must not be cut by a time budget
+DEFAULT = "row"  # kernels.conv_bn.STEM_ROW_LOOP unless FASTBISENET_STEM_ROW_LOOP=0
 
 
 def _stem_cases() -> list[fb.OpCase]:
@@ -30,9 +30,10 @@ def _stem_cases() -> list[fb.OpCase]:
 
 
 def _params() -> list[Any]:
-    params = [pytest.param(case, loop, marks=pytest.mark.bench_priority(PRIORITY), id=f"{case.op}-{loop}")
+    ops, e2e = common.priority("ab", kind=common.AB_STEM_OPS), common.priority("ab", kind=common.AB_STEM_E2E)
+    params = [pytest.param(case, loop, marks=pytest.mark.bench_priority(ops), id=f"{case.op}-{loop}")
               for case in _stem_cases() for loop in LOOPS]
-    params += [pytest.param(None, loop, marks=pytest.mark.bench_priority(PRIORITY), id=f"pred-e2e-{loop}")
+    params += [pytest.param(None, loop, marks=pytest.mark.bench_priority(e2e), id=f"pred-e2e-{loop}")
                for loop in LOOPS]
     return params
 
@@ -42,8 +43,8 @@ def test_stem_loop(benchmark: Any, case: fb.OpCase | None, loop: str, floors: di
                    monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(K, "STEM_ROW_LOOP", LOOPS[loop])
     if case is None:
-        common.run_e2e(benchmark, "pred", common.MAIN_SHAPE, "bf16", "fastbisenet", floors, bench_env)
+        arm = common.ab_arm(common.e2e_group("pred", common.MAIN_SHAPE, "bf16"), "stem_loop", loop, DEFAULT)
+        common.run_e2e(benchmark, "pred", common.MAIN_SHAPE, "bf16", "fastbisenet", floors, bench_env, **arm)
     else:
-        common.run_op(benchmark, case, "bf16", "fwd", "fastbisenet", floors, bench_env)
-    benchmark.group = f"stem loop A/B: {benchmark.group} loop={loop}"
-    benchmark.extra_info.update(op="stem loop A/B", stem_loop=loop)  # own report section, not in the e2e plot
+        arm = common.ab_arm(common.op_group(case, "bf16", "fwd"), "stem_loop", loop, DEFAULT)
+        common.run_op(benchmark, case, "bf16", "fwd", "fastbisenet", floors, bench_env, **arm)

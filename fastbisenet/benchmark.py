@@ -141,9 +141,12 @@ def autotune_choices() -> list[dict[str, Any]]:
 
 
 def autotune_lines(choices: Sequence[dict[str, Any]]) -> list[str]:
-    """Markdown tables of :func:`autotune_choices`: per kernel, each key's winning config."""
+    """Markdown tables of :func:`autotune_choices`: per kernel, each key's winning config (``choices`` may be
+    ``{"error": ...}`` when they could not be read)."""
     if not choices:
         return []
+    if isinstance(choices, dict):
+        return ["## Autotune choices", "", f"Not recorded: {choices.get('error', choices)}", ""]
     lines = ["## Autotune choices", "",
              "The config Triton's autotuner picked for each key the run launched (ONE_LOOP: the conv's K loop as "
              "one loop over (tap, channel block) steps; else nested per tap).", ""]
@@ -757,13 +760,20 @@ def model_cost(input_shape: Sequence[int], dtype: torch.dtype, *, aux_mode: str,
 # ----------------------------------------------------------------------------------------------
 
 
+class OpUnavailable(LookupError):
+    """The fused backend has no such op (the benchmark row is skipped, not failed)."""
+
+
 def resolve_op(op: str, variant: str) -> Callable[..., Any]:
-    """The callable for ``op`` in ``variant``; raises ``ImportError``/``AttributeError`` when the
-    fused namespace lacks it. ``compile`` variants reset dynamo first, so each starts fresh."""
+    """The callable for ``op`` in ``variant``; raises :class:`OpUnavailable` when the fused namespace lacks
+    it. ``compile`` variants reset dynamo first, so each starts fresh."""
     from fastbisenet import reference
 
     if variant == "fastbisenet":
-        return getattr(importlib.import_module("fastbisenet.ops.fused"), op)
+        fused = importlib.import_module("fastbisenet.ops.fused")
+        if not hasattr(fused, op):
+            raise OpUnavailable(f"fastbisenet.ops.fused has no {op!r}")
+        return getattr(fused, op)
     fn = getattr(reference, op)
     if variant == "eager":
         return fn
@@ -879,25 +889,59 @@ def dgrad_workload(case: OpCase, variant: str, dtype: torch.dtype, *, device: st
     return cudnn
 
 
-def ohem_reduce(pixel_loss: Tensor, *, n_min: int, thresh: float = 0.7) -> Tensor:
+def ohem_reduce(pixel_loss: Tensor, *, n_min: int, thresh: float = 0.7, topk: bool | None = None) -> Tensor:
     """The OHEM mean of a per-pixel CE without host syncs: mean over pixels with CE > -log(thresh), or
-    over the ``n_min`` largest CEs when fewer pass (``n_min`` = valid pixels // 16, from the host)."""
+    over the ``n_min`` largest CEs when fewer pass (``n_min`` = valid pixels // 16, from the host).
+
+    ``topk``: which of the two to compute, decided by the caller (:class:`CapturableOhem`); ``None``
+    computes both and selects on the device (a top-k over every pixel each call, which ``OhemCELoss``
+    runs only when few pixels are hard)."""
     loss = pixel_loss.flatten()
-    hard = loss > -math.log(thresh)
-    n_hard = hard.sum()
-    mean_hard = (loss * hard).sum() / n_hard.clamp_min(1)
+    if topk is None or not topk:
+        hard = loss > -math.log(thresh)
+        n_hard = hard.sum()
+        mean_hard = (loss * hard).sum() / n_hard.clamp_min(1)
+        if topk is not None:
+            return mean_hard
     # sorted=False: the mean needs the n_min largest, not their order (no sort of ~n/16 values)
-    return torch.where(n_hard >= n_min, mean_hard, loss.topk(max(n_min, 1), sorted=False).values.mean())
+    mean_top = loss.topk(max(n_min, 1), sorted=False).values.mean()
+    return mean_top if topk else torch.where(n_hard >= n_min, mean_hard, mean_top)
 
 
-def make_criterion(labels: Tensor) -> tuple[Callable[[Tensor], Tensor], str]:
-    """:func:`ohem_reduce` for fixed ``labels``, applied to a per-pixel CE (``BiSeNet(x, labels)``'s
-    outputs): ``fastbisenet.losses.OhemCELoss.reduce`` without its host syncs, so the whole training
-    step can be captured in a CUDA graph."""
+class CapturableOhem:
+    """``OhemCELoss`` summed over the heads' per-pixel CEs for fixed labels, capturable in a CUDA graph.
+
+    ``OhemCELoss`` picks, per head and step, the hard-pixel mean or the mean of the ``n_min`` largest losses
+    from a host sync. A plain call here does the same (one sync for all heads); under CUDA-graph capture,
+    where no sync is possible, the branches of the last plain call are replayed (the warm-up calls before
+    capture are plain). So no variant pays for a top-k over every pixel that training would not run."""
+
+    def __init__(self, n_min: int, thresh: float = 0.7) -> None:
+        self.n_min, self.thresh = n_min, thresh
+        self.topk: list[bool] | None = None
+        """Per head, whether the last plain call took the top-k branch."""
+
+    def __call__(self, pixel_losses: Sequence[Tensor]) -> Tensor:
+        if not _capturing(pixel_losses[0].device.type):
+            limit = -math.log(self.thresh)
+            counts = torch.stack([(pl > limit).sum() for pl in pixel_losses]).tolist()  # the one sync
+            self.topk = [c < self.n_min for c in counts]
+        elif self.topk is None or len(self.topk) != len(pixel_losses):
+            raise RuntimeError("CapturableOhem: call it once outside CUDA-graph capture first (it picks the "
+                               "OHEM branch of each head there)")
+        return sum(ohem_reduce(pl, n_min=self.n_min, thresh=self.thresh, topk=k)
+                   for pl, k in zip(pixel_losses, self.topk, strict=True))
+
+
+def make_criterion(labels: Tensor) -> tuple[CapturableOhem, str]:
+    """:class:`CapturableOhem` for fixed ``labels``, applied to the per-pixel CEs of the heads
+    (``BiSeNet(x, labels)``'s outputs): ``fastbisenet.losses.total_pixel_loss`` with the OHEM branch of
+    each head decided outside capture, so the whole training step can be captured in a CUDA graph."""
     n_min = int((labels != IGNORE_INDEX).sum().item()) // 16
-    return ((lambda pixel_loss: ohem_reduce(pixel_loss, n_min=n_min)),
-            "ohem (capturable OhemCELoss.reduce) of model(x, labels)'s per-pixel CE: fused head + CE "
-            "kernels on backend triton, head logits + F.cross_entropy on backend torch")
+    return (CapturableOhem(n_min),
+            "ohem (OhemCELoss.reduce per head, branch chosen by a plain call before capture) of model(x, labels)'s "
+            "per-pixel CE: fused head + CE kernels on backend triton, head logits + F.cross_entropy on backend "
+            "torch")
 
 
 def random_labels(shape: Sequence[int], n_classes: int, device: str, seed: int = 0) -> Tensor:
@@ -1003,7 +1047,7 @@ def model_workload(variant: str, input_shape: Sequence[int], dtype: torch.dtype,
                 p.grad = None
         with torch.autocast(dev_type, dtype=amp, enabled=amp is not None, cache_enabled=False):
             pixel_losses = runner(x, labels, ignore_index=IGNORE_INDEX)
-        loss = sum(criterion(pl) for pl in pixel_losses)
+        loss = criterion(pixel_losses)
         scaler.scale(loss).backward()
         if optimizer is None:
             return
@@ -1071,8 +1115,23 @@ class Row:
         return self.info.get("variant", self.name)
 
 
-def load_rows(json_path: str | Path) -> tuple[list[Row], dict[str, Any]]:
-    """Benchmark rows (median time) and the file's machine/commit info."""
+def load_rows(json_path: str | Path | Sequence[str | Path]) -> tuple[list[Row], dict[str, Any]]:
+    """Benchmark rows (median time) and the file's machine/commit info; for several files (the stages of one
+    suite run), their rows in order, the first file's info and every file's autotune choices."""
+    if not isinstance(json_path, (str, Path)):
+        paths = list(json_path)
+        if not paths:
+            raise ValueError("no benchmark JSON given")
+        rows, meta = load_rows(paths[0])
+        choices = list(_autotune_of(meta))
+        for path in paths[1:]:
+            more_rows, more_meta = load_rows(path)
+            rows += more_rows
+            choices += [c for c in _autotune_of(more_meta) if c not in choices]
+        if choices:
+            meta["machine_info"] = {**meta["machine_info"],
+                                    "fastbisenet": {**meta["machine_info"].get("fastbisenet", {}), "autotune": choices}}
+        return rows, meta
     data = json.loads(Path(json_path).read_text())
     if not isinstance(data, dict) or "benchmarks" not in data:
         raise ValueError(f"{json_path} is not a pytest-benchmark JSON (pytest bench/ --benchmark-only "
@@ -1082,6 +1141,11 @@ def load_rows(json_path: str | Path) -> tuple[list[Row], dict[str, Any]]:
     meta = {"datetime": data.get("datetime"), "machine_info": data.get("machine_info", {}),
             "commit_info": data.get("commit_info", {})}
     return rows, meta
+
+
+def _autotune_of(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    choices = meta.get("machine_info", {}).get("fastbisenet", {}).get("autotune")
+    return choices if isinstance(choices, list) else []
 
 
 def floor_seconds(flops: float, nbytes: float, tflops: float | None, gbps: float | None) -> float | None:
@@ -1113,12 +1177,24 @@ def _variant_rank(v: str) -> int:
     return VARIANTS.index(v) if v in VARIANTS else len(VARIANTS)
 
 
+def duplicate_rows(rows: Sequence[Row]) -> list[tuple[str, str]]:
+    """(group, variant) pairs that more than one row claims (the report uses the first of each)."""
+    seen: set[tuple[str, str]] = set()
+    dups: list[tuple[str, str]] = []
+    for r in rows:
+        key = (r.group, r.variant)
+        if key in seen and key not in dups:
+            dups.append(key)
+        seen.add(key)
+    return dups
+
+
 def speedups(rows: Sequence[Row]) -> dict[str, dict[str, float]]:
-    """Per group: {peer variant: peer time / fastbisenet time}."""
+    """Per group: {peer variant: peer time / fastbisenet time} (the first row of a duplicated variant)."""
     out: dict[str, dict[str, float]] = {}
     by_group: dict[str, dict[str, Row]] = {}
     for r in rows:
-        by_group.setdefault(r.group, {})[r.variant] = r
+        by_group.setdefault(r.group, {}).setdefault(r.variant, r)
     for g, vs in by_group.items():
         fast = vs.get("fastbisenet")
         if fast is None or fast.time_s <= 0:
@@ -1144,6 +1220,14 @@ def render_markdown(rows: Sequence[Row], meta: dict[str, Any] | None = None) -> 
               "floor = max(FLOPs / matmul rate, bytes / copy bandwidth); % of floor = floor / time.", ""]
     if not rows:
         return "\n".join([*lines, "_No benchmark rows._", ""])
+    dups = duplicate_rows(rows)
+    if dups:
+        lines += [f"**Warning: {len(dups)} duplicate (group, variant) pair(s)**; each table and speedup uses the "
+                  "first row of the pair: " + ", ".join(f"`{g}` / `{v}`" for g, v in dups), ""]
+        first_rows = {}
+        for r in rows:
+            first_rows.setdefault((r.group, r.variant), r)
+        rows = list(first_rows.values())
 
     sp = speedups(rows)
     by_op: dict[tuple[str, str, str], list[float]] = {}
@@ -1292,8 +1376,10 @@ def plot_end_to_end(rows: Sequence[Row], path: str | Path) -> bool:
     return True
 
 
-def report(json_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
-    """Write ``report.md`` and (with matplotlib) ``end_to_end.png`` into ``out_dir``.
+def report(json_path: str | Path | Sequence[str | Path], out_dir: str | Path) -> dict[str, Any]:
+    """Write ``report.md`` and (with matplotlib) ``end_to_end.png`` into ``out_dir`` from one pytest-benchmark
+    JSON or several (:func:`load_rows`). A ``summary.txt`` in ``out_dir`` (bench/gpu_suite.sh's step log:
+    the test suite's status among them) is quoted at the top, so no table is read without it.
 
     Returns ``markdown`` and ``plot`` (paths; ``plot`` None when not written), ``plot_skipped`` (why
     not, else None) and ``rows`` (number of benchmark rows)."""
@@ -1301,7 +1387,14 @@ def report(json_path: str | Path, out_dir: str | Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     rows, meta = load_rows(json_path)
     md = out / "report.md"
-    md.write_text(render_markdown(rows, meta))
+    text = render_markdown(rows, meta)
+    summary = out / "summary.txt"
+    if summary.is_file() and summary.read_text().strip():
+        head, _, rest = text.partition("\n\n")
+        steps = [line.removeprefix("=== ") for line in summary.read_text().splitlines() if line.strip()]
+        text = "\n".join([head, "", "## Suite steps (bench/gpu_suite.sh summary.txt)", "", "```", *steps, "```",
+                           "", rest])
+    md.write_text(text)
     png: Path | None = out / "end_to_end.png"
     reason = None
     try:

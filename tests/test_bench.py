@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -128,6 +129,37 @@ def test_autotune_choices_recorded_and_reported(tmp_path: Path, monkeypatch: pyt
     assert ("| M=35, C_in=40, C_in2=0, C_out=24, KH=3, KW=3, STRIDE_H=1, FLAT_C=0, ROW_K=True | bfloat16, float32 "
             "| M=64 N=32 K=32 GROUP_M=8 ONE_LOOP=True warps=4 stages=3 |") in md
     assert "Autotune choices" not in fb.render_markdown(rows, {})
+
+
+def test_report_merges_stage_jsons_and_quotes_the_suite_summary(tmp_path: Path) -> None:
+    data = json.loads(_write_json(tmp_path / "all.json").read_text())
+    conv_a = {"kernel": "conv_bn_fwd_kernel", "key": {"M": 1}, "dtypes": ["torch.bfloat16"], "config": {"num_warps": 4}}
+    conv_b = {**conv_a, "key": {"M": 2}}
+    first = {**data, "benchmarks": data["benchmarks"][:3], "machine_info": {"fastbisenet": {"autotune": [conv_a]}}}
+    second = {**data, "benchmarks": data["benchmarks"][3:],
+              "machine_info": {"fastbisenet": {"autotune": [conv_a, conv_b]}}}
+    (tmp_path / "a.json").write_text(json.dumps(first))
+    (tmp_path / "b.json").write_text(json.dumps(second))
+    rows, meta = fb.load_rows([tmp_path / "a.json", tmp_path / "b.json"])
+    assert [r.name for r in rows] == [b["name"] for b in data["benchmarks"]]
+    assert meta["machine_info"]["fastbisenet"]["autotune"] == [conv_a, conv_b]
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.txt").write_text("=== [tests] rc=1 in 300 s\n=== [bench-headline] rc=0 in 200 s\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(tmp_path / "a.json"),
+                           str(tmp_path / "b.json"), str(out)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    md = (out / "report.md").read_text()
+    assert md.startswith("# fastbisenet benchmark report\n\n## Suite steps")
+    assert "[tests] rc=1 in 300 s" in md and md.index("[tests] rc=1") < md.index("- device_name")
+    assert md == fb.render_markdown(rows, meta).replace(
+        "\n\n", "\n\n## Suite steps (bench/gpu_suite.sh summary.txt)\n\n```\n[tests] rc=1 in 300 s\n"
+        "[bench-headline] rc=0 in 200 s\n```\n\n", 1)
+    assert "M=2" in md
+    # autotune choices that could not be read are said so
+    assert "Not recorded: boom" in "\n".join(fb.autotune_lines({"error": "boom"}))
+    with pytest.raises(ValueError, match="no benchmark JSON"):
+        fb.load_rows([])
 
 
 def test_report_writes_markdown_and_plot(tmp_path: Path) -> None:
@@ -280,13 +312,23 @@ def test_ohem_reduce_matches_definition() -> None:
     assert fb.ohem_reduce(pixel_ce, n_min=big_n) == pytest.approx(float(top), rel=1e-6)
     losses = pytest.importorskip("fastbisenet.losses")
     crit, _ = fb.make_criterion(labels)
-    assert float(crit(pixel_ce)) == pytest.approx(float(losses.OhemCELoss()(logits, labels)), rel=1e-6)
+    assert float(crit([pixel_ce])) == pytest.approx(float(losses.OhemCELoss()(logits, labels)), rel=1e-6)
+    assert crit.topk == [False]
     labels_few = labels.clone()
     labels_few[1] = fb.IGNORE_INDEX
     crit, _ = fb.make_criterion(labels_few)
     few_ce = torch.nn.functional.cross_entropy(logits * 0.01, labels_few, ignore_index=fb.IGNORE_INDEX,
                                                reduction="none")
-    assert float(crit(few_ce)) == pytest.approx(float(losses.OhemCELoss()(logits * 0.01, labels_few)), rel=1e-6)
+    assert float(crit([few_ce])) == pytest.approx(float(losses.OhemCELoss()(logits * 0.01, labels_few)), rel=1e-6)
+    # heads summed, each with its own branch, as total_pixel_loss
+    crit, _ = fb.make_criterion(labels)
+    both = crit([pixel_ce, pixel_ce * 0.01])
+    assert crit.topk == [False, True]
+    assert float(both) == pytest.approx(float(losses.total_pixel_loss([pixel_ce, pixel_ce * 0.01], labels,
+                                                                      losses.OhemCELoss(), 5)), rel=1e-6)
+    for topk in (False, True):
+        assert float(fb.ohem_reduce(pixel_ce, n_min=big_n, topk=topk)) == pytest.approx(
+            float(top if topk else hard.mean()), rel=1e-6)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the benchmarks")
@@ -300,6 +342,37 @@ def test_pytest_bench_skips_everything_without_cuda() -> None:
     assert "no CUDA device" in out.stdout
 
 
+def test_bench_stages_run_the_goal_rows_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT))
+    from bench import common
+
+    if common.QUICK or common.VARIANTS != fb.VARIANTS or common.DTYPES[0] != "bf16":
+        pytest.skip("FASTBISENET_BENCH_* overrides change the rows")
+    e2e = common.e2e_params()
+    keys = [p.marks[0].args[0] for p in e2e]
+    main, train = "1x3x1024x2048-bf16", "8x3x1024x1024-bf16"
+    assert [e2e[i].id for i in common.run_order(keys, ("headline",))] == [
+        f"pred-{main}-fastbisenet", f"pred-{main}-eager", f"pred-{main}-compile",
+        f"train-{train}-fastbisenet", f"train-{train}-eager", f"train-{train}-compile", f"pred-{main}-max-autotune"]
+    everything = common.run_order(keys)
+    assert len(everything) == len(e2e) and everything[:7] == common.run_order(keys, ("headline",))
+    assert f"train-{train}-max-autotune" in {e2e[i].id for i in common.run_order(keys, ("more",))}
+    # per-op rows: bf16 batch 1 without max-autotune, each case's variants together, forward rows first
+    ops = common.op_params("attention")
+    order = common.run_order([p.marks[0].args[0] for p in ops], ("ops",))
+    ids = [ops[i].id for i in order]
+    assert ids and all("-bf16-" in i and not i.endswith("max-autotune") for i in ids)
+    assert all(ops[i].values[0].input_shape[0] == 1 for i in order)
+    assert [i.rsplit("-", 1)[1] for i in ids[:3]] == ["fastbisenet", "eager", "compile"]
+    assert len({i.rsplit("-", 1)[0] for i in ids[:3]}) == 1
+    passes = [ops[i].values[2] for i in order]
+    assert passes == sorted(passes, key=lambda p: p != "fwd")
+    # no row is lost: every key belongs to exactly one stage
+    all_keys = [p.marks[0].args[0] for p in ops]
+    staged = [i for st in common.STAGES for i in common.run_order(all_keys, (st,))]
+    assert sorted(staged) == list(range(len(ops)))
+
+
 class _FakeBenchmark:
     """The parts of pytest-benchmark's fixture that bench.common uses (the real hand-off is checked by
     test_feed_benchmark_reports_exact_samples)."""
@@ -308,9 +381,11 @@ class _FakeBenchmark:
         self._timer: Any = None
         self.extra_info: dict[str, Any] = {}
         self.group: str | None = None
+        self.reported_group: str | None = None
         self.durations: list[float] = []
 
     def pedantic(self, target: Any, rounds: int, iterations: int, warmup_rounds: int) -> None:
+        self.reported_group = self.group  # as pytest-benchmark: the group is copied here, later changes are lost
         for _ in range(rounds):
             t0 = self._timer()
             target()
@@ -350,6 +425,16 @@ def test_benchmark_rows_pipeline_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
             common.run_op(benches[-1], case, "fp32", "fwd+bwd", variant, floors, env)
     benches.append(_FakeBenchmark())
     common.run_e2e(benches[-1], "train", (2, 3, 32, 64), "fp32", "eager", floors, env)
+    # an A/B pair (as bench/test_stem_ab.py): one group, the default arm as "fastbisenet"
+    for arm in ("row", "flat"):
+        benches.append(_FakeBenchmark())
+        common.run_op(benches[-1], case, "fp32", "fwd", "fastbisenet", floors, env,
+                      **common.ab_arm(common.op_group(case, "fp32", "fwd"), "stem_loop", arm, "row"))
+    ab = benches[-2:]
+    assert {b.reported_group for b in ab} == {f"stem_loop A/B: {common.op_group(case, 'fp32', 'fwd')}"}
+    assert [b.extra_info["variant"] for b in ab] == ["fastbisenet", "fastbisenet stem_loop=flat"]
+    assert [b.extra_info["stem_loop"] for b in ab] == ["row", "flat"]
+    assert {b.extra_info["op"] for b in ab} == {"stem_loop A/B"}
     for b in benches:
         assert b.durations == pytest.approx([s * 1e-3 for s in samples])
         info = b.extra_info
@@ -358,20 +443,28 @@ def test_benchmark_rows_pipeline_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
         assert json.loads(json.dumps(info)) == info
     assert benches[0].extra_info["flops"] > 0 and benches[0].extra_info["pass"] == "fwd+bwd"
     # per-op rows are timed with a cold L2, end-to-end rows warm
-    assert [b.extra_info["cache"] for b in benches] == ["cold-l2-flush"] * 4 + ["warm"]
-    assert benches[0].extra_info["l2_flush_bytes"] == 1 << 27 and benches[-1].extra_info["l2_flush_bytes"] is None
-    train = benches[-1].extra_info
+    assert [b.extra_info["cache"] for b in benches] == ["cold-l2-flush"] * 4 + ["warm"] + ["cold-l2-flush"] * 2
+    assert benches[0].extra_info["l2_flush_bytes"] == 1 << 27 and benches[4].extra_info["l2_flush_bytes"] is None
+    train = benches[4].extra_info
     assert train["loss"].startswith("ohem")
     assert train["includes_optimizer_step"] is True and train["precision"] == "fp32 master weights, no autocast"
     assert train["compile_mode"] is None and train["autocast"] is None
-    assert benches[-1].extra_info["flops"] > 0 and benches[-1].group == "end_to_end train 2x3x32x64 fp32"
-    data = {"benchmarks": [{"group": b.group, "name": b.group + b.extra_info["variant"], "extra_info": b.extra_info,
-                            "stats": {"median": sorted(b.durations)[1]}} for b in benches]}
+    assert benches[4].extra_info["flops"] > 0 and benches[4].reported_group == "end_to_end train 2x3x32x64 fp32"
+    data = {"benchmarks": [{"group": b.reported_group, "name": b.reported_group + b.extra_info["variant"],
+                            "extra_info": b.extra_info, "stats": {"median": sorted(b.durations)[1]}}
+                           for b in benches]}
     (tmp_path / "b.json").write_text(json.dumps(data))
     md = fb.report(tmp_path / "b.json", tmp_path / "out")["markdown"].read_text()
     assert "| 2.5000 | 2.5000 | 1.00x |" in md  # per-op: fastbisenet and eager times, speedup
     assert "| eager | 2.5000 | — |" in md  # end to end: no fastbisenet row, no speedup
     assert "L2 cache, per-op rows: `cold-l2-flush`" in md and "L2 cache, end-to-end rows: `warm`" in md
+    assert "## stem_loop A/B" in md and "vs fastbisenet stem_loop=flat" in md and "duplicate" not in md
+    # two rows of one (group, variant): the report says so and uses the first
+    data["benchmarks"].append({**data["benchmarks"][0], "stats": {"median": 9.0}})
+    (tmp_path / "dup.json").write_text(json.dumps(data))
+    md = fb.report(tmp_path / "dup.json", tmp_path / "dup")["markdown"].read_text()
+    assert "1 duplicate" in md and f"`{benches[0].reported_group}` / `fastbisenet`" in md
+    assert "| 2.5000 | 2.5000 | 1.00x |" in md
 
 
 # ----------------------------------------------------------------------------------------------
@@ -620,7 +713,8 @@ def test_gpu_suite_flow_on_cpu(case: str, tmp_path: Path) -> None:
     """Without CUDA: env (all versions), import check, the bench/ rows all skipped (rc 0), then the
     report step: no rows -> failed (nothing ran); a stand-in end-to-end row -> report.md + PNG, success;
     the same without matplotlib -> the report step fails."""
-    env = {"SKIP_INSTALL": "1", "SKIP_TESTS": "1"}
+    env = {"SKIP_INSTALL": "1", "SKIP_TESTS": "1", "SUITE_BENCH_STAGES": "headline,ab",
+           "SUITE_PACK": str(tmp_path / "run.tgz")}
     extra: list[str] = []
     if case != "no-rows":
         (tmp_path / "fake").mkdir()
@@ -633,17 +727,26 @@ def test_gpu_suite_flow_on_cpu(case: str, tmp_path: Path) -> None:
     out = _suite(str(tmp_path / "run"), *extra, env=env, timeout=300)
     run = tmp_path / "run"
     summary = (run / "summary.txt").read_text()
-    assert "[import] rc=0" in summary and "[bench] rc=0" in summary, summary
+    assert "[import] rc=0" in summary and "[bench-headline] rc=0" in summary and "[bench-ab] rc=0" in summary, summary
     env_log = (run / "env.log").read_text()
     for dist in ("triton", "pytest", "pytest-benchmark", "hypothesis", "matplotlib", "numpy"):
         assert f"\n{dist} " in env_log, dist
-    assert "no CUDA device" in (run / "bench.log").read_text()
+    assert "no CUDA device" in (run / "bench-headline.log").read_text()
+    # each stage ran only its own rows (here all skipped: no CUDA)
+    assert " deselected" in (run / "bench-ab.log").read_text()
+    with tarfile.open(tmp_path / "run.tgz") as tar:  # packed after the last step
+        names = tar.getnames()
+        assert "run/summary.txt" in names and "run/bench-ab.log" in names
+        packed = tar.extractfile("run/summary.txt").read().decode()
+    assert packed == summary
     if case == "no-rows":
         assert out.returncode == 1 and summary.rstrip().endswith("failed steps: report(no json)"), summary
     elif case == "rows":
         assert out.returncode == 0 and summary.rstrip().endswith("failed steps: none"), summary
         assert (run / "end_to_end.png").read_bytes()[:4] == b"\x89PNG"
-        assert "L2 cache, end-to-end rows: `warm`" in (run / "report.md").read_text()
+        report = (run / "report.md").read_text()
+        assert "L2 cache, end-to-end rows: `warm`" in report and "[bench-ab] rc=0" in report
+        assert "duplicate" in report  # the stand-in row is outside bench/, so every stage ran it
     else:
         assert out.returncode == 1 and summary.rstrip().endswith("failed steps: report(rc=1)"), summary
         assert "matplotlib is not installed" in (run / "report.log").read_text()
