@@ -27,7 +27,10 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    mine = {id(i) for i in items if Path(i.path).is_relative_to(BENCH_DIR)}
+    # the rows of bench/, and any other test that carries a bench_priority key (it then runs in its key's stage
+    # only; one without a key runs in every stage process)
+    in_bench = {id(i) for i in items if Path(i.path).is_relative_to(BENCH_DIR)}
+    mine = in_bench | {id(i) for i in items if i.get_closest_marker("bench_priority") is not None}
 
     def key(item: pytest.Item) -> tuple | None:
         m = item.get_closest_marker("bench_priority")
@@ -44,7 +47,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not HAS_CUDA:
         skip = pytest.mark.skip(reason=NO_CUDA_REASON)
         for item in items:
-            if id(item) in mine:
+            if id(item) in in_bench:
                 item.add_marker(skip)
 
 

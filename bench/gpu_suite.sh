@@ -20,9 +20,9 @@
 #   SKIP_TESTS=1      skip the test-suite step (benchmarks only); SKIP_INSTALL=1 skips the install
 #   SUITE_BENCH_STAGES  benchmark stages to run, in order (default "headline ab ops"; "more" is the rest;
 #                     "none" runs no benchmark)
-#   SUITE_PACK        a .tgz path: OUTDIR is packed there after every step, so a run cut off by a time
-#                     limit still leaves everything up to its last finished step (the device tool returns at
-#                     most 8 files: pack into $OUT/run.tgz)
+#   SUITE_PACK        a .tgz path outside OUTDIR: OUTDIR is packed there after every step, so a run cut off
+#                     by a time limit still leaves everything up to its last finished step (the device tool
+#                     returns at most 8 files: pack into the tool's $OUT/run.tgz, OUTDIR elsewhere)
 #   RESULTS_ROOT      parent directory for --results (default bench/results)
 #   SUITE_DRY_RUN=1   print the output directory that would be used and exit (creates nothing)
 #   FASTBISENET_GIT_COMMIT  commit to record when there is no .git (e.g. on a remote device)
@@ -55,6 +55,14 @@ if [[ "${SUITE_DRY_RUN:-0}" == 1 ]]; then
 fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
+if [[ -n "${SUITE_PACK:-}" ]]; then
+    mkdir -p "$(dirname "$SUITE_PACK")"
+    SUITE_PACK="$(cd "$(dirname "$SUITE_PACK")" && pwd)/$(basename "$SUITE_PACK")"
+    if [[ "$SUITE_PACK" == "$OUT"/* ]]; then
+        echo "SUITE_PACK ($SUITE_PACK) must be outside OUTDIR ($OUT): the archive would pack itself" >&2
+        exit 2
+    fi
+fi
 cd "$HERE/.."
 
 START=$(date +%s)
@@ -68,9 +76,13 @@ elapsed() { echo $(( $(date +%s) - START )); }
 
 note() { echo "=== $*" | tee -a "$OUT/summary.txt"; }
 
-pack() {  # OUTDIR -> SUITE_PACK (atomically), when asked for
+pack() {  # OUTDIR -> SUITE_PACK (atomically), when asked for; a failure is noted, not fatal
     [[ -n "${SUITE_PACK:-}" ]] || return 0
-    tar czf "$SUITE_PACK.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" && mv -f "$SUITE_PACK.part" "$SUITE_PACK"
+    if ! tar czf "$SUITE_PACK.part" -C "$(dirname "$OUT")" "$(basename "$OUT")" 2> "$SUITE_PACK.err" \
+            || ! mv -f "$SUITE_PACK.part" "$SUITE_PACK"; then
+        note "[pack] failed: $(tr '\n' ' ' < "$SUITE_PACK.err")"
+    fi
+    rm -f "$SUITE_PACK.err"
 }
 
 finish() {
@@ -152,6 +164,7 @@ if [[ "${SKIP_TESTS:-0}" != 1 ]]; then
 fi
 
 USER_BENCH_BUDGET=${FASTBISENET_BENCH_BUDGET_S:-}
+JSONS=()  # this run's stage JSONs, for the report
 STAGES=${SUITE_BENCH_STAGES:-headline ab ops}
 [[ "$STAGES" == none ]] && STAGES=""
 for STAGE in ${STAGES//,/ }; do
@@ -164,13 +177,11 @@ for STAGE in ${STAGES//,/ }; do
     # in-process budget stops starting new rows in time; the hard timeout (SIGINT: pytest still
     # writes the JSON) is the backstop for a row that runs long.
     export FASTBISENET_BENCH_BUDGET_S=${USER_BENCH_BUDGET:-$(( LEFT - 30 ))}
+    rm -f "$OUT/bench-$STAGE.json"  # a JSON left by an earlier run into OUTDIR is not this run's
     step "bench-$STAGE" bench_stage "$STAGE" "$LEFT" "$@"
+    [[ -s "$OUT/bench-$STAGE.json" ]] && JSONS+=("$OUT/bench-$STAGE.json")
 done
 
-JSONS=()
-for f in "$OUT"/bench-*.json; do
-    [[ -s "$f" ]] && JSONS+=("$f")
-done
 if [[ ${#JSONS[@]} -gt 0 ]]; then
     # report.py exits 1 when there are rows but no PNG (matplotlib missing, no end-to-end rows)
     if step report python bench/report.py "${JSONS[@]}" "$OUT"; then

@@ -19,6 +19,7 @@ from fastbisenet import benchmark as fb
 from fastbisenet.ops import conv_bn
 
 DGRADS = {"cudnn": False, "triton": True}
+DEFAULT = "triton" if conv_bn.TRITON_DGRAD else "cudnn"  # this process's (FASTBISENET_TRITON_DGRAD), read at import
 
 
 @pytest.mark.parametrize(("case", "dtype", "variant"), common.dgrad_params())
@@ -37,5 +38,5 @@ def test_conv_dgrad(benchmark: Any, case: Any, dtype: str, variant: str, floors:
 def test_train_step_dgrad(benchmark: Any, dgrad: str, floors: dict, bench_env: dict,
                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(conv_bn, "TRITON_DGRAD", DGRADS[dgrad])
-    arm = common.ab_arm(common.e2e_group("train", common.TRAIN_SHAPE, "bf16"), "dgrad", dgrad, "cudnn")
+    arm = common.ab_arm(common.e2e_group("train", common.TRAIN_SHAPE, "bf16"), "dgrad", dgrad, DEFAULT)
     common.run_e2e(benchmark, "train", common.TRAIN_SHAPE, "bf16", "fastbisenet", floors, bench_env, **arm)

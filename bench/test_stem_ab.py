@@ -19,7 +19,8 @@ from bench import common
 from fastbisenet import benchmark as fb
 
 LOOPS = {"row": True, "flat": False}
-DEFAULT = "row"  # kernels.conv_bn.STEM_ROW_LOOP unless FASTBISENET_STEM_ROW_LOOP=0
+DEFAULT = "row" if K.STEM_ROW_LOOP else "flat"  # the form this process runs (FASTBISENET_STEM_ROW_LOOP), read
+# at import, before any test sets it
 
 
 def _stem_cases() -> list[fb.OpCase]:

@@ -146,20 +146,27 @@ def autotune_lines(choices: Sequence[dict[str, Any]]) -> list[str]:
     if not choices:
         return []
     if isinstance(choices, dict):
-        return ["## Autotune choices", "", f"Not recorded: {choices.get('error', choices)}", ""]
+        choices = [choices]
     lines = ["## Autotune choices", "",
              "The config Triton's autotuner picked for each key the run launched (ONE_LOOP: the conv's K loop as "
-             "one loop over (tap, channel block) steps; else nested per tap).", ""]
+             "one loop over (tap, channel block) steps; else nested per tap). Each benchmark stage is its own "
+             "process and tunes afresh: a key can have one choice per stage.", ""]
+    for c in choices:
+        if "error" in c:
+            lines += [f"Not recorded{' (stage ' + c['stage'] + ')' if c.get('stage') else ''}: {c['error']}", ""]
     by_kernel: dict[str, list[dict[str, Any]]] = {}
     for c in choices:
-        by_kernel.setdefault(c["kernel"], []).append(c)
+        if "kernel" in c:
+            by_kernel.setdefault(c["kernel"], []).append(c)
+    staged = any(c.get("stage") for cs in by_kernel.values() for c in cs)
     for kernel, cs in sorted(by_kernel.items()):
-        lines += [f"### {kernel}", "", "| key | dtypes | config |", "|---|---|---|"]
+        lines += [f"### {kernel}", "", "| key | dtypes | config |" + (" stage |" if staged else ""),
+                  "|---|---|---|" + ("---|" if staged else "")]
         for c in cs:
             key = ", ".join(f"{k}={v}" for k, v in c["key"].items())
             dts = ", ".join(d.removeprefix("torch.") for d in c["dtypes"])
             cfg = " ".join(f"{k.removeprefix('BLOCK_').removeprefix('num_')}={v}" for k, v in c["config"].items())
-            lines.append(f"| {key} | {dts} | {cfg} |")
+            lines.append(f"| {key} | {dts} | {cfg} |" + (f" {c.get('stage', '')} |" if staged else ""))
         lines.append("")
     return lines
 
@@ -1123,11 +1130,11 @@ def load_rows(json_path: str | Path | Sequence[str | Path]) -> tuple[list[Row], 
         if not paths:
             raise ValueError("no benchmark JSON given")
         rows, meta = load_rows(paths[0])
-        choices = list(_autotune_of(meta))
+        choices = _autotune_of(meta, staged=True)
         for path in paths[1:]:
             more_rows, more_meta = load_rows(path)
             rows += more_rows
-            choices += [c for c in _autotune_of(more_meta) if c not in choices]
+            choices += [c for c in _autotune_of(more_meta, staged=True) if c not in choices]
         if choices:
             meta["machine_info"] = {**meta["machine_info"],
                                     "fastbisenet": {**meta["machine_info"].get("fastbisenet", {}), "autotune": choices}}
@@ -1143,9 +1150,14 @@ def load_rows(json_path: str | Path | Sequence[str | Path]) -> tuple[list[Row], 
     return rows, meta
 
 
-def _autotune_of(meta: dict[str, Any]) -> list[dict[str, Any]]:
-    choices = meta.get("machine_info", {}).get("fastbisenet", {}).get("autotune")
-    return choices if isinstance(choices, list) else []
+def _autotune_of(meta: dict[str, Any], *, staged: bool = False) -> list[dict[str, Any]]:
+    """A JSON's autotune choices as a list (an ``{"error": ...}`` kept as one entry); ``staged``: each tagged
+    with the file's benchmark stages."""
+    info = meta.get("machine_info", {}).get("fastbisenet", {})
+    choices = info.get("autotune") or []
+    choices = [choices] if isinstance(choices, dict) else list(choices)
+    stage = "/".join(info.get("stages") or [])
+    return [{**c, "stage": stage} for c in choices] if staged and stage else choices
 
 
 def floor_seconds(flops: float, nbytes: float, tflops: float | None, gbps: float | None) -> float | None:
@@ -1302,7 +1314,7 @@ def cache_lines(rows: Sequence[Row]) -> list[str]:
     """Report lines saying in which L2 state each kind of row was timed (``extra_info["cache"]``)."""
     kinds: dict[str, dict[str, list[Row]]] = {}
     for r in rows:
-        kind = "end-to-end rows" if r.info.get("op") == "end_to_end" else "per-op rows"
+        kind = "end-to-end rows" if r.info.get("op") == "end_to_end" or r.info.get("aux_mode") else "per-op rows"
         kinds.setdefault(kind, {}).setdefault(r.info.get("cache") or "unknown", []).append(r)
     lines = []
     for kind in sorted(kinds, key=lambda k: k != "per-op rows"):

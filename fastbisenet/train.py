@@ -292,6 +292,9 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.sync_bn and dist_info.world == 1 and is_main:
+        warnings.warn("--sync-bn has no effect in a single process (torchrun --nproc_per_node N for several)",
+                      stacklevel=2)
     if cfg.sync_bn and dist_info.world > 1:
         if device.type != "cuda":
             raise ValueError(f"--sync-bn needs CUDA devices (SyncBatchNorm), this run is on {device}")
@@ -583,8 +586,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     file_layer = read_config_file(args.config) if getattr(args, "config", None) else {}
     resume = resume or file_layer.get("resume")
     if resume:
-        ckpt_cfg = dict(load_training_checkpoint(resume)["config"])
+        ckpt = load_training_checkpoint(resume)
+        ckpt_cfg = dict(ckpt["config"])
         ckpt_cfg.pop("resume", None)
+        if "sync_bn" not in ckpt_cfg and ckpt.get("world_size", 1) > 1:
+            ckpt_cfg["sync_bn"] = True  # runs from before --sync-bn existed used SyncBatchNorm on several GPUs
         layers.append(ckpt_cfg)
     layers += [file_layer, flags]
     return build_config(*layers)

@@ -135,19 +135,27 @@ def test_report_merges_stage_jsons_and_quotes_the_suite_summary(tmp_path: Path) 
     data = json.loads(_write_json(tmp_path / "all.json").read_text())
     conv_a = {"kernel": "conv_bn_fwd_kernel", "key": {"M": 1}, "dtypes": ["torch.bfloat16"], "config": {"num_warps": 4}}
     conv_b = {**conv_a, "key": {"M": 2}}
-    first = {**data, "benchmarks": data["benchmarks"][:3], "machine_info": {"fastbisenet": {"autotune": [conv_a]}}}
+    first = {**data, "benchmarks": data["benchmarks"][:3],
+             "machine_info": {"fastbisenet": {"autotune": [conv_a], "stages": ["headline"]}}}
     second = {**data, "benchmarks": data["benchmarks"][3:],
-              "machine_info": {"fastbisenet": {"autotune": [conv_a, conv_b]}}}
-    (tmp_path / "a.json").write_text(json.dumps(first))
-    (tmp_path / "b.json").write_text(json.dumps(second))
-    rows, meta = fb.load_rows([tmp_path / "a.json", tmp_path / "b.json"])
+              "machine_info": {"fastbisenet": {"autotune": [conv_a, conv_b], "stages": ["ab"]}}}
+    third = {**data, "benchmarks": [], "machine_info": {"fastbisenet": {"autotune": {"error": "boom"},
+                                                                         "stages": ["ops"]}}}
+    for name, content in (("a", first), ("b", second), ("c", third)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(content))
+    rows, meta = fb.load_rows([tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"])
     assert [r.name for r in rows] == [b["name"] for b in data["benchmarks"]]
-    assert meta["machine_info"]["fastbisenet"]["autotune"] == [conv_a, conv_b]
+    assert meta["machine_info"]["fastbisenet"]["autotune"] == [  # each stage tuned on its own: labelled
+        {**conv_a, "stage": "headline"}, {**conv_a, "stage": "ab"}, {**conv_b, "stage": "ab"},
+        {"error": "boom", "stage": "ops"}]
+    tables = "\n".join(fb.autotune_lines(meta["machine_info"]["fastbisenet"]["autotune"]))
+    assert "Not recorded (stage ops): boom" in tables and "| M=1 | bfloat16 | warps=4 | ab |" in tables
     out = tmp_path / "out"
     out.mkdir()
     (out / "summary.txt").write_text("=== [tests] rc=1 in 300 s\n=== [bench-headline] rc=0 in 200 s\n")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "report.py"), str(tmp_path / "a.json"),
-                           str(tmp_path / "b.json"), str(out)], capture_output=True, text=True, timeout=60)
+                           str(tmp_path / "b.json"), str(tmp_path / "c.json"), str(out)],
+                          capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     md = (out / "report.md").read_text()
     assert md.startswith("# fastbisenet benchmark report\n\n## Suite steps")
@@ -675,6 +683,13 @@ def test_gpu_suite_results_dir_suffix(tmp_path: Path) -> None:
 
 
 @needs_bash
+def test_gpu_suite_refuses_to_pack_into_its_own_outdir(tmp_path: Path) -> None:
+    out = _suite(str(tmp_path / "run"), env={"SUITE_PACK": str(tmp_path / "run" / "run.tgz")})
+    assert out.returncode == 2 and "must be outside OUTDIR" in out.stderr
+    assert not (tmp_path / "run" / "summary.txt").exists()
+
+
+@needs_bash
 def test_gpu_suite_stops_when_fastbisenet_does_not_import(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -695,9 +710,12 @@ def test_gpu_suite_stops_when_fastbisenet_does_not_import(tmp_path: Path) -> Non
 
 
 FAKE_E2E_BENCH = """
+import pytest
+
 from fastbisenet.benchmark import feed_benchmark
 
 
+@pytest.mark.bench_priority((0,))  # stage "headline" only
 def test_fake_end_to_end(benchmark):
     benchmark.group = "end_to_end pred 1x3x64x64 bf16"
     feed_benchmark(benchmark, [1.0, 2.0, 3.0])
@@ -746,7 +764,9 @@ def test_gpu_suite_flow_on_cpu(case: str, tmp_path: Path) -> None:
         assert (run / "end_to_end.png").read_bytes()[:4] == b"\x89PNG"
         report = (run / "report.md").read_text()
         assert "L2 cache, end-to-end rows: `warm`" in report and "[bench-ab] rc=0" in report
-        assert "duplicate" in report  # the stand-in row is outside bench/, so every stage ran it
+        assert "duplicate" not in report  # the stand-in row's key puts it in one stage
+        assert "1 passed" in (run / "bench-headline.log").read_text()
+        assert " passed" not in (run / "bench-ab.log").read_text()  # the stand-in is deselected there
     else:
         assert out.returncode == 1 and summary.rstrip().endswith("failed steps: report(rc=1)"), summary
         assert "matplotlib is not installed" in (run / "report.log").read_text()

@@ -244,13 +244,30 @@ def test_recipe_notes_on_real_data(tmp_path):
 
 
 def test_sync_bn_is_off_by_default_and_needs_cuda(tmp_path, monkeypatch):
+    import argparse
+
     import fastbisenet.train as train_module
-    from fastbisenet.train import DistInfo
+    from fastbisenet.train import DistInfo, config_from_args
 
     assert TrainConfig().sync_bn is False and tiny(tmp_path, sync_bn="yes").sync_bn is True
+    def stop(*args, **kwargs):
+        raise RuntimeError("stop")
+
+    with monkeypatch.context() as m, pytest.warns(UserWarning, match="no effect in a single process"), \
+            pytest.raises(RuntimeError, match="stop"):
+        m.setattr("fastbisenet.schedule.build_optimizer", stop)  # the model is built: no need to train
+        train(tiny(tmp_path, sync_bn=True))
     monkeypatch.setattr(train_module, "init_distributed", lambda device: (DistInfo(0, 2), torch.device("cpu")))
     with pytest.raises(ValueError, match="--sync-bn needs CUDA"):
         train(tiny(tmp_path, sync_bn=True))
+    # a multi-process run from before the option existed used SyncBatchNorm: its resume keeps it
+    for world, legacy in ((2, True), (1, False)):
+        cfg = tiny(tmp_path).to_dict()
+        del cfg["sync_bn"]
+        path = tmp_path / f"legacy{world}.pt"
+        torch.save({"model": {}, "optimizer": {}, "scheduler": {}, "iteration": 1, "config": cfg,
+                    "world_size": world}, path)
+        assert config_from_args(argparse.Namespace(resume=str(path))).sync_bn is legacy
 
 
 def test_evaluate_skips_the_aux_heads_and_restores_the_model(monkeypatch):
