@@ -43,7 +43,7 @@ def _env_list(name: str, default: Sequence[str], allowed: Sequence[str]) -> tupl
     return values
 
 
-STAGES = ("headline", "ab", "ops", "more")
+STAGES = ("headline", "ab", "sizes", "ops", "more")
 """Every row belongs to one stage; stages run in this order (each can be its own process, see
 bench/gpu_suite.sh) and rows within a stage in the order below, so a time budget cuts the least needed:
 
@@ -51,6 +51,8 @@ bench/gpu_suite.sh) and rows within a stage in the order below, so a time budget
   eager, compile, then max-autotune last: it compiles longest) and the training step at 8x3x1024x1024
   (fastbisenet, eager, compile);
 - ``ab``: the A/B rows that decide code defaults (stem loop form, Triton or cuDNN dgrad), bf16;
+- ``sizes``: bf16 end-to-end inference at the other batch-1 sizes (1x3x512x1024, 1x3x768x1536: the paper's
+  speed resolution), fastbisenet, eager and compile: the latency-by-resolution plot;
 - ``ops``: bf16 per-op rows at batch 1 (fastbisenet, eager, compile), each op's variants one after another
   so that a cut leaves whole comparisons;
 - ``more``: everything else (other sizes and batch 8, max-autotune per op and for training, fp16, ...).
@@ -189,7 +191,9 @@ def e2e_params() -> list[Any]:
             for variant in VARIANTS:
                 headline = dtype == "bf16" and (aux_mode, shape) in HEADLINE_E2E and (
                     variant != "max-autotune" or aux_mode == "pred")
-                prio = priority("headline", dtype, variant) if headline else priority("more", dtype, variant)
+                other_size = dtype == "bf16" and aux_mode == "pred" and shape[0] == 1 and variant != "max-autotune"
+                stage = "headline" if headline else "sizes" if other_size else "more"
+                prio = priority(stage, dtype, variant)
                 params.append(pytest.param(aux_mode, shape, dtype, variant, marks=pytest.mark.bench_priority(prio),
                                            id=f"{aux_mode}-{fb.shape_str(shape)}-{dtype}-{variant}"))
     return params

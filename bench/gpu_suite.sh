@@ -18,7 +18,7 @@
 #   TEST_JOBS         test files run in parallel, one pytest process each (default 4; bench/run_tests.sh);
 #                     log and JUnit XML per file in OUTDIR/tests/; SUITE_TESTS_DIR replaces tests/
 #   SKIP_TESTS=1      skip the test-suite step (benchmarks only); SKIP_INSTALL=1 skips the install
-#   SUITE_BENCH_STAGES  benchmark stages to run, in order (default "headline ab ops"; "more" is the rest;
+#   SUITE_BENCH_STAGES  benchmark stages to run, in order (default "headline ab sizes ops"; "more": the rest;
 #                     "none" runs no benchmark)
 #   SUITE_PACK        a .tgz path outside OUTDIR: OUTDIR is packed there after every step, so a run cut off
 #                     by a time limit still leaves everything up to its last finished step (the device tool
@@ -165,7 +165,7 @@ fi
 
 USER_BENCH_BUDGET=${FASTBISENET_BENCH_BUDGET_S:-}
 JSONS=()  # this run's stage JSONs, for the report
-STAGES=${SUITE_BENCH_STAGES:-headline ab ops}
+STAGES=${SUITE_BENCH_STAGES:-headline ab sizes ops}
 [[ "$STAGES" == none ]] && STAGES=""
 for STAGE in ${STAGES//,/ }; do
     LEFT=$(( BUDGET - $(elapsed) - 20 ))  # 20 s for the report

@@ -365,6 +365,8 @@ def test_bench_stages_run_the_goal_rows_first(monkeypatch: pytest.MonkeyPatch) -
     everything = common.run_order(keys)
     assert len(everything) == len(e2e) and everything[:7] == common.run_order(keys, ("headline",))
     assert f"train-{train}-max-autotune" in {e2e[i].id for i in common.run_order(keys, ("more",))}
+    assert [e2e[i].id for i in common.run_order(keys, ("sizes",))] == [
+        f"pred-1x3x{size}-bf16-{v}" for size in ("512x1024", "768x1536") for v in ("fastbisenet", "eager", "compile")]
     # per-op rows: bf16 batch 1 without max-autotune, each case's variants together, forward rows first
     ops = common.op_params("attention")
     order = common.run_order([p.marks[0].args[0] for p in ops], ("ops",))
