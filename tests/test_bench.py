@@ -35,6 +35,12 @@ def _one_thread() -> Any:
     torch.set_num_threads(n)
 
 
+def _env(*drop: str) -> dict[str, str]:
+    """This environment for a child pytest, without the variables that start with ``drop`` nor pytest-xdist's
+    (under ``pytest -n``: pytest-benchmark disables itself when it sees ``PYTEST_XDIST_WORKER``)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PYTEST_XDIST_", *drop))}
+
+
 def _bench(group: str, variant: str, median_s: float, **info: Any) -> dict[str, Any]:
     extra = {"schema": fb.SCHEMA, "variant": variant, "device_name": "Fake GPU", "torch": "x", "git_commit": "abc",
              **FLOORS, **info}
@@ -233,7 +239,7 @@ def test_feed_benchmark_reports_exact_samples(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path),
                           "--benchmark-json", str(tmp_path / "feed.json")],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_env())
     assert out.returncode == 0, out.stdout + out.stderr
     stats = json.loads((tmp_path / "feed.json").read_text())["benchmarks"][0]["stats"]
     assert stats["rounds"] == 3
@@ -341,7 +347,7 @@ def test_ohem_reduce_matches_definition() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU this would run the benchmarks")
 def test_pytest_bench_skips_everything_without_cuda() -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FASTBISENET_BENCH")}
+    env = _env("FASTBISENET_BENCH")
     out = subprocess.run([sys.executable, "-m", "pytest", "bench/", "--benchmark-only", "-q", "-rs",
                           "-p", "no:cacheprovider"], capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -655,7 +661,7 @@ needs_bash = pytest.mark.skipif(shutil.which("bash") is None, reason="bash not a
 
 
 def _suite(*args: str, env: dict[str, str] | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("FASTBISENET_BENCH", "SUITE_"))}
+    base = _env("FASTBISENET_BENCH", "SUITE_")
     return subprocess.run(["bash", str(SUITE), *args], capture_output=True, text=True, timeout=timeout,
                           env={**base, **(env or {})})
 

@@ -121,7 +121,9 @@ def test_v1_train_mode_forward_backward_matches_public():
     sum(o.square().mean() for o in got).backward()
     theirs = dict(public.named_parameters())
     for name, p in ours.named_parameters():
-        torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-5, atol=1e-6, msg=name)
+        # fp32 sums in another order (e.g. one thread): atol relative to the gradient's largest element
+        ref = theirs[name].grad
+        torch.testing.assert_close(p.grad, ref, rtol=1e-5, atol=1e-6 * (1 + ref.abs().max().item()), msg=name)
     their_bufs = dict(public.named_buffers())
     for name, b in ours.named_buffers():
         torch.testing.assert_close(b, their_bufs[name], rtol=0, atol=0, msg=name)
