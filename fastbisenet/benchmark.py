@@ -1502,6 +1502,8 @@ def run(args: argparse.Namespace) -> int:
     if cuda and not torch.cuda.is_available():
         print("error: --device cuda but no CUDA device is available", file=sys.stderr)
         return 2
+    if cuda and torch.device(device).index is not None:
+        torch.cuda.set_device(torch.device(device))  # Triton launches on the current device, and timing uses it
     h, w = args.size or ((1024, 2048) if cuda else (256, 512))
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     iters = args.iters or (30 if cuda else 5)
@@ -1540,9 +1542,16 @@ def run(args: argparse.Namespace) -> int:
         except Exception as exc:
             progress(f"{tag}: failed: {_first_line(exc)}", final=True)
             results.append({"variant": variant, "error": _first_line(exc)})
+            if _cuda_broken():  # a sticky CUDA error (e.g. an illegal access): later variants would fail too
+                results += [{"variant": v, "error": "not run: the CUDA context failed in an earlier variant"}
+                            for v in variants[k:]]
+                break
             continue
         finally:
-            free_memory()
+            try:
+                free_memory()
+            except Exception as exc:  # a CUDA error surfacing here must not cost the table and the JSON
+                progress(f"{tag}: cleanup failed: {_first_line(exc)}", final=True)
         med = timing.median_ms
         results.append({"variant": variant, "median_ms": med, "min_ms": min(timing.samples_ms),
                         "images_per_s": args.batch / (med * 1e-3), "timing": timing.method,
@@ -1555,6 +1564,17 @@ def run(args: argparse.Namespace) -> int:
                                          "aux_mode": args.aux_mode, "env": env, "results": results,
                                          "date": _dt.datetime.now().isoformat(timespec="seconds")}, indent=2))
     return 0 if all("error" not in r for r in results) else 1
+
+
+def _cuda_broken() -> bool:
+    """Whether the CUDA context is in an error state (a synchronize raises)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.cuda.synchronize()
+    except Exception:
+        return True
+    return False
 
 
 def _time_cpu_progress(fn: Callable[[], Any], iters: int, warmup: int, tick: Callable[[int], None]) -> Timing:

@@ -21,12 +21,18 @@ from fastbisenet.metrics import ConfusionMatrix, format_iou_table
 
 # ----------------------------------------------------------------------------------------- devices
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given (checked)."""
+    """``"auto"`` -> ``cuda`` when available, else ``cpu``; anything else as given (checked). A CUDA device with
+    an index becomes the current CUDA device (Triton launches its kernels there, whatever the tensors' device)."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine")
+        if dev.index is not None:
+            if dev.index >= torch.cuda.device_count():
+                raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            torch.cuda.set_device(dev)
     return dev
 
 
@@ -35,7 +41,8 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     if amp == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # native bf16 from Ampere (sm_80) on; is_bf16_supported() also says yes where it is emulated (V100, T4)
+        return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16
     table = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
     if amp not in table:
         raise ValueError(f"amp must be one of auto, bf16, fp16, none; got {amp!r}")

@@ -12,14 +12,16 @@ from torch import Tensor
 class ConfusionMatrix:
     """``n x n`` int64 counts (rows = ground truth, columns = prediction) kept on ``device``.
 
-    :meth:`update` is one ``bincount`` on the device: no host round trip per batch. Pixels labelled
+    :meth:`update` is one ``index_add_`` on the device: no host round trip per batch. Pixels labelled
     ``ignore_index`` (or any label outside ``0..n-1``) are not counted.
     """
 
     def __init__(self, n_classes: int, ignore_index: int = 255, device: torch.device | str = "cpu") -> None:
         self.n = n_classes
         self.ignore_index = ignore_index
-        self.mat = torch.zeros(n_classes, n_classes, dtype=torch.int64, device=device)
+        # one bin past the matrix collects the pixels not counted, so update() needs no boolean indexing
+        self._bins = torch.zeros(n_classes * n_classes + 1, dtype=torch.int64, device=device)
+        self.mat = self._bins[:-1].view(n_classes, n_classes)
         self.skipped_samples = 0
         """Samples the evaluation left out (bad files under ``skip_bad``), summed by :meth:`all_reduce`."""
 
@@ -29,8 +31,8 @@ class ConfusionMatrix:
         target = target.to(self.mat.device).long().flatten()
         pred = pred.to(self.mat.device).long().flatten()
         keep = (target >= 0) & (target < self.n) & (target != self.ignore_index)
-        idx = target[keep] * self.n + pred[keep].clamp_(0, self.n - 1)
-        self.mat += torch.bincount(idx, minlength=self.n * self.n).view(self.n, self.n)
+        idx = torch.where(keep, target * self.n + pred.clamp(0, self.n - 1), self.n * self.n)
+        self._bins.index_add_(0, idx, torch.ones_like(idx))  # no host sync (bincount sizes its output from the data)
 
     def all_reduce(self) -> None:
         """Sum the counts (and skipped samples) over the processes of the default group (no-op without one)."""

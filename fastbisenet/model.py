@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -170,6 +171,10 @@ class BiSeNet(nn.Module):
                 ) -> tuple[Tensor, ...] | Tensor:
         check_input(x)
         self._check_input_matches(x)
+        with on_device_of(x):  # Triton launches on the current CUDA device, not the tensors'
+            return self._forward(x, labels, ignore_index)
+
+    def _forward(self, x: Tensor, labels: Tensor | None, ignore_index: int) -> tuple[Tensor, ...] | Tensor:
         size = (x.shape[-2], x.shape[-1])
         if labels is not None:
             labels = self._check_labels(x, labels)
@@ -227,6 +232,17 @@ def _drop_missing_aux_head_keys(module: BiSeNet, state_dict: dict, prefix: str, 
     heads = tuple(f"{prefix}{h}." for h in AUX_HEADS)
     for key in [k for k in state_dict if k.startswith(heads)]:
         del state_dict[key]
+
+
+def on_device_of(x: Tensor) -> contextlib.AbstractContextManager:
+    """``torch.cuda.device(x.device)`` when ``x`` is on a CUDA device other than the current one, else a no-op.
+
+    Triton launches its kernels on the current CUDA device whatever device the tensors are on (PyTorch's own
+    ops follow the tensors), so a model on ``cuda:1`` while ``cuda:0`` is current would hand device-1 pointers
+    to kernels running on device 0. Autograd's backward runs on a thread already set to the tensors' device."""
+    if not x.is_cuda or torch.compiler.is_compiling() or x.device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(x.device)
 
 
 def check_input(x: Tensor) -> None:

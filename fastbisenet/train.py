@@ -289,6 +289,8 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
 
         load_pretrained(model, cfg.weights, reset_classifier=cfg.reset_classifier)
     channels_last = cfg.channels_last if cfg.channels_last is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed crops: cuDNN's fastest algorithms (as the benchmarks time)
     model = model.to(device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)

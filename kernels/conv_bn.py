@@ -994,6 +994,8 @@ def bn_act_bwd_reduce(
     _check_image_numel(grad_out)
     n_part = triton.cdiv(M, _ELT_BLOCK_M)
     part = torch.empty((2, n_part, C), device=grad_out.device, dtype=torch.float32)
+    if y is None:  # the second half is not written but is read (and unused) downstream: no uninitialised reads
+        part[1].zero_()
     gs = _grad_sums_args(grad_sums, pool_m, part)
     block_c = _elt_block_c(C)
     grid = (n_part, triton.cdiv(C, block_c))

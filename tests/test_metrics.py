@@ -17,6 +17,15 @@ def test_confusion_counts_and_ignore():
     assert torch.equal(cm.mat, expected)
     cm.update(pred, target)
     assert torch.equal(cm.mat, 2 * expected)
+    # labels outside 0..n-1 (negative too) are not counted; predictions out of range count as the nearest class;
+    # the caller's tensors are left as they were
+    pred_odd, target_odd = torch.tensor([5, -1, 1, 2]), torch.tensor([0, 1, -3, 7])
+    before = pred_odd.clone()
+    cm.update(pred_odd, target_odd)
+    assert torch.equal(pred_odd, before)
+    delta = torch.zeros(3, 3, dtype=torch.int64)
+    delta[0, 2] = delta[1, 0] = 1  # (target 0, pred 5 -> 2), (target 1, pred -1 -> 0)
+    assert torch.equal(cm.mat, 2 * expected + delta)
 
 
 def test_iou_by_hand_with_absent_class():

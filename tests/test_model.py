@@ -367,3 +367,30 @@ def test_backend_switch_reaches_every_module():
     assert typed and all(mod.backend == "auto" for mod in typed)
     with pytest.raises(ValueError, match="backend"):
         m.backend = "cudnn"
+
+
+def test_forward_makes_the_input_device_current(monkeypatch):
+    """Triton launches on the current CUDA device: the model enters its input's device when another is current."""
+    import contextlib
+    import types
+
+    from fastbisenet import model as model_module
+
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        entered.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    on_cuda1 = types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 1))
+    with model_module.on_device_of(on_cuda1):
+        pass
+    assert entered == [torch.device("cuda", 1)]
+    with model_module.on_device_of(types.SimpleNamespace(is_cuda=True, device=torch.device("cuda", 0))):
+        pass
+    with model_module.on_device_of(torch.zeros(1)):
+        pass
+    assert entered == [torch.device("cuda", 1)]

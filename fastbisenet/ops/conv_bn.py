@@ -109,7 +109,8 @@ _PACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 def clear_packed_weights() -> None:
     """Drop every cached packed weight and merged conv pair (see :func:`conv_bn_act_pair`); needed only
-    after in-place writes through ``weight.data`` or a BN buffer's ``.data``."""
+    after writes that move no version counter: in-place writes through ``weight.data`` or a BN buffer's
+    ``.data``, and CUDA-graph replays of a step that updates weights or BN buffers (device work only)."""
     _PACKED.clear()
     _MERGED.clear()
 
