@@ -385,7 +385,7 @@ def _bn_attention_fwd_kernel(
     else:
         mu = tl.load(rmean_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
         var = tl.load(rvar_ptr + offs_o, mask=omask, other=1.0).to(tl.float32)
-    invstd = 1.0 / tl.sqrt(var + eps)
+    invstd = 1.0 / tl.sqrt_rn(var + eps)  # IEEE-rounded, as PyTorch (tl.sqrt is approximate on the GPU)
     tl.store(smean_ptr + offs_o, mu, mask=omask)
     tl.store(sinvstd_ptr + offs_o, invstd, mask=omask)
     z = (y - mu[None, :]) * invstd[None, :]

@@ -569,7 +569,7 @@ def bn_stats_kernel(
     mean, m2 = _combine_partials(part_ptr, 0, n_part, offs_c, c_mask, M, C, n_part, slot_m,
                                  True, BLOCK_T, BLOCK_C)
     var = m2 / M
-    invstd = 1.0 / tl.sqrt(var + eps)
+    invstd = 1.0 / tl.sqrt_rn(var + eps)  # IEEE-rounded, as PyTorch (tl.sqrt is approximate on the GPU)
     scale = invstd
     if HAS_GAMMA:
         scale = tl.load(gamma_ptr + offs_c, mask=c_mask, other=0.0).to(tl.float32) * invstd
