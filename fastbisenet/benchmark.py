@@ -1497,13 +1497,14 @@ def run(args: argparse.Namespace) -> int:
         paths = report(*args.report)
         print(f"wrote {paths['markdown']}" + (f" and {paths['plot']}" if paths["plot"] else ""))
         return 0
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    cuda = torch.device(device).type == "cuda"
-    if cuda and not torch.cuda.is_available():
-        print("error: --device cuda but no CUDA device is available", file=sys.stderr)
+    from fastbisenet.evaluate import resolve_device
+
+    try:  # checked, and a cuda:N made the current device (Triton launches there, and timing uses it)
+        device = str(resolve_device(args.device or "auto"))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 2
-    if cuda and torch.device(device).index is not None:
-        torch.cuda.set_device(torch.device(device))  # Triton launches on the current device, and timing uses it
+    cuda = torch.device(device).type == "cuda"
     h, w = args.size or ((1024, 2048) if cuda else (256, 512))
     dtype = DTYPES[args.dtype or ("bf16" if cuda else "fp32")]
     iters = args.iters or (30 if cuda else 5)

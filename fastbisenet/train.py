@@ -482,8 +482,8 @@ def recipe_notes(cfg: TrainConfig, world: int, cityscapes: bool) -> list[str]:
     global_batch = cfg.batch_size * world
     if cityscapes and global_batch != 16:
         notes.append(f"the published Cityscapes recipe trains with a global batch of 16 (2 GPUs x 8); this run's "
-                         f"is {global_batch} ({cfg.batch_size} x {world} processes), with the lr scaled linearly "
-                         f"unless --lr is given: expect a different mIoU after the same --iters")
+                     f"is {global_batch} ({cfg.batch_size} x {world} processes), with the lr scaled linearly "
+                     f"unless --lr is given: expect a different mIoU after the same --iters")
     return notes
 
 
