@@ -172,7 +172,8 @@ AB_STEM_E2E, AB_DGRAD_E2E, AB_STEM_OPS, AB_DGRAD_OPS = range(4)
 
 def dgrad_params() -> list[Any]:
     """``pytest.param(case, dtype, variant)`` for the dgrad rows (bench/test_conv_grad.py): every stride-1 conv of
-    the model's traced cases, cuDNN and the Triton candidate (:data:`fastbisenet.benchmark.DGRAD_VARIANTS`)."""
+    the model's traced cases, cuDNN and the Triton candidate
+    (:data:`fastbisenet.benchmark.workloads.DGRAD_VARIANTS`)."""
     params = []
     for case in fb.dgrad_cases(traced_cases()):
         for dtype in DTYPES:

@@ -1,8 +1,8 @@
 """Roofline budget of one model forward, per op, from shapes alone (``meta`` device: no GPU needed).
 
-For every fused op the model calls (:func:`fastbisenet.benchmark.trace_ops`) the floor is
+For every fused op the model calls (:func:`fastbisenet.benchmark.cases.trace_ops`) the floor is
 ``max(FLOPs / matmul rate, bytes / bandwidth)`` with bytes = inputs read once + outputs written once
-(:func:`fastbisenet.benchmark.op_cost`), times the number of calls. Every aten op with device work that
+(:func:`fastbisenet.benchmark.cases.op_cost`), times the number of calls. Every aten op with device work that
 the model runs outside the fused ops is listed too, with its bytes (in-place ops included; allocations
 and views are not work), so the table accounts for the whole forward: today that list is empty. The
 sum is the latency the model cannot beat with its current fusion boundaries at the given rates;
@@ -12,7 +12,7 @@ need, and the rows say where the time must go.
 The default rates are assumptions, not measurements: 790 TFLOP/s, the bf16 matmul rate the project's
 brief and device notes give for the H200 (the datasheet's dense bf16 peak is 989), and the datasheet's
 4.8 TB/s HBM bandwidth. A GPU run replaces them with measured ones
-(``fastbisenet.benchmark.measure_floors``).
+(``fastbisenet.benchmark.timing.measure_floors``).
 
 Usage: python bench/floor_budget.py [--shape 1,3,1024,2048] [--aux-mode pred] [--dtype bf16]
                                     [--tflops 790] [--gbps 4800] [--md OUT.md]

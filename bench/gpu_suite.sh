@@ -121,7 +121,7 @@ bench_stage() {  # bench_stage STAGE LIMIT_S [pytest args]: one stage's rows; "n
 
 env_info() {
     date -u +"date: %Y-%m-%dT%H:%M:%SZ"
-    # FASTBISENET_GIT_COMMIT when given (as fastbisenet.benchmark.git_commit does), else git; a
+    # FASTBISENET_GIT_COMMIT when given (as fastbisenet.benchmark.workloads.git_commit does), else git; a
     # device copy has no .git, so pass the commit there
     echo "commit: ${FASTBISENET_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git; set FASTBISENET_GIT_COMMIT)")}"
     git status --short 2>/dev/null | head -50

@@ -2,7 +2,7 @@
 """Render a pytest-benchmark JSON into OUTDIR/report.md and OUTDIR/end_to_end.png (matplotlib).
 
 Usage: python bench/report.py BENCH_JSON [BENCH_JSON ...] OUTDIR
-    (the files of ``fastbisenet.benchmark.report``; several JSONs: the stages of one run, rows merged)
+    (the files of ``fastbisenet.benchmark.reporting.report``; several JSONs: the stages of one run, rows merged)
 
 Exit status 1 when the JSON has benchmark rows but no PNG could be made (matplotlib missing, or no
 end-to-end inference rows to plot): the report of a suite run is incomplete then. The markdown is

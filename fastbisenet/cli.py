@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_bench(sub: argparse._SubParsersAction) -> None:
-    """``bench`` comes from :mod:`fastbisenet.benchmark` when that module is present."""
+    """``bench`` comes from :mod:`fastbisenet.benchmark` when that package is present."""
     try:
         from fastbisenet import benchmark
     except ImportError as e:

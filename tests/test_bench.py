@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from fastbisenet import benchmark as fb
+from fastbisenet.benchmark import workloads
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -427,8 +428,8 @@ def test_benchmark_rows_pipeline_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(common, "DEVICE", "cpu")
     monkeypatch.setattr(common, "_check_variant", lambda variant: None)
-    monkeypatch.setattr(fb, "time_cuda", fake_time_cuda)
-    monkeypatch.setattr(fb, "resolve_op", lambda op, v: getattr(reference, op) if v == "fastbisenet"
+    monkeypatch.setattr(fb, "time_cuda", fake_time_cuda)  # bench.common calls fb.time_cuda
+    monkeypatch.setattr(workloads, "resolve_op", lambda op, v: getattr(reference, op) if v == "fastbisenet"
                         else resolve_op(op, v))
     env = {"device_name": "cpu-test", "git_commit": "abc"}
     floors = {"matmul_tflops": 1.0, "copy_gbps": 10.0}
@@ -558,7 +559,7 @@ def test_train_step_is_the_training_recipe(dtype: torch.dtype, monkeypatch: pyte
     skipped = scaler.get_scale() < 65536.0
     assert (changed == 0) if skipped else (changed > 0)
     # inside capture: unscale_, step always taken (even on inf), update -- no host sync
-    monkeypatch.setattr(fb, "_capturing", lambda device_type: True)
+    monkeypatch.setattr(workloads, "_capturing", lambda device_type: True)
     before = [p.detach().clone() for p in params]
     wl.step()
     assert any(not torch.equal(a, p) for a, p in zip(before, params, strict=True))
