@@ -394,7 +394,7 @@ def _bn_attention_fwd_kernel(
         b = tl.load(beta_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)
         z = z * g[None, :] + b[None, :]
     if RELU:
-        a = tl.maximum(z, 0.0)
+        a = tl.maximum(z, 0.0, propagate_nan=tl.PropagateNan.ALL)
     else:
         a = tl.sigmoid(z)
     tl.store(a_ptr + offs_n[:, None] * C_OUT + offs_o[None, :], a.to(a_ptr.dtype.element_ty), mask=mask)
@@ -643,7 +643,7 @@ def _mlp_attention_fwd_kernel(
                      stride_w1i, pid == 0, BLOCK_N, BLOCK_H, BLOCK_I, BLOCK_S)
     if pid == 0:
         tl.store(u_ptr + offs_n[:, None] * C_MID + offs_h[None, :], u, mask=nmask[:, None] & (offs_h < C_MID)[None, :])
-    h = tl.maximum(u, 0.0)
+    h = tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
     z = _matvec_tile(h, w2_ptr, offs_o, offs_h, C_OUT, C_MID, stride_w2o, stride_w2i)
     mask = nmask[:, None] & (offs_o < C_OUT)[None, :]
     idx = offs_n[:, None] * C_OUT + offs_o[None, :]
@@ -678,7 +678,7 @@ def _mlp_attention_bwd_kernel(
     hmask = offs_h < C_MID
     nh_mask = nmask[:, None] & hmask[None, :]
     u = tl.load(u_ptr + offs_n[:, None] * C_MID + offs_h[None, :], mask=nh_mask, other=0.0)
-    h = tl.maximum(u, 0.0)
+    h = tl.maximum(u, 0.0, propagate_nan=tl.PropagateNan.ALL)
     dh = tl.zeros((BLOCK_N, BLOCK_H), tl.float32)
     for o0 in range(0, C_OUT, BLOCK_O):
         offs_o = o0 + tl.arange(0, BLOCK_O)

@@ -114,6 +114,28 @@ def _nhwc_offsets(offs_m, offs_c, HW, W, s_n, s_c, s_h, s_w):
 
 
 @triton.jit
+def _round_tf32(v):
+    """fp32 ``v`` rounded to tf32 (10 mantissa bits), to nearest with ties away from zero (PTX ``cvt.rna``);
+    NaN kept. Done in integer ops so that the interpreter runs it too (no inline asm there)."""
+    r = ((v.to(tl.int32, bitcast=True) + 0x1000) & -8192).to(tl.float32, bitcast=True)
+    return tl.where(v == v, r, v)
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_PRECISION: tl.constexpr):
+    """``acc + a @ b`` on the tensor cores. fp32 operands of a ``"tf32"`` dot are first rounded to nearest:
+    sm_90's tf32 wgmma reads the raw fp32 bits from shared memory and drops the low 13 (truncation, a bias
+    toward zero that compounds through the network: an emulated fp32 v1 model gave logits ~1% too small,
+    against 0.01% with rounding); PyTorch's TF32 convs round. bf16/fp16 operands pass through."""
+    if DOT_PRECISION == "tf32":
+        if a.dtype == tl.float32:
+            a = _round_tf32(a)
+        if b.dtype == tl.float32:
+            b = _round_tf32(b)
+    return tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+
+
+@triton.jit
 def _accumulate(
     acc, x_ptr, w_ptr, x_row, ih0, iw0, m_mask, offs_n, n_mask,
     C, H, W, s_c, s_h, s_w, w_row0, C_out,
@@ -160,7 +182,7 @@ def _accumulate(
             a = tl.trans(tl.load(x_ptr + a_off, mask=col_ok & row_ok[None, :], other=0.0))
             b_off = (w_row0 + kh_j * KWC + offs_k)[:, None] * C_out + offs_n[None, :]
             b = tl.load(w_ptr + b_off, mask=j_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = _mma(a, b, acc, DOT_PRECISION)
     elif FLAT_C > 0:
         K_seg: tl.constexpr = KH * KW * FLAT_C
         row_base = x_row + (ih0 * s_h + iw0 * s_w)
@@ -180,7 +202,7 @@ def _accumulate(
             a = tl.load(x_ptr + a_off, mask=a_mask, other=0.0)
             b_off = (w_row0 + kk)[:, None] * C_out + offs_n[None, :]
             b = tl.load(w_ptr + b_off, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = _mma(a, b, acc, DOT_PRECISION)
     elif ONE_LOOP:
         # One loop over (tap, channel block) steps: Triton software-pipelines only innermost loops, so in
         # the nested form below every tap restarts the cp.async pipeline (C_in = 64 at BLOCK_K = 64 is a
@@ -208,7 +230,7 @@ def _accumulate(
             )
             b_off = (w_row0 + tap * C + c)[:, None] * C_out + offs_n[None, :]
             b = tl.load(w_ptr + b_off, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+            acc = _mma(a, b, acc, DOT_PRECISION)
             wrap = (c0 + BLOCK_K >= C).to(tl.int32)
             tap += wrap
             c0 = (c0 + BLOCK_K) * (1 - wrap)
@@ -229,7 +251,7 @@ def _accumulate(
                 )
                 b_off = (w_row0 + tap * C + c)[:, None] * C_out + offs_n[None, :]
                 b = tl.load(w_ptr + b_off, mask=c_mask[:, None] & n_mask[None, :], other=0.0)
-                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+                acc = _mma(a, b, acc, DOT_PRECISION)
     return acc
 
 
@@ -433,7 +455,7 @@ def conv_bn_fwd_kernel(
         r_off = _nhwc_offsets(offs_m, offs_n, HWo, Wo, sr_n, sr_c, sr_h, sr_w)
         acc += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        acc = tl.maximum(acc, 0.0)
+        acc = tl.maximum(acc, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
     out_off = offs_m.to(tl.int64)[:, None] * C_out + offs_n[None, :]
     stored = acc.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + out_off, stored, mask=mask)
@@ -471,7 +493,7 @@ def bn_act_kernel(
         r_off = _nhwc_offsets(offs_m, offs_c, HW, W, sr_n, sr_c, sr_h, sr_w)
         v += tl.load(res_ptr + r_off, mask=mask, other=0.0).to(tl.float32)
     if RELU:
-        v = tl.maximum(v, 0.0)
+        v = tl.maximum(v, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN, as torch.relu
     stored = v.to(out_ptr.dtype.element_ty)
     tl.store(out_ptr + off, stored, mask=mask)
     if POOL:

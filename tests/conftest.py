@@ -44,6 +44,17 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """fp32 convs in full precision on a GPU: PyTorch's default lets cuDNN and the conv kernels use TF32 (10
+    mantissa bits), and the fp32 tolerances here are for fp32 arithmetic. TF32 is tested on its own
+    (``test_conv_bn.py::test_tf32_dots_round_operands_to_nearest``)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cudnn.allow_tf32 = old
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

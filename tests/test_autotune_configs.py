@@ -38,8 +38,19 @@ from fastbisenet.ops import head_cross_entropy as o_hce
 from fastbisenet.ops import head_upsample as o_head
 from fastbisenet.ops import max_pool as o_pool
 
-# fp32 on a GPU runs tf32 dots (PyTorch's default for convs); the interpreter's dots are exact fp32.
+# fp32 on a GPU runs tf32 dots here (PyTorch's default for convs, see _tf32_fp32); the interpreter's dots
+# are exact fp32.
 REL_TOL = 1e-4 if kernels.INTERPRET else 1e-2
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    """Overrides conftest's fixture of that name: the forced configs compile and run as a GPU runs fp32 convs
+    by default, with TF32 dots (the IEEE variants are what the other fp32 tests run)."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    yield
+    torch.backends.cudnn.allow_tf32 = old
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:

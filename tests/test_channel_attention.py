@@ -228,6 +228,30 @@ def test_bn_attention_eval_uses_current_running_stats(op, n, device, poison):
     assert bn.num_batches_tracked.item() == 0
 
 
+@pytest.mark.parametrize("op", [*BN_OPS, "mlp_attention"])
+def test_relu_keeps_nan_like_torch(op, device):
+    """A NaN in one image's map makes that image's attention NaN, as torch's ReLU propagates it (``max(x, 0)``
+    compiles to ``max.f32``, which returns 0 for NaN): global_context's output ReLU, the MLP's hidden one."""
+    if op == "mlp_attention":
+        conv1, conv2 = make_mlp(37, 10, device)
+        run = lambda f: CA.mlp_attention(f, conv1, conv2)
+        c1r, c2r = copy.deepcopy(conv1).cpu().double(), copy.deepcopy(conv2).cpu().double()
+        ref = lambda f: R.mlp_attention(f, c1r, c2r)
+    else:
+        conv, bn = make_bn_attention(37, device)
+        bn.eval()
+        conv_r, bn_r = copy.deepcopy(conv).cpu().double(), copy.deepcopy(bn).cpu().double()
+        run = lambda f: getattr(CA, op)(f, conv, bn)
+        ref = lambda f: getattr(R, op)(f, conv_r, bn_r)
+    feat = make_map(2, 37, 5, 6, True, device).detach()
+    feat[1, 3, 2, 2] = float("nan")
+    with torch.no_grad():
+        a, ar = run(feat), ref(feat.double().cpu())
+    assert torch.isnan(ar[1]).all() and not torch.isnan(ar[0]).any()
+    assert torch.equal(torch.isnan(a).cpu(), torch.isnan(ar))
+    close(a[0], ar[0])
+
+
 @pytest.mark.parametrize("op", BN_OPS)
 def test_bn_attention_train_batch1_raises_like_torch(op, device):
     conv, bn = make_bn_attention(16, device)

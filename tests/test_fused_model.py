@@ -15,7 +15,7 @@ from public_bisenet import randomize_
 
 from fastbisenet import BiSeNet
 
-# Max error relative to the reference's largest magnitude, per dtype. fp32 on GPU uses tf32 dots.
+# Max error relative to the reference's largest magnitude, per dtype (fp32 is IEEE on a GPU too: conftest).
 REL_TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
 GRAD_REL_TOL = {torch.float32: 5e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
 
@@ -32,8 +32,9 @@ def pair(preset: str, aux_mode: str, n_classes: int = 5, seed: int = 0):
     return ref, fused
 
 
-def check_pred(got: torch.Tensor, ref_logits: torch.Tensor, tol: float) -> None:
-    """Argmax equal except where the reference's two competing logits are within ``tol`` of each other."""
+def check_pred(got: torch.Tensor, ref_logits: torch.Tensor, tol: float, max_flips: float = 1e-3) -> None:
+    """Argmax equal except where the reference's two competing logits are within ``tol`` of each other, on
+    fewer than ``max_flips`` of the pixels."""
     want = ref_logits.argmax(1).to(torch.int32)
     assert got.dtype == torch.int32 and got.shape == want.shape
     diff = got != want
@@ -42,7 +43,7 @@ def check_pred(got: torch.Tensor, ref_logits: torch.Tensor, tol: float) -> None:
         best = ref_logits.max(1).values
         gap = (best - chosen)[diff].max().item()
         assert gap <= tol * ref_logits.abs().max().item(), f"{int(diff.sum())} pixels differ, logit gap {gap}"
-        assert diff.float().mean() < 1e-3
+        assert diff.float().mean() < max_flips, f"{diff.float().mean().item():.3g} of the pixels differ"
 
 
 @pytest.mark.parametrize("preset", ["v1", "face-parsing"])
@@ -213,40 +214,76 @@ def test_channels_last_input_matches_nchw(device):
     assert rel_err(a, b) < 1e-5
 
 
+def _autocast_noise_bound(ref_err: float) -> float:
+    """Largest error against the fp32 model allowed for a fused half-precision result whose reference (eager
+    autocast) errs by ``ref_err``: both round at different points, so neither is the other's truth."""
+    return 4.0 * ref_err + 2e-3
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("preset", ["v1", "face-parsing"])
 def test_gpu_parity_at_512x1024(dtype, preset):
+    """Training forward + backward (batch 4) and pred (batch 1) at 512x1024 on the GPU.
+
+    fp32: against the fp32 reference at ``REL_TOL``. fp16/bf16: two correct half-precision implementations
+    round at different points and the train-mode network (attention BNs over N=4 values) amplifies that
+    (emulated on CPU: bf16 outputs 8e-2 to 1.3e-1 apart, above any fixed tolerance that would still catch a
+    bug), so both the fused model and eager autocast are compared with the fp32 model (IEEE: conftest) and
+    the fused error is held to :func:`_autocast_noise_bound` of the eager one. Same for argmax flips.
+    """
+    half = dtype != torch.float32
     ref, fused = pair(preset, "train", n_classes=19)
     ref, fused = ref.cuda().train(), fused.cuda().train()
+    truth = copy.deepcopy(ref)  # fp32, used when dtype is a half type
     # batch 4 and pinned ReLU masks: see test_train_step_parity_gradients_and_bn_buffers
     x = torch.randn(4, 3, 512, 1024, device="cuda")
     target = torch.randint(0, 19, (4, 512, 1024), device="cuda")
     masks = ReluMasks(tol=REL_TOL[dtype])
-    with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        with masks.record():
-            got = fused(x)
-        with masks.replay():
-            want = ref(x)
+
+    def step(model: BiSeNet, autocast: bool, record: bool = False):
+        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
+            with masks.record() if record else masks.replay():
+                outs = model(x)
+            loss = sum(F.cross_entropy(o.float(), target) for o in outs)
+        loss.backward()
+        return outs, {n: p.grad for n, p in model.named_parameters()}
+
+    got, got_grads = step(fused, half, record=True)
+    want, want_grads = step(ref, half)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+    if half:
+        true, true_grads = step(truth, False)
+        for i, (g, w, t) in enumerate(zip(got, want, true, strict=True)):
+            err, ref_err = rel_err(g, t), rel_err(w, t)
+            assert err <= _autocast_noise_bound(ref_err), f"output {i}: {err:.3g} vs eager {ref_err:.3g}"
+        for name, t in true_grads.items():
+            assert got_grads[name] is not None, name
+            err, ref_err = rel_err(got_grads[name], t), rel_err(want_grads[name], t)
+            assert err <= _autocast_noise_bound(ref_err), f"{name}: {err:.3g} vs eager {ref_err:.3g}"
+    else:
         for g, w in zip(got, want, strict=True):
-            assert g.dtype == w.dtype
             assert rel_err(g, w) < REL_TOL[dtype]
-        loss_ref = sum(F.cross_entropy(o.float(), target) for o in want)
-        loss_fused = sum(F.cross_entropy(o.float(), target) for o in got)
-    loss_ref.backward()
-    loss_fused.backward()
-    fused_params = dict(fused.named_parameters())
-    for name, p in ref.named_parameters():
-        assert rel_err(fused_params[name].grad, p.grad) < GRAD_REL_TOL[dtype], name
-    ref.eval()
-    fused.eval()
-    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-        x1 = torch.randn(1, 3, 512, 1024, device="cuda")
-        ref.aux_mode = fused.aux_mode = "pred"
-        got = fused(x1)
-        ref.aux_mode = "eval"
-        (logits,) = ref(x1)
-    check_pred(got, logits.float(), REL_TOL[dtype])
+        for name, w in want_grads.items():
+            assert rel_err(got_grads[name], w) < GRAD_REL_TOL[dtype], name
+
+    for model in (ref, fused, truth):
+        model.eval()
+        model.aux_mode = "eval"
+    fused.aux_mode = "pred"
+    x1 = torch.randn(1, 3, 512, 1024, device="cuda")
+    with torch.no_grad():
+        with torch.autocast("cuda", dtype=dtype, enabled=half):
+            pred = fused(x1)
+            (logits,) = ref(x1)
+        (true_logits,) = truth(x1)
+    if half:
+        truth_pred = true_logits.argmax(1).to(torch.int32)
+        ref_flips = (logits.float().argmax(1).to(torch.int32) != truth_pred).float().mean().item()
+        check_pred(pred, true_logits, REL_TOL[dtype], max_flips=2 * ref_flips + 1e-3)
+    else:
+        check_pred(pred, logits.float(), REL_TOL[dtype])
 
 
 def test_triton_backend_on_cpu_without_interpreter_raises(monkeypatch):

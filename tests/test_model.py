@@ -130,7 +130,7 @@ def test_v1_train_mode_forward_backward_matches_public():
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_training_under_autocast_casts_the_image_once(backend):
+def test_training_under_autocast_casts_the_image_once(backend, device):
     """Both 7x7 stems read the image: under autocast it is cast once (and one copy is saved for backward);
     on the reference backend with exactly the outputs autocast gives the public model."""
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -149,8 +149,9 @@ def test_training_under_autocast_casts_the_image_once(backend):
     randomize_(public)
     model = BiSeNet(5, "train", backend=backend)
     model.load_state_dict(public.state_dict())
-    x = torch.randn(2, 3, 64, 96)
-    with torch.autocast("cpu", dtype=torch.float16):
+    public, model = public.to(device), model.to(device)
+    x = torch.randn(2, 3, 64, 96, device=device)
+    with torch.autocast(x.device.type, dtype=torch.float16):
         ref = public(x)
         with Casts():
             out = model(x)
@@ -163,19 +164,19 @@ def test_training_under_autocast_casts_the_image_once(backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_backbone_pool32_returns_the_stride32_sums_and_stage_hooks_fire(backend):
+def test_backbone_pool32_returns_the_stride32_sums_and_stage_hooks_fire(backend, device):
     """``pool32=True`` (the context path's call) returns the same features plus ``feat32``'s pixel sums from the
     last block's fused conv (``None`` on the reference ops); the stage still runs as a module (hooks fire)."""
     from fastbisenet.backbones import build_backbone
 
     torch.manual_seed(0)
-    net = build_backbone("resnet18").eval()
+    net = build_backbone("resnet18").to(device).eval()
     for m in net.modules():  # (BiSeNet.backend does this for a whole model)
         if hasattr(type(m), "backend"):
             m.backend = backend
     outputs = []
     net.layer4.register_forward_hook(lambda module, args, out: outputs.append(out))
-    x = torch.randn(2, 3, 64, 96)
+    x = torch.randn(2, 3, 64, 96, device=device)
     with torch.no_grad():
         feats = net(x)
         *same, sums = net(x, pool32=True)

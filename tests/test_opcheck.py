@@ -10,10 +10,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
 import torch
+from conftest import DEVICE
 from fastbisenet.kernels.channel_attention import split_plan
 from torch import nn
 
@@ -29,6 +31,16 @@ from fastbisenet.ops import (
 from fastbisenet.ops import head_upsample as H
 
 ops = torch.ops.fastbisenet
+
+# Every tensor below is made on the test device: on a GPU the ops run their compiled kernels, which cannot
+# read CPU tensors (without a GPU, "cpu" and the interpreter).
+_ON_DEVICE = contextlib.nullcontext() if DEVICE == "cpu" else torch.device(DEVICE)
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    with _ON_DEVICE:
+        yield
 
 N, C, MID, NCLS, HW = 2, 6, 3, 4, (5, 7)
 S = 3  # partial pixel sums fed to the attention ops
@@ -225,7 +237,8 @@ def _check(op, args):
     assert set(result.values()) == {"SUCCESS"}, result
 
 
-FORWARD, BACKWARD = forward_cases(), backward_cases()
+with _ON_DEVICE:
+    FORWARD, BACKWARD = forward_cases(), backward_cases()
 
 
 @pytest.mark.parametrize(("op", "args"), [c[1:] for c in FORWARD], ids=[c[0] for c in FORWARD])
