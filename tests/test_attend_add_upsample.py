@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HYPO, close, f64, make_map
+from conftest import HALF, HYPO, close, f64, make_map
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -92,14 +92,15 @@ def test_attend_residual(n, c, hw, channels_last, device):
         close(got, want, scale=4.0)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize(("mode", "align_corners"), MODES)
 def test_half_dtypes(dtype, mode, align_corners, device):
-    run_case(2, 128, (32, 64), (64, 128), mode, align_corners, True, True, device, dtype)
-    run_case(2, 128, (16, 32), (32, 64), mode, align_corners, False, True, device, dtype)
-    f = make_map(2, 256, 32, 64, True, device, dtype)
-    a = torch.rand(2, 256, 1, 1, device=device, dtype=dtype)
+    c, hw = (128, (32, 64)) if device == "cuda" else (24, (13, 21))  # model-like on a GPU, small interpreted
+    out_hw = (2 * hw[0] + 1, 2 * hw[1] + 1) if device == "cpu" else (2 * hw[0], 2 * hw[1])
+    run_case(2, c, hw, out_hw, mode, align_corners, True, True, device, dtype)
+    run_case(2, c, (hw[0] // 2, hw[1] // 2), hw, mode, align_corners, False, True, device, dtype)
+    f = make_map(2, 2 * c, *hw, True, device, dtype)
+    a = torch.rand(2, 2 * c, 1, 1, device=device, dtype=dtype)
     close(AR.attend_residual(f, a), R.attend_residual(f64(f), f64(a)), dtype)
 
 

@@ -11,6 +11,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import HAS_CUDA
 from public_bisenet import randomize_
 
 from fastbisenet import BiSeNet
@@ -162,13 +163,16 @@ def test_train_step_parity_gradients_and_bn_buffers(preset, device):
         loss = _train_step(fused, x, target).item()
     with masks.replay():
         loss64 = _train_step(ref64, x.double(), target).item()
-    assert abs(loss - loss64) <= 1e-4 * abs(loss64)
+    # ~10x the errors measured under the interpreter (loss 8e-8, gradients 3.5e-5, buffers 8e-7); the GPU's
+    # (other summation orders, cuDNN in the backward) are not measured yet: the looser dtype table there
+    loss_tol, grad_tol, buf_tol = (1e-4, GRAD_REL_TOL[torch.float32], 1e-4) if HAS_CUDA else (1e-6, 5e-4, 1e-5)
+    assert abs(loss - loss64) <= loss_tol * abs(loss64)
     want, got = _grads_and_buffers(ref64), _grads_and_buffers(fused)
     assert want.keys() == got.keys()
     for name, w in want.items():
         assert got[name] is not None, f"no gradient for {name}"
-        tol = GRAD_REL_TOL[torch.float32] if name.startswith("grad:") else 1e-4
-        assert rel_err(got[name], w) < tol, name
+        tol = grad_tol if name.startswith("grad:") else buf_tol
+        assert rel_err(got[name], w) < tol, f"{name}: {rel_err(got[name], w):.3g}"
     fused_buffers = dict(fused.named_buffers())
     for name, b in ref64.named_buffers():
         if name.endswith("num_batches_tracked"):

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import HYPO, close, f64, make_map
+from conftest import HALF, HYPO, close, f64, make_map
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -130,11 +130,13 @@ def test_head_argmax_never_allocates_full_resolution_logits(device, monkeypatch)
     assert (2 * 64 * 64, torch.int32) in sizes
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", HALF)
 @pytest.mark.parametrize("align_corners", [False, True])
 def test_head_half_dtypes(dtype, align_corners, device):
-    x = make_map(2, 256, 64, 128, True, device, dtype)
-    conv = make_head(256, 19, True, device, dtype)
-    logits_r = check_logits(x, conv, (512, 1024), align_corners, dtype)
-    check_argmax(x, conv, (512, 1024), align_corners, logits_r, margin=0.1)
+    """Half-precision features and weights: the logits are computed from them in fp32, so the argmax matches
+    the float64 reference's wherever its top two differ by more than 1e-4 of the largest logit."""
+    c, hw, size = (256, (64, 128), (512, 1024)) if device == "cuda" else (40, (13, 21), (104, 168))
+    x = make_map(2, c, *hw, True, device, dtype)
+    conv = make_head(c, 19, True, device, dtype)
+    logits_r = check_logits(x, conv, size, align_corners, dtype)
+    check_argmax(x, conv, size, align_corners, logits_r, margin=1e-4 * logits_r.abs().max().item())
