@@ -305,8 +305,9 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
 
     * ``BLOCK_N`` wider than ``C_out`` (rounded up to a power of two, at least 32): the extra columns
       are masked work, and the 128x128 tiles of the 7x7 stem (C_out = 64) spill inside the K loop;
-    * 128x128x64 tiles on 4-byte (fp32 / tf32) inputs: 192 KiB of shared memory for 3 stages and
-      ~60-165 spill instructions inside the K loop in every such variant the model launches;
+    * 128x128 tiles on 4-byte (fp32 / tf32) inputs: at BLOCK_K=64, 192 KiB of shared memory for 3 stages
+      and ~60-165 spill instructions inside the K loop in every such variant the model launches; at 32, with
+      the operands' tf32 rounding in registers (:func:`_mma`), 29-43 in the nested form (triton 3.6);
     * 128x128 tiles on convs with C_in < 32 (FLAT_C, the stems, also merged to C_out = 128): their
       gathered A tile spills inside the K loop with either loop form (triton 3.6, bf16: 22 spill
       instructions per step at BLOCK_K=32, 129 at 64; fp32: 8), while 64x128 tiles do not;
@@ -333,7 +334,7 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     kept = [
         c for c in configs
         if c.kwargs["BLOCK_N"] <= n_max
-        and not (wide and big(c) and c.kwargs["BLOCK_K"] >= 64)
+        and not (wide and big(c))
         and not (small_c and big(c))
         and _loop_form_may_win(c, args["C_in"], small_c or one_tap)
     ]

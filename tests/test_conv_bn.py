@@ -322,9 +322,9 @@ def _check_fwd_bwd(conv: nn.Conv2d, bn: nn.BatchNorm2d, device: str) -> tuple[nn
     ref.backward(go)
     check(x.grad, x64.grad, torch.float32, "dx")
     check(conv.weight.grad, conv64.weight.grad, torch.float32, "dweight")
-    if bn.affine:
-        check(bn.weight.grad, bn64.weight.grad, torch.float32, "dgamma")
-        check(bn.bias.grad, bn64.bias.grad, torch.float32, "dbeta")
+    for name in ("weight", "bias"):  # each may be None (affine=False, or half-affine BNs)
+        if getattr(bn, name) is not None:
+            check(getattr(bn, name).grad, getattr(bn64, name).grad, torch.float32, f"d{name} of the BN")
     return conv64, bn64
 
 

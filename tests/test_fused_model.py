@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import statistics
 
 import pytest
 import torch
@@ -218,17 +219,19 @@ def test_channels_last_input_matches_nchw(device):
     assert rel_err(a, b) < 1e-5
 
 
-def _autocast_noise_bound(ref_err: float) -> float:
+def _autocast_noise_bound(ref_err: float, grad: bool = False) -> float:
     """Largest error against the fp32 model allowed for a fused half-precision result whose reference (eager
-    autocast) errs by ``ref_err``: both round at different points, so neither is the other's truth."""
-    return 4.0 * ref_err + 2e-3
+    autocast) errs by ``ref_err``: both round at different points, so neither is the other's truth. Measured
+    interpreted at 4x3x64x96 (v1 and face-parsing, fp16 and bf16): output errors within 0.8-1.2x eager's,
+    parameter gradients (train-mode chaos: 1e-2 to 1 relative) median 0.93x, at most 3.1x."""
+    return 5.0 * ref_err + 1e-2 if grad else 4.0 * ref_err + 2e-3
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.gpu), torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("preset", ["v1", "face-parsing"])
-def test_gpu_parity_at_512x1024(dtype, preset):
-    """Training forward + backward (batch 4) and pred (batch 1) at 512x1024 on the GPU.
+def test_parity_by_dtype(dtype, preset, device):
+    """Training forward + backward (batch 4) and pred (batch 1) at 512x1024 on a GPU (64x96 interpreted; fp32
+    there is test_train_step_parity_gradients_and_bn_buffers).
 
     fp32: against the fp32 reference at ``REL_TOL``. fp16/bf16: two correct half-precision implementations
     round at different points and the train-mode network (attention BNs over N=4 values) amplifies that
@@ -238,16 +241,19 @@ def test_gpu_parity_at_512x1024(dtype, preset):
     """
     half = dtype != torch.float32
     ref, fused = pair(preset, "train", n_classes=19)
-    ref, fused = ref.cuda().train(), fused.cuda().train()
+    ref, fused = ref.to(device).train(), fused.to(device).train()
     truth = copy.deepcopy(ref)  # fp32, used when dtype is a half type
-    # batch 4 and pinned ReLU masks: see test_train_step_parity_gradients_and_bn_buffers
-    x = torch.randn(4, 3, 512, 1024, device="cuda")
-    target = torch.randint(0, 19, (4, 512, 1024), device="cuda")
+    hw = (512, 1024) if device == "cuda" else (64, 96)
+    # batch 4 and (fp32) pinned ReLU masks: see test_train_step_parity_gradients_and_bn_buffers. In half
+    # precision the three runs' activations differ by far more than the values a ReLU cuts near zero
+    # (pinning would flip elements of ~10% of a layer's largest): no pinning, each its own masks.
+    x = torch.randn(4, 3, *hw, device=device)
+    target = torch.randint(0, 19, (4, *hw), device=device)
     masks = ReluMasks(tol=REL_TOL[dtype])
 
     def step(model: BiSeNet, autocast: bool, record: bool = False):
-        with torch.autocast("cuda", dtype=dtype, enabled=autocast):
-            with masks.record() if record else masks.replay():
+        with torch.autocast(device, dtype=dtype, enabled=autocast):
+            with contextlib.nullcontext() if half else masks.record() if record else masks.replay():
                 outs = model(x)
             loss = sum(F.cross_entropy(o.float(), target) for o in outs)
         loss.backward()
@@ -262,10 +268,13 @@ def test_gpu_parity_at_512x1024(dtype, preset):
         for i, (g, w, t) in enumerate(zip(got, want, true, strict=True)):
             err, ref_err = rel_err(g, t), rel_err(w, t)
             assert err <= _autocast_noise_bound(ref_err), f"output {i}: {err:.3g} vs eager {ref_err:.3g}"
+        ratios = []
         for name, t in true_grads.items():
             assert got_grads[name] is not None, name
             err, ref_err = rel_err(got_grads[name], t), rel_err(want_grads[name], t)
-            assert err <= _autocast_noise_bound(ref_err), f"{name}: {err:.3g} vs eager {ref_err:.3g}"
+            assert err <= _autocast_noise_bound(ref_err, grad=True), f"{name}: {err:.3g} vs eager {ref_err:.3g}"
+            ratios.append(err / max(ref_err, 1e-6))
+        assert statistics.median(ratios) <= 1.5, f"gradients typically {statistics.median(ratios):.2f}x eager's error"
     else:
         for g, w in zip(got, want, strict=True):
             assert rel_err(g, w) < REL_TOL[dtype]
@@ -276,9 +285,9 @@ def test_gpu_parity_at_512x1024(dtype, preset):
         model.eval()
         model.aux_mode = "eval"
     fused.aux_mode = "pred"
-    x1 = torch.randn(1, 3, 512, 1024, device="cuda")
+    x1 = torch.randn(1, 3, *hw, device=device)
     with torch.no_grad():
-        with torch.autocast("cuda", dtype=dtype, enabled=half):
+        with torch.autocast(device, dtype=dtype, enabled=half):
             pred = fused(x1)
             (logits,) = ref(x1)
         (true_logits,) = truth(x1)
