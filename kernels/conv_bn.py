@@ -307,7 +307,8 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
       are masked work, and the 128x128 tiles of the 7x7 stem (C_out = 64) spill inside the K loop;
     * 128x128 tiles on 4-byte (fp32 / tf32) inputs: at BLOCK_K=64, 192 KiB of shared memory for 3 stages
       and ~60-165 spill instructions inside the K loop in every such variant the model launches; at 32, with
-      the operands' tf32 rounding in registers (:func:`_mma`), 29-43 in the nested form (triton 3.6);
+      the operands' tf32 rounding in registers (:func:`_mma`), 29-43 in the nested form (triton 3.6) (IEEE
+      fp32 dots, with TF32 turned off, lose these tiles too: fp32 is not the fast path);
     * 128x128 tiles on convs with C_in < 32 (FLAT_C, the stems, also merged to C_out = 128): their
       gathered A tile spills inside the K loop with either loop form (triton 3.6, bf16: 22 spill
       instructions per step at BLOCK_K=32, 129 at 64; fp32: 8), while 64x128 tiles do not;

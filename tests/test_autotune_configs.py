@@ -38,7 +38,7 @@ from fastbisenet.ops import head_cross_entropy as o_hce
 from fastbisenet.ops import head_upsample as o_head
 from fastbisenet.ops import max_pool as o_pool
 
-# fp32 on a GPU runs tf32 dots here (PyTorch's default for convs, see _tf32_fp32); the interpreter's dots
+# fp32 on a GPU runs tf32 dots here (PyTorch's default for convs, see _ieee_fp32 below); the interpreter's dots
 # are exact fp32.
 REL_TOL = 1e-4 if kernels.INTERPRET else 1e-2
 

@@ -269,8 +269,11 @@ def test_bn_attention_train_batch1_raises_like_torch(op, device):
 
 @pytest.mark.parametrize("op", BN_OPS)
 def test_bn_attention_without_running_stats(op, device):
-    conv, bn = make_bn_attention(24, device)
-    bn = nn.BatchNorm2d(24, track_running_stats=False).to(device).eval()
+    conv, _ = make_bn_attention(24, device)
+    bn = nn.BatchNorm2d(24, eps=0.1, track_running_stats=False).to(device).eval()
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
     feat = make_map(4, 24, 5, 6, False, device)
     conv_r, bn_r = copy.deepcopy(conv).cpu().double(), copy.deepcopy(bn).cpu().double()
     check_bn_attention(feat, conv, bn, conv_r, bn_r, op=op)  # batch statistics in eval: forward and backward

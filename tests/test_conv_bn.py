@@ -2,7 +2,7 @@
 
 The reference is plain ``nn.Conv2d`` / ``nn.BatchNorm2d`` copies run in float64 on the same inputs.
 On CPU the kernels run under Triton's interpreter (conftest), so shapes are tiny; on a GPU they run
-compiled, and the ``gpu``-marked tests add fp16/bf16 and larger shapes.
+compiled, and the ``gpu``-marked tests add model-size shapes. fp16/bf16 run in both.
 """
 
 from __future__ import annotations
@@ -705,7 +705,7 @@ def test_packed_weight_inference_mode(device: str) -> None:
         _check_fresh(frozen, bn, x, "inference-tensor weights after add_")
 
 
-# ------------------------------------------------------------------------------------------ GPU only
+# ------------------------------------------------------------------------------------------ half precision
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -713,6 +713,9 @@ def test_packed_weight_inference_mode(device: str) -> None:
                                   "1x1s1-train-res-norelu"])
 def test_half_precision(name: str, dtype: torch.dtype, device: str) -> None:
     run_case(CASES[name], device, dtype, pool=name.endswith("-cl") or name.endswith("-eval-res"))
+
+
+# ------------------------------------------------------------------------------------------ GPU only
 
 
 @pytest.mark.gpu

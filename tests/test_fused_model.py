@@ -1,6 +1,7 @@
 """Whole-model parity: the Triton backend against the reference backend with the same weights.
 
-Under the interpreter (CPU, CI) at small sizes; compiled on a GPU at 1x3x512x1024 in fp32/fp16/bf16.
+Under the interpreter (CPU, CI) at small sizes; compiled on a GPU also at 512x1024 (a batch-4 training step
+and batch-1 pred) in fp32/fp16/bf16, half precision judged against eager autocast's error.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from fastbisenet import BiSeNet
 
 # Max error relative to the reference's largest magnitude, per dtype (fp32 is IEEE on a GPU too: conftest).
 REL_TOL = {torch.float32: 2e-3, torch.float16: 2e-2, torch.bfloat16: 6e-2}
-GRAD_REL_TOL = {torch.float32: 5e-3, torch.float16: 5e-2, torch.bfloat16: 1e-1}
+GRAD_REL_TOL = {torch.float32: 5e-3}  # half precision: test_parity_by_dtype's bounds relative to eager autocast
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -227,8 +228,16 @@ def _autocast_noise_bound(ref_err: float, grad: bool = False) -> float:
     return 5.0 * ref_err + 1e-2 if grad else 4.0 * ref_err + 2e-3
 
 
-@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.gpu), torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("preset", ["v1", "face-parsing"])
+def _by_dtype_params() -> list:
+    """Every (dtype, preset) on a GPU; interpreted (CI time), bf16 on v1 and fp16 on face-parsing (whose
+    attention is the MLP kernel), fp32 being test_train_step_parity_gradients_and_bn_buffers's."""
+    interpreted = {(torch.bfloat16, "v1"), (torch.float16, "face-parsing")}
+    return [pytest.param(dtype, preset, marks=() if (dtype, preset) in interpreted else pytest.mark.gpu,
+                         id=f"{preset}-{str(dtype).removeprefix('torch.')}")
+            for dtype in (torch.float32, torch.float16, torch.bfloat16) for preset in ("v1", "face-parsing")]
+
+
+@pytest.mark.parametrize(("dtype", "preset"), _by_dtype_params())
 def test_parity_by_dtype(dtype, preset, device):
     """Training forward + backward (batch 4) and pred (batch 1) at 512x1024 on a GPU (64x96 interpreted; fp32
     there is test_train_step_parity_gradients_and_bn_buffers).
@@ -249,7 +258,7 @@ def test_parity_by_dtype(dtype, preset, device):
     # (pinning would flip elements of ~10% of a layer's largest): no pinning, each its own masks.
     x = torch.randn(4, 3, *hw, device=device)
     target = torch.randint(0, 19, (4, *hw), device=device)
-    masks = ReluMasks(tol=REL_TOL[dtype])
+    masks = ReluMasks(tol=REL_TOL[dtype])  # used in fp32 only
 
     def step(model: BiSeNet, autocast: bool, record: bool = False):
         with torch.autocast(device, dtype=dtype, enabled=autocast):
@@ -273,6 +282,9 @@ def test_parity_by_dtype(dtype, preset, device):
             assert got_grads[name] is not None, name
             err, ref_err = rel_err(got_grads[name], t), rel_err(want_grads[name], t)
             assert err <= _autocast_noise_bound(ref_err, grad=True), f"{name}: {err:.3g} vs eager {ref_err:.3g}"
+            # a zero or unrelated gradient errs by >= 1: where eager is within 0.3, the fused one must be within
+            # 0.8 (measured interpreted: at most 0.48 there)
+            assert ref_err >= 0.3 or err < 0.8, f"{name}: {err:.3g} vs eager {ref_err:.3g}"
             ratios.append(err / max(ref_err, 1e-6))
         assert statistics.median(ratios) <= 1.5, f"gradients typically {statistics.median(ratios):.2f}x eager's error"
     else:
@@ -392,7 +404,7 @@ def test_training_sync_batchnorm_runs_the_reference_op(monkeypatch):
 def test_autocast_fp16_gives_reference_dtypes(device):
     """Under autocast the fused model returns the reference's dtypes and values within fp16 tolerance.
 
-    (bf16 is covered on GPU only: Triton's CPU interpreter has no bf16 arithmetic.)
+    (bf16: test_parity_by_dtype.)
     """
     ref, fused = pair("v1", "train", n_classes=3, seed=5)
     ref, fused = ref.to(device).eval(), fused.to(device).eval()
