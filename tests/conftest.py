@@ -9,6 +9,7 @@ profile ``HYPO``, and the ``poison`` fixture (every buffer the ops allocate star
 unwritten element shows up in the result).
 """
 
+import contextlib
 import math
 import os
 
@@ -70,15 +71,24 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@contextlib.contextmanager
+def cudnn_tf32(enabled: bool):
+    """``torch.backends.cudnn.allow_tf32 = enabled`` inside, the previous value restored after."""
+    old = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = old
+
+
 @pytest.fixture(autouse=True)
 def _ieee_fp32():
     """fp32 convs in full precision on a GPU: PyTorch's default lets cuDNN and the conv kernels use TF32 (10
     mantissa bits), and the fp32 tolerances here are for fp32 arithmetic. TF32 is tested on its own
     (``test_conv_bn.py::test_tf32_dots_round_operands_to_nearest``)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+    with cudnn_tf32(False):
+        yield
 
 
 def pytest_collection_modifyitems(config, items):

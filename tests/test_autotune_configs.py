@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 import triton
+from conftest import cudnn_tf32
 from fastbisenet.kernels import attend_add_upsample as k_up
 from fastbisenet.kernels import attend_residual as k_res
 from fastbisenet.kernels import channel_attention as k_att
@@ -47,10 +48,8 @@ REL_TOL = 1e-4 if kernels.INTERPRET else 1e-2
 def _ieee_fp32():
     """Overrides conftest's fixture of that name: the forced configs compile and run as a GPU runs fp32 convs
     by default, with TF32 dots (the IEEE variants are what the other fp32 tests run)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+    with cudnn_tf32(True):
+        yield
 
 
 def rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
