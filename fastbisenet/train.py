@@ -140,6 +140,18 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     return info, dev
 
 
+def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
+    """Whether ``loss`` is finite in every process. All ranks then raise together: one raising alone would
+    leave the others blocked in DDP's gradient all-reduce until the collective times out (a launcher
+    other than torchrun does not stop them)."""
+    ok = torch.isfinite(loss.detach()).to(torch.int32)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok)
+
+
 class InfiniteSampler(Sampler[int]):
     """Endless shuffled indices for one rank: epoch ``e`` is ``randperm(n)`` seeded by ``(seed, e)``,
     strided over ranks (each epoch truncated to ``n // world`` per rank); starts after ``start``
@@ -418,8 +430,9 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
             # the three heads' per-pixel CE (fp32); on the Triton backend the logits are never written
             pixel_losses = model(x, y, ignore_index=criterion.ignore_index)
         loss = total_pixel_loss(pixel_losses, y, criterion, n_classes)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at iteration {it}; lower --lr or use --amp bf16/none")
+        if not _finite_on_every_rank(loss, dist_info.world):
+            where = f"is {loss.item()}" if not torch.isfinite(loss) else "is not finite on another process"
+            raise FloatingPointError(f"loss {where} at iteration {it}; lower --lr or use --amp bf16/none")
         optimizer.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         scaler.step(optimizer)

@@ -314,6 +314,53 @@ def test_torchrun_two_processes(tmp_path):
     assert not any(k.startswith("module.") for k in ckpt["model"])
 
 
+def _nan_loss_at(iteration: int):
+    """A ``total_pixel_loss`` that returns NaN from its ``iteration``-th call on."""
+    from fastbisenet import losses
+
+    real, calls = losses.total_pixel_loss, []
+
+    def total_pixel_loss(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("nan") if len(calls) >= iteration else loss
+    return total_pixel_loss
+
+
+def test_non_finite_loss_raises_before_the_step(tmp_path, capsys, monkeypatch, one_thread):
+    from fastbisenet import losses
+
+    monkeypatch.setattr(losses, "total_pixel_loss", _nan_loss_at(2))
+    with pytest.raises(FloatingPointError, match="loss is nan at iteration 2"):
+        train(tiny(tmp_path, iters=4))
+
+
+def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
+    """A NaN loss on rank 1 alone: rank 0 raises too (instead of waiting in DDP's all-reduce)."""
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not installed")
+    script = tmp_path / "nan_on_rank_1.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from fastbisenet import losses\n"
+        "from fastbisenet.cli import main\n"
+        "from test_train import _nan_loss_at\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    losses.total_pixel_loss = _nan_loss_at(2)\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(script), "train", "--device", "cpu",
+           "--backend", "torch", "--iters", "4", "--batch-size", "2", "--crop", "64", "--synthetic-size", "64",
+           "--synthetic-length", "16", "--synthetic-val-length", "4", "--workers", "0", "--eval-every", "0",
+           "--out-dir", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "loss is nan at iteration 2" in proc.stderr, proc.stderr[-3000:]
+    assert "loss is not finite on another process at iteration 2" in proc.stderr, proc.stderr[-3000:]
+
+
 def test_python_dash_m_help():
     proc = subprocess.run([sys.executable, "-m", "fastbisenet", "train", "--help"], capture_output=True, text=True,
                           timeout=120)
