@@ -442,7 +442,7 @@ def _bn_attention_bwd_kernel(
     else:
         z = xhat
     if RELU:
-        dz = tl.where(mask & (z > 0.0), da, 0.0)
+        dz = tl.where(z <= 0.0, 0.0, da)  # masked lanes: da = 0; a NaN z passes, as torch's ReLU backward
     else:
         s = tl.sigmoid(z)
         dz = tl.where(mask, da * s * (1.0 - s), 0.0)
@@ -693,7 +693,7 @@ def _mlp_attention_bwd_kernel(
         dw2 = tl.sum(dz[:, :, None] * h[:, None, :], axis=0)
         tl.store(dw2_ptr + offs_o[:, None] * C_MID + offs_h[None, :], dw2.to(dw2_ptr.dtype.element_ty),
                  mask=omask[:, None] & hmask[None, :])
-    du = tl.where(u > 0.0, dh, 0.0)
+    du = tl.where(u <= 0.0, 0.0, dh)  # NaN passes, as torch's ReLU backward
     tl.store(du_ptr + offs_n[:, None] * C_MID + offs_h[None, :], du, mask=nh_mask)
     for i0 in range(0, C_IN, BLOCK_I):
         offs_i = i0 + tl.arange(0, BLOCK_I)

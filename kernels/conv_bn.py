@@ -637,7 +637,7 @@ def _masked_grad(
         g += tl.load(gs_ptr + row[:, None] + offs_c[None, :] * gs_c, mask=mask, other=0.0)
     if RELU:
         o = tl.load(out_ptr + offs_m.to(tl.int64)[:, None] * C + offs_c[None, :], mask=mask, other=0.0)
-        g = tl.where(o > 0, g, 0.0)
+        g = tl.where(o <= 0, 0.0, g)  # a NaN output passes its gradient, as torch's ReLU backward
     return g
 
 

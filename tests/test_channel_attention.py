@@ -248,11 +248,19 @@ def test_relu_keeps_nan_like_torch(op, device):
         ref = lambda f: getattr(R, op)(f, conv_r, bn_r)
     feat = make_map(2, 37, 5, 6, True, device).detach()
     feat[1, 3, 2, 2] = float("nan")
-    with torch.no_grad():
-        a, ar = run(feat), ref(feat.double().cpu())
+    feat_r = feat.double().cpu().requires_grad_()
+    feat.requires_grad_()
+    a, ar = run(feat), ref(feat_r)
     assert torch.isnan(ar[1]).all() and not torch.isnan(ar[0]).any()
     assert torch.equal(torch.isnan(a).cpu(), torch.isnan(ar))
     close(a[0], ar[0])
+    # backward: NaN where torch's is (its ReLU backward passes the gradient of a NaN output: the MLP's image 1)
+    grad = torch.rand_like(ar)
+    a.backward(grad.to(a))
+    ar.backward(grad)
+    assert torch.equal(torch.isnan(feat.grad).cpu(), torch.isnan(feat_r.grad))
+    finite = ~torch.isnan(feat_r.grad)
+    close(feat.grad.cpu()[finite], feat_r.grad[finite])
 
 
 @pytest.mark.parametrize("op", BN_OPS)

@@ -860,18 +860,25 @@ def test_one_loop_over_taps_and_channels(name, block_k, device, monkeypatch):
 def test_relu_keeps_nan_like_torch(train: bool, device: str) -> None:
     """A NaN input reaches the output as NaN through the fused ReLU, as ``torch.relu`` propagates it (a plain
     ``max(x, 0)`` compiles to ``max.f32``, which returns 0 for NaN). Eval: only the outputs whose window holds
-    the NaN (ReLU in the conv's epilogue); train: every output (batch statistics, ReLU in the BN pass)."""
+    the NaN (ReLU in the conv's epilogue); train: every output (batch statistics, ReLU in the BN pass). Backward:
+    the gradient of a NaN output passes the ReLU, as in torch (``out > 0`` would zero it)."""
     conv, bn, conv64, bn64 = make_modules(5, 6, 3, 1, bias=False, bn=True, train=train, device=device)
     x = torch.randn(2, 5, 7, 9, device=device)
     x[1, 2, 3, 4] = float("nan")
-    with torch.no_grad():
-        out = ops.conv_bn_act(x, conv, bn, relu=True)
-        ref = ref_forward(x.double(), conv64, bn64, None, True)
+    x64 = x.double().requires_grad_()
+    x.requires_grad_()
+    out = ops.conv_bn_act(x, conv, bn, relu=True)
+    ref = ref_forward(x64, conv64, bn64, None, True)
     assert torch.isnan(ref).any() and (torch.isnan(ref).all() if train else (ref == 0).any())
-    assert torch.equal(torch.isnan(out).cpu(), torch.isnan(ref).cpu())
-    finite = ~torch.isnan(ref)
-    if finite.any():
-        check(out[finite], ref[finite], torch.float32, "finite outputs")
+    # backward: torch's ReLU passes the gradient of a NaN output (eval: dx stays finite, it does not read x)
+    grad = torch.rand_like(ref)
+    out.backward(grad.float())
+    ref.backward(grad)
+    for name, got, want in (("out", out, ref), ("dx", x.grad, x64.grad), ("dw", conv.weight.grad, conv64.weight.grad)):
+        assert torch.equal(torch.isnan(got).cpu(), torch.isnan(want).cpu()), name
+        finite = ~torch.isnan(want)
+        if finite.any():
+            check(got.detach()[finite], want.detach()[finite], torch.float32, f"finite {name}")
 
 
 def _tf32_rna(t: Tensor) -> Tensor:
