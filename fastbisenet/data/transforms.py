@@ -37,7 +37,12 @@ def _grey(x: Tensor) -> Tensor:
 def color_jitter(x: Tensor, brightness: Tensor, contrast: Tensor, saturation: Tensor,
                  valid: Tensor | None = None) -> Tensor:
     """Per-image brightness, contrast and saturation factors (N,) applied to RGB in [0, 1]; the contrast
-    pivots on each image's mean grey level over its ``valid`` (N, 1, H, W) pixels (all when ``None``)."""
+    pivots on each image's mean grey level over its ``valid`` (N, 1, H, W) pixels (all when ``None``).
+
+    The formulas are torchvision's ``ColorJitter`` ones (scale; blend with the mean grey; blend with the
+    grey image) in that fixed order, on floats. The public CoinCheung recipe's uint8 tables differ in detail
+    (contrast pivots on the fixed level 74/255, saturation mixes with the plain channel mean): same factor
+    ranges, slightly different images."""
     f = lambda t: t.to(device=x.device, dtype=x.dtype).view(-1, 1, 1, 1)
     x = (x * f(brightness)).clamp_(0, 1)
     if valid is None:
