@@ -52,10 +52,37 @@ def overlay(image: np.ndarray, pred: np.ndarray, palette: Sequence[Sequence[int]
 
 
 def _unique_stems(files: Sequence[Path]) -> list[str]:
-    """Output names: the file stem, with the parent folder prepended when stems collide."""
-    stems = [f.stem for f in files]
-    dup = {s for s in stems if stems.count(s) > 1}
-    return [f"{f.parent.name}_{f.stem}" if f.stem in dup else f.stem for f in files]
+    """Output names, distinct for distinct files: the file stem; where stems collide, the path below the
+    colliding files' deepest common folder (``a/imgs/x.png``, ``b/imgs/x.png`` -> ``a_imgs_x``, ``b_imgs_x``),
+    with the extension where that still collides (``x.png``, ``x.jpg`` -> ``x_png``, ``x_jpg``), then a
+    counter (a file given twice)."""
+    paths = [f.resolve() for f in files]
+    names = [f.stem for f in files]
+    groups: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(name, []).append(i)
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        base = Path(os.path.commonpath([paths[i].parent for i in idx]))
+        for i in idx:
+            rel = paths[i].relative_to(base)
+            names[i] = "_".join((*rel.parent.parts, rel.stem))
+        suffixes: dict[str, set[str]] = {}
+        for i in idx:
+            suffixes.setdefault(names[i], set()).add(paths[i].suffix)
+        for i in idx:
+            if len(suffixes[names[i]]) > 1:
+                names[i] += "_" + paths[i].suffix.lstrip(".")
+    taken: set[str] = set()
+    unique = []
+    for name in names:
+        candidate, k = name, 1
+        while candidate in taken:
+            candidate, k = f"{name}_{k}", k + 1
+        taken.add(candidate)
+        unique.append(candidate)
+    return unique
 
 
 @torch.no_grad()
@@ -124,7 +151,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("predict", help="segment images: colourised masks and overlays",
                               description="Segment images (files and/or folders) of any size and write "
                                           "<name>_mask.png (paletted PNG whose pixel values are the class ids) "
-                                          "and <name>_overlay.png.")
+                                          "and <name>_overlay.png; <name> is the file's stem, prefixed by its "
+                                          "folders (and suffixed by its extension) where stems collide.")
     p.add_argument("weights", help="checkpoint (.pt/.pth): a training checkpoint or a plain state_dict")
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("-o", "--out-dir", default="predictions")

@@ -169,6 +169,25 @@ def test_predict_writes_pngs_and_logits(weights, tmp_path, capsys):
     assert torch.load(tmp_path / "p2" / "c_logits.pt", weights_only=True).shape == (8, 70, 33)
 
 
+def test_predict_output_names_never_collide(weights, tmp_path, capsys):
+    """Same stems in same-named folders and in one folder with two extensions: one output per input."""
+    from fastbisenet.predict import _unique_stems
+
+    rng = np.random.default_rng(1)
+    files = [tmp_path / p for p in ("a/x/a.png", "a/x/a.jpg", "b/x/a.png", "a/imgs/0001.png", "b/imgs/0001.png")]
+    for f in files:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 255, (32, 40, 3), dtype=np.uint8)).save(f)
+    names = _unique_stems(files)
+    assert names == ["a_x_a_png", "a_x_a_jpg", "b_x_a", "a_imgs_0001", "b_imgs_0001"]
+    assert _unique_stems([files[0], files[0], tmp_path / "x.png"]) == ["a", "a_1", "x"]
+    assert _unique_stems([tmp_path / "p" / "a.png", tmp_path / "a_1.png", tmp_path / "q" / "a.png"]) == [
+        "p_a", "a_1", "q_a"]
+    out = tmp_path / "pred"
+    assert main(["predict", str(weights), *map(str, files), "-o", str(out), "--device", "cpu", "--no-overlay"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{n}_mask.png" for n in names)
+
+
 def test_predict_rejects_tiny_and_broken_images(weights, tmp_path, capsys):
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "tiny.png")
     assert main(["predict", str(weights), str(tmp_path / "tiny.png"), "-o", str(tmp_path / "o")]) == 1
