@@ -115,6 +115,7 @@ class TrainConfig:
             (self.weights is not None or not self.reset_classifier, "reset_classifier needs weights to load"),
             (self.eval_batch_size is None or self.eval_batch_size >= 1,
              f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}"),
         ]
         for ok, msg in checks:
             if not ok:

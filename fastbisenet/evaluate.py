@@ -281,10 +281,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p = subparsers.add_parser("eval", help="mIoU of a checkpoint on a dataset",
                               description="Evaluate a checkpoint: per-class IoU and mIoU (ignore label 255).")
     p.add_argument("weights", help="checkpoint (.pt/.pth): a training checkpoint or a plain state_dict")
-    p.add_argument("--data", default="synthetic", help="'synthetic', or a Cityscapes / folder-dataset root")
-    p.add_argument("--dataset", default="auto", choices=["auto", "synthetic", "cityscapes", "folder"])
-    p.add_argument("--split", default="val")
-    p.add_argument("--classes-file", default=None, help="class list of a folder dataset (default classes.txt)")
+    p.add_argument("--data", default=None, help="'synthetic', or a Cityscapes / folder-dataset root (default: the "
+                                                "checkpoint's training data, else synthetic)")
+    p.add_argument("--dataset", default=None, choices=["auto", "synthetic", "cityscapes", "folder"],
+                   help="default: the training run's, else auto")
+    p.add_argument("--split", default=None, help="default: the training run's validation split, else val")
+    p.add_argument("--classes-file", default=None,
+                   help="class list of a folder dataset (default: the training run's, else classes.txt)")
+    p.add_argument("--label-type", default=None, choices=["auto", "trainIds", "labelIds"],
+                   help="Cityscapes label files (default: the training run's, else auto)")
     p.add_argument("--synthetic-size", type=positive_int, default=None,
                    help="synthetic data: image size (default: the checkpoint's training option, else 128)")
     p.add_argument("--synthetic-length", type=positive_int, default=None,
@@ -320,8 +325,11 @@ def run(args: argparse.Namespace) -> int:
     def option(value: Any, key: str, default: Any) -> Any:  # flag, else the training run's option, else default
         return value if value is not None else trained.get(key, default)
 
-    dataset = build_dataset(args.data, args.split, kind=args.dataset, skip_bad=args.skip_bad,
-                            classes_file=args.classes_file,
+    data = option(args.data, "data", "synthetic")
+    split = option(args.split, "val_split", "val")
+    dataset = build_dataset(data, split, kind=option(args.dataset, "dataset", "auto"), skip_bad=args.skip_bad,
+                            classes_file=option(args.classes_file, "classes_file", None),
+                            label_type=option(args.label_type, "label_type", "auto"),
                             synthetic_size=option(args.synthetic_size, "synthetic_size", 128),
                             synthetic_length=option(args.synthetic_length, "synthetic_val_length", 100),
                             seed=option(args.seed, "seed", 0))
@@ -338,7 +346,7 @@ def run(args: argparse.Namespace) -> int:
     miou = cm.miou()
     n_images = len(dataset) - cm.skipped_samples
     skipped = f" ({cm.skipped_samples} bad samples left out)" if cm.skipped_samples else ""
-    print(f"{args.weights} on {args.data} [{args.split}], {n_images} images{skipped}, scales {args.scales}"
+    print(f"{args.weights} on {data} [{split}], {n_images} images{skipped}, scales {args.scales}"
           f"{' + flip' if args.flip else ''}")
     print(format_iou_table(iou, dataset.classes, miou))
     if args.json:

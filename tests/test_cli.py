@@ -266,6 +266,28 @@ def test_train_eval_predict_roundtrip(tmp_path, capsys):
     assert main(["train", "--resume", str(ckpt), "--out-dir", str(run)]) == 0
 
 
+def test_eval_defaults_to_the_training_runs_data(tmp_path, capsys):
+    """A checkpoint trained on a folder dataset is scored on that dataset's validation split, not on
+    synthetic scenes (which an 8-class run would silently accept)."""
+    root = tmp_path / "ds"
+    rng = np.random.default_rng(0)
+    for sub, n in (("", 2), ("val", 3)):
+        for i in range(n):
+            for kind, array in (("images", rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)),
+                                ("masks", rng.integers(0, 3, (40, 48), dtype=np.uint8))):
+                (root / sub / kind).mkdir(parents=True, exist_ok=True)
+                Image.fromarray(array).save(root / sub / kind / f"im{i}.png")
+    (root / "classes.txt").write_text("bg\ncat\ndog\n")
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(root), "--iters", "1", "--batch-size", "2", "--crop", "32", "--workers",
+                 "0", "--eval-every", "0", "--device", "cpu", "--out-dir", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(run / "last.pt"), "--workers", "0"]) == 0
+    assert f"on {root} [val], 3 images" in capsys.readouterr().out
+    assert main(["eval", str(run / "model_final.pt"), "--workers", "0", "--split", "train"]) == 0
+    assert f"on {root} [train], 2 images" in capsys.readouterr().out
+
+
 def test_predict_face_parsing_checkpoint_is_recognised(tmp_path, capsys):
     path = tmp_path / "face.pt"
     torch.save(BiSeNet(19, preset="face-parsing").state_dict(), path)

@@ -90,6 +90,9 @@ def test_config_errors(tmp_path):
         build_config({"batch_size": 1})
     with pytest.raises(ValueError, match="amp"):
         build_config({"amp": "fp8"})
+    for seed in (-1, 2**32):  # numpy's generators take no negative seed; the sampler's seed arithmetic overflows
+        with pytest.raises(ValueError, match=r"seed must be in \[0, 2\*\*32\)"):
+            build_config({"seed": seed})
 
 
 def test_config_values_are_converted_or_named(tmp_path):
