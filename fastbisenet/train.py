@@ -394,6 +394,11 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
 
     def run_eval(it: int) -> float:
         nonlocal last_cm
+        if dist_info.world > 1:  # every rank scores rank 0's model (BN running statistics), the one saved
+            import torch.distributed as dist
+
+            for buffer in raw_model.buffers():
+                dist.broadcast(buffer, 0)
         last_cm = evaluate(raw_model, val_set, n_classes, device=device,
                            batch_size=cfg.eval_batch_size or cfg.batch_size, scales=cfg.eval_scales,
                            flip=cfg.eval_flip, channels_last=channels_last, amp=amp, rank=dist_info.rank,
