@@ -70,6 +70,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     save_every: int = 1000
     keep_checkpoints: bool = False
+    overwrite: bool = False
     out_dir: str = "runs/bisenet"
     resume: str | None = None
     seed: int = 0

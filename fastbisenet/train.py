@@ -140,6 +140,19 @@ def init_distributed(device: str) -> tuple[DistInfo, torch.device]:
     return info, dev
 
 
+def _check_out_dir(cfg: TrainConfig) -> None:
+    """``FileExistsError`` when ``out_dir`` holds another run's results that this run would replace: a run
+    not resumed from that folder's checkpoints needs ``overwrite``."""
+    out_dir = Path(cfg.out_dir)
+    if cfg.overwrite or (cfg.resume and Path(cfg.resume).resolve().parent == out_dir.resolve()):
+        return
+    found = [name for name in ("last.pt", "model_final.pt") if (out_dir / name).exists()]
+    if found:
+        raise FileExistsError(f"{out_dir} already holds a training run ({', '.join(found)}): --resume "
+                              f"{out_dir / 'last.pt'} continues it, --overwrite replaces it, or choose another "
+                              f"--out-dir")
+
+
 def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
     """Whether ``loss`` is finite in every process. All ranks then raise together: one raising alone would
     leave the others blocked in DDP's gradient all-reduce until the collective times out (a launcher
@@ -266,6 +279,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
     from fastbisenet.schedule import WarmupPolyLR, build_optimizer
 
     cfg.validate()
+    _check_out_dir(cfg)
     dist_info, device = init_distributed(cfg.device)
     is_main = dist_info.is_main
     out_dir = Path(cfg.out_dir)
@@ -591,6 +605,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     g.add_argument("--save-every", type=positive_int, help=f"iterations between checkpoints (default {d.save_every})")
     g.add_argument("--keep-checkpoints", action="store_true", help="also keep iter_NNNNNNN.pt files")
     g.add_argument("--out-dir", help=f"default {d.out_dir}")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --out-dir (else an error)")
     g.add_argument("--resume", help="continue a training checkpoint (e.g. runs/bisenet/last.pt) exactly")
     g.add_argument("--seed", type=int, help=f"default {d.seed}")
     g.add_argument("--log-every", type=positive_int, help=f"iterations between log lines (default {d.log_every})")
@@ -609,6 +625,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         ckpt = load_training_checkpoint(resume)
         ckpt_cfg = dict(ckpt["config"])
         ckpt_cfg.pop("resume", None)
+        ckpt_cfg.pop("overwrite", None)  # a permission for that run's folder, not for this one
         if "sync_bn" not in ckpt_cfg and ckpt.get("world_size", 1) > 1:
             ckpt_cfg["sync_bn"] = True  # runs from before --sync-bn existed used SyncBatchNorm on several GPUs
         layers.append(ckpt_cfg)

@@ -221,6 +221,25 @@ def test_resume_takes_this_runs_schedule_and_no_initial_weights(tmp_path, capsys
     assert "conv_out.conv_out.weight" in changed
 
 
+def test_a_new_run_does_not_replace_an_earlier_one(tmp_path, capsys, one_thread):
+    """A fresh run into a folder holding a run raises (no results lost); --overwrite replaces it; resuming from
+    the folder's own checkpoint continues it; an inherited --overwrite does not reach another folder."""
+    train(tiny(tmp_path, iters=2, overwrite=True))
+    first = _state(tmp_path / "run" / "model_final.pt")
+    with pytest.raises(FileExistsError, match="already holds a training run"):
+        train(tiny(tmp_path, iters=2, seed=1))
+    assert all(torch.equal(v, _state(tmp_path / "run" / "model_final.pt")[k]) for k, v in first.items())
+    train(tiny(tmp_path, iters=3, resume=str(tmp_path / "run" / "last.pt")))
+    train(tiny(tmp_path, iters=2, seed=1, overwrite=True))
+    assert _state(tmp_path / "run" / "last.pt")["iteration"] == 2
+    train(tiny(tmp_path, iters=2, out_dir=str(tmp_path / "other")))
+    from fastbisenet.cli import main
+
+    assert main(["train", "--resume", str(tmp_path / "run" / "last.pt"), "--out-dir", str(tmp_path / "other"),
+                 "--iters", "3"]) == 1
+    assert "already holds a training run" in capsys.readouterr().err
+
+
 def test_short_synthetic_run_learns(tmp_path, capsys, one_thread):
     cfg = tiny(tmp_path, iters=40, batch_size=8, synthetic_size=96, synthetic_length=400,
                synthetic_val_length=16, save_every=1000, eval_every=0)
