@@ -17,10 +17,10 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 import torch
@@ -200,21 +200,25 @@ def write_meta_sidecar(weights: str | os.PathLike[str], meta: dict[str, Any], co
     normalisation (``meta``) and training options, which ``eval``/``predict`` read as a training
     checkpoint's (:func:`fastbisenet.evaluate.read_checkpoint_info`)."""
     path = Path(weights).with_suffix(".json")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"fastbisenet_meta": meta, "config": config}, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    text = json.dumps({"fastbisenet_meta": meta, "config": config}, indent=1)
+    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
     return path
 
 
 def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
     """``torch.save`` to a temporary file in the same folder, fsync, then ``os.replace``: a reader
     (or a crash) never sees a half-written checkpoint."""
-    path = Path(path)
+    _atomic_write(Path(path), lambda f: torch.save(obj, f))
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], Any]) -> None:
+    """``write`` into a temporary file beside ``path``, fsync it, rename it to ``path`` and fsync the folder
+    (the rename itself survives a crash); the temporary file is removed on error."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)
@@ -225,6 +229,16 @@ def atomic_save(obj: Any, path: str | os.PathLike[str]) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    try:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # folders cannot be opened on every platform
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
 
 
 def rng_state() -> dict[str, Any]:

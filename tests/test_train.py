@@ -13,7 +13,14 @@ import torch
 from fastbisenet import BiSeNet
 from fastbisenet.config import TrainConfig, build_config, read_config_file
 from fastbisenet.schedule import WarmupPolyLR, build_optimizer, lr_factor, param_groups
-from fastbisenet.train import InfiniteSampler, Progress, atomic_save, load_training_checkpoint, train
+from fastbisenet.train import (
+    InfiniteSampler,
+    Progress,
+    atomic_save,
+    load_training_checkpoint,
+    train,
+    write_meta_sidecar,
+)
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -144,6 +151,12 @@ def test_atomic_save_leaves_no_temp(tmp_path):
     with pytest.raises(RuntimeError, match="boom"):
         atomic_save({"a": Boom()}, tmp_path / "sub" / "x.pt")
     assert os.listdir(tmp_path / "sub") == ["x.pt"]  # old file intact, temp removed
+    side = write_meta_sidecar(tmp_path / "sub" / "x.pt", {"n_classes": 3}, {"seed": 1})
+    assert sorted(os.listdir(tmp_path / "sub")) == ["x.json", "x.pt"]
+    assert json.loads(side.read_text())["fastbisenet_meta"] == {"n_classes": 3}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (side.stat().st_mode & 0o777) == (0o666 & ~umask)
 
 
 def test_progress_plain_lines(capsys):
