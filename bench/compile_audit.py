@@ -23,7 +23,7 @@ Outputs are a markdown summary (stdout or ``--md``) and the full list (``--json`
 
 Usage (from the repository root; must be its own process, with ``TRITON_INTERPRET`` unset):
     python bench/compile_audit.py [--arch 90] [--dtypes bf16,fp16,fp32] [--quick] [--configs all|first]
-                                  [--strict] [--json F] [--md F]
+                                  [--strict] [--only TEXT] [--json F] [--md F]
 """
 
 from __future__ import annotations
@@ -315,6 +315,24 @@ def workloads(dtypes: list[str], quick: bool) -> Iterator[tuple[str, Callable[[]
 
         yield f"one-pixel-maps/{name}", one_pixel_maps
 
+    for name in dtypes:
+        def upsample_modes(dtype: torch.dtype = DTYPES[name]) -> None:
+            """``ops.attend_add_upsample`` in the modes no preset uses (bilinear, align_corners False/True: the
+            paper's context path), forward and backward, broadcast and full ``other``, at 2x."""
+            from fastbisenet.ops.attend_add_upsample import attend_add_upsample
+
+            for align in (False, True):
+                for full in (False, True):
+                    x = torch.randn(2, 128, 12, 20).to(dtype=dtype, memory_format=torch.channels_last)
+                    a = torch.rand(2, 128, 1, 1).to(dtype)
+                    other = (torch.randn(2, 128, 12, 20).to(dtype=dtype, memory_format=torch.channels_last)
+                             if full else torch.randn(2, 128, 1, 1).to(dtype))
+                    out = attend_add_upsample(x.requires_grad_(), a.requires_grad_(), other.requires_grad_(),
+                                              (24, 40), "bilinear", align)
+                    out.sum().backward()
+
+        yield f"upsample-modes/{name}", upsample_modes
+
 
 def summarise(records: list[Compiled], arch: int) -> list[dict]:
     """One row per kernel and config: variants compiled, worst registers/spills/shared memory, MMA kinds."""
@@ -393,6 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="also fail on any spill inside a loop")
     parser.add_argument("--json", type=Path, help="write every compiled variant and the summary here")
     parser.add_argument("--md", type=Path, help="write the markdown summary here (default: stdout)")
+    parser.add_argument("--only", metavar="TEXT", help="run only the workloads whose name contains TEXT")
     args = parser.parse_args(argv)
     dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
     if bad := [d for d in dtypes if d not in DTYPES]:
@@ -416,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     names = []
     for name, run in workloads(dtypes, args.quick):
+        if args.only and args.only not in name:
+            continue
         recorder.workload = name
         names.append(name)
         run()

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .channel_attention import configs, split_plan
+from .channel_attention import configs, split_plan, tiles_at_most
 
 NEAREST, BILINEAR = 0, 1
 
@@ -88,7 +88,25 @@ _FWD_CONFIGS = [
 ]
 
 
-@triton.autotune(configs=configs(_FWD_CONFIGS), key=["C", "OH", "OW"])
+def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Bilinear on 4-byte inputs: tiles of at most 16 elements per thread (four taps of ``x`` and of a full
+    ``other`` are live at once: the larger tiles used 255 registers and spilled 72-96 B per thread for sm_90,
+    triton 3.6 and 3.9; bf16 did not spill; ``bench/compile_audit.py --only upsample-modes``)."""
+    args = {**named_args, **kwargs}
+    if args["MODE"] == BILINEAR and args["x_ptr"].element_size() >= 4:
+        return tiles_at_most(configs, 16)
+    return configs
+
+
+def _prune_bwd_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Bilinear: tiles of at most 16 elements per thread (the 64x64 tile spilled 88-224 B per thread for sm_90
+    with triton 3.6, 18-74 of the spill instructions inside the window loop, bf16 and fp32; same audit)."""
+    args = {**named_args, **kwargs}
+    return tiles_at_most(configs, 16) if args["MODE"] == BILINEAR else configs
+
+
+@triton.autotune(configs=configs(_FWD_CONFIGS), key=["C", "OH", "OW", "MODE", "OTHER_FULL"],
+                 prune_configs_by={"early_config_prune": _prune_fwd_configs})
 @triton.jit
 def _attend_add_upsample_kernel(
     x_ptr,  # (N, C, IH, IW) input, any strides
@@ -169,7 +187,8 @@ def _window_weight(
         triton.Config({"BLOCK_P": 64, "BLOCK_C": 64}, num_warps=4),
         triton.Config({"BLOCK_P": 16, "BLOCK_C": 128}, num_warps=4),
     ]),
-    key=["C", "OH", "OW", "CHUNK"],
+    key=["C", "OH", "OW", "CHUNK", "MODE", "OTHER_FULL"],
+    prune_configs_by={"early_config_prune": _prune_bwd_configs},
 )
 @triton.jit
 def _attend_add_upsample_bwd_kernel(

@@ -84,6 +84,13 @@ def pixel_tile_configs() -> list[triton.Config]:
     ])
 
 
+def tiles_at_most(configs: list[triton.Config], per_thread: int) -> list[triton.Config]:
+    """The (BLOCK_P x BLOCK_C) configs holding at most ``per_thread`` elements per thread; all of them when none
+    does (a single forced config stays)."""
+    kept = [c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_C"] <= per_thread * 32 * c.num_warps]
+    return kept or configs
+
+
 @triton.jit
 def chunk_tile(C, HW, CHUNK, SPLIT, BLOCK_C: tl.constexpr):
     """This program's share of a map streamed in chunks: grid ``(N * SPLIT, cdiv(C, BLOCK_C))``.

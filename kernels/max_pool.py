@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .channel_attention import pixel_tile_configs
+from .channel_attention import pixel_tile_configs, tiles_at_most
 
 
 def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -38,8 +38,7 @@ def _prune_fwd_configs(configs: list[triton.Config], named_args: dict, **kwargs)
     args = {**named_args, **kwargs}
     if not (args["ARGMAX"] and args["x_ptr"].element_size() >= 4):
         return configs
-    kept = [c for c in configs if c.kwargs["BLOCK_P"] * c.kwargs["BLOCK_C"] <= 16 * 32 * c.num_warps]
-    return kept or configs
+    return tiles_at_most(configs, 16)
 
 
 @triton.autotune(configs=pixel_tile_configs(), key=["C", "H", "W", "OH", "OW", "KH", "KW", "ARGMAX"],

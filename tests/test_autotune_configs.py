@@ -316,3 +316,20 @@ def test_max_pool_config_pruning():
     assert prune(tiles, {"x_ptr": bf16, "ARGMAX": True}) == tiles
     assert prune(tiles, {"x_ptr": fp32, "ARGMAX": False}) == tiles
     assert prune(tiles[1:2], {"x_ptr": fp32, "ARGMAX": True}) == tiles[1:2]  # a forced config stays
+
+
+def test_attend_add_upsample_config_pruning():
+    """Bilinear drops the tiles over 16 elements per thread that spilled for sm_90 (forward: 4-byte inputs only;
+    backward: any dtype); nearest keeps every tile."""
+    fwd = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+           for p, c, w in [(32, 64, 4), (64, 64, 4), (32, 128, 4), (64, 128, 8)]]
+    bwd = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=4) for p, c in [(32, 64), (64, 64), (16, 128)]]
+    fp32, bf16 = torch.empty(1), torch.empty(1, dtype=torch.bfloat16)
+    tiles = lambda configs: [(c.kwargs["BLOCK_P"], c.kwargs["BLOCK_C"]) for c in configs]
+    assert tiles(k_up._prune_fwd_configs(fwd, {"x_ptr": fp32, "MODE": k_up.BILINEAR})) == [(32, 64)]
+    assert k_up._prune_fwd_configs(fwd, {"x_ptr": bf16, "MODE": k_up.BILINEAR}) == fwd
+    assert k_up._prune_fwd_configs(fwd, {"x_ptr": fp32, "MODE": k_up.NEAREST}) == fwd
+    assert tiles(k_up._prune_bwd_configs(bwd, {"MODE": k_up.BILINEAR})) == [(32, 64), (16, 128)]
+    assert k_up._prune_bwd_configs(bwd, {"MODE": k_up.NEAREST}) == bwd
+    assert k_up._prune_bwd_configs(bwd[1:2], {"MODE": k_up.BILINEAR}) == bwd[1:2]  # a forced config stays
+
