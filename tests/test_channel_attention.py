@@ -422,17 +422,31 @@ def test_pooled_leaf_gets_the_mean_gradient(kind, cuts, contiguous, device, pois
     assert not feat.grad_fn and feat.grad is None  # feat supplied only H * W and the dtype
 
 
+@pytest.mark.parametrize("fold", [True, False], ids=["folded", "unfolded"])
 @pytest.mark.parametrize("kind", ["bn", "mlp"])
-def test_attention_many_partials(kind, device, poison):
-    """S = 200 partials (a conv epilogue's 2-pixel chunks): the mean is finished in several [BLOCK_S, N, C]
-    steps, the last one partial."""
+def test_attention_many_partials(kind, fold, device, poison, monkeypatch):
+    """S = 200 partials (a conv epilogue's 2-pixel chunks). Folded first (as the launchers do past FOLD_SPLIT),
+    and unfolded: the kernel then finishes the mean in several [BLOCK_S, N, C] steps, the last one partial (on
+    a GPU that loop runs whenever more than FOLD_SPLIT = 32 partials meet a BLOCK_S below them)."""
     n, c, h, w = 4, 64, 20, 20
     feat = make_map(n, c, h, w, True, device)
     bounds = list(range(0, h * w + 1, 2))
     pooled = chunk_sums(feat, bounds)
     assert pooled.shape == (200, n, c)
-    if not HAS_CUDA:  # BLOCK_N 4 x BLOCK_I 64 under the interpreter
-        assert KCA.split_block(200, 4, 64) < 200
+    kernel_name = f"_{kind}_attention_fwd_kernel"
+    steps: list[int] = []
+    if not fold:
+        monkeypatch.setattr(KCA, "fold_partials", lambda part, rows=0: part)
+        kernel = getattr(KCA, kernel_name)
+
+        class Recording:  # the partials and BLOCK_S each launch gets
+            def __getitem__(self, grid):
+                def launch(part, *args, **kwargs):
+                    steps.append((part.shape[0], kwargs["BLOCK_S"]))
+                    return kernel[grid](part, *args, **kwargs)
+                return launch
+
+        monkeypatch.setattr(KCA, kernel_name, Recording())
     fr = f64(feat)
     if kind == "bn":
         conv, bn = make_bn_attention(c, device)
@@ -446,6 +460,8 @@ def test_attention_many_partials(kind, device, poison):
         a = CA.mlp_attention(feat, conv1, conv2, pooled=pooled)
         ar = R.mlp_attention(fr, copy.deepcopy(conv1).cpu().double(), copy.deepcopy(conv2).cpu().double())
     close(a, ar)
+    if not fold:
+        assert steps and all(split == 200 and 1 < block_s < split and split % block_s for split, block_s in steps)
     g = torch.randn_like(a)
     (dx,) = torch.autograd.grad(a, feat, g)
     (dxr,) = torch.autograd.grad(ar, fr, g.double().cpu())
