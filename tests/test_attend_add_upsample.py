@@ -76,6 +76,21 @@ def test_bad_arguments(device):
         U.attend_add_upsample(x, a, a, (10, 10), "bicubic", False)
 
 
+@pytest.mark.parametrize("which", ["attention", "other"])
+def test_float64_attention_or_other_runs_the_reference(which, device):
+    """A float64 attention or ``other`` promotes the result to float64, computed in float64 (the reference
+    formula), as PyTorch's ops do, not fp32 arithmetic stored as float64."""
+    x = torch.randn(1, 4, 5, 5, device=device)
+    a, other = torch.rand(1, 4, 1, 1, device=device), torch.randn(1, 4, 5, 5, device=device)
+    if which == "attention":
+        a = a.double() + 1e-9  # below fp32 resolution
+    else:
+        other = other.double() + 1e-9
+    got = U.attend_add_upsample(x, a, other, (9, 9), "bilinear", False)
+    want = R.attend_add_upsample(x, a, other, (9, 9), "bilinear", False)
+    assert want.dtype == got.dtype == torch.float64 and torch.allclose(got, want, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(("n", "c", "hw", "channels_last"), [(1, 37, (13, 21), True), (3, 64, (8, 8), False)])
 def test_attend_residual(n, c, hw, channels_last, device):
     f = make_map(n, c, *hw, channels_last, device)

@@ -140,3 +140,38 @@ def test_head_half_dtypes(dtype, align_corners, device):
     conv = make_head(c, 19, True, device, dtype)
     logits_r = check_logits(x, conv, size, align_corners, dtype)
     check_argmax(x, conv, size, align_corners, logits_r, margin=1e-4 * logits_r.abs().max().item())
+
+
+def test_uncovered_inputs_run_the_reference(device, monkeypatch):
+    """An empty batch, float64 features, more images than a grid axis takes, a 3x3 classifier: the reference
+    formula (PyTorch's results); a width mismatch: PyTorch's error."""
+    conv = make_head(8, 5, True, device)
+    calls = []
+    for name in ("head_logits", "head_argmax"):
+        real = getattr(R, name)
+        monkeypatch.setattr(R, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+
+    def reference_ran(name: str, result):
+        assert calls and calls[0] == name, calls
+        calls.clear()
+        return result
+
+    empty = torch.randn(0, 8, 4, 4, device=device)
+    assert reference_ran("head_logits", H.head_logits(empty, conv, (8, 8), False)).shape == (0, 5, 8, 8)
+    assert reference_ran("head_argmax", H.head_argmax(empty, conv, (8, 8), False)).shape == (0, 8, 8)
+    x64 = torch.randn(2, 8, 4, 4, device=device, dtype=torch.float64)
+    got = reference_ran("head_logits", H.head_logits(x64, copy.deepcopy(conv).double(), (8, 8), True))
+    assert got.dtype == torch.float64
+    big = torch.randn(1, 8, 1, 1, device=device).expand(65536, 8, 1, 1)  # one pixel per image
+    assert reference_ran("head_argmax", H.head_argmax(big, conv, (1, 1), False)).shape == (65536, 1, 1)
+    conv3 = nn.Conv2d(8, 5, 3, padding=1).to(device)
+    x = make_map(1, 8, 4, 4, True, device)
+    close(reference_ran("head_logits", H.head_logits(x, conv3, (8, 8), False)),
+          R.head_logits(f64(x), copy.deepcopy(conv3).cpu().double(), (8, 8), False).detach())
+    with pytest.raises(RuntimeError):
+        H.head_logits(make_map(1, 7, 4, 4, True, device), conv, (8, 8), False)
+    x = make_map(2, 8, 4, 4, True, device)
+    calls.clear()
+    H.head_logits(x, conv, (8, 8), False)
+    H.head_argmax(x, conv, (8, 8), False)
+    assert calls == []  # covered inputs run the kernels

@@ -16,7 +16,7 @@ from torch import Tensor
 from fastbisenet import reference
 from fastbisenet.kernels import attend_add_upsample as K
 from fastbisenet.kernels.channel_attention import finish_partials
-from fastbisenet.ops._library import call, first_order_only
+from fastbisenet.ops._library import FLOAT_DTYPES, call, first_order_only
 from fastbisenet.ops.channel_attention import check_map
 
 MODES = {"nearest": K.NEAREST, "bilinear": K.BILINEAR}
@@ -141,7 +141,8 @@ def attend_add_upsample(
     size = check_size(size)
     check_map(x)
     n, c = x.shape[:2]
-    if attention.shape != (n, c, 1, 1) or other.shape not in (x.shape, (n, c, 1, 1)):
+    if (attention.shape != (n, c, 1, 1) or other.shape not in (x.shape, (n, c, 1, 1))
+            or attention.dtype not in FLOAT_DTYPES or other.dtype not in FLOAT_DTYPES):
         return reference.attend_add_upsample(x, attention, other, size, mode, align_corners)
     op = torch.ops.fastbisenet.attend_add_upsample
     return call(AttendAddUpsampleFunction.apply, op, x, attention, other, size, mode, align)

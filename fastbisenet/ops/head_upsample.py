@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from fastbisenet import reference
 from fastbisenet.kernels import head_upsample as K
 from fastbisenet.kernels.channel_attention import map_strides
-from fastbisenet.ops._library import call, first_order_only
+from fastbisenet.ops._library import FLOAT_DTYPES, call, first_order_only
 from fastbisenet.ops.attend_add_upsample import check_size
 from fastbisenet.ops.channel_attention import check_map
 
@@ -124,10 +124,18 @@ def _(x, weight, bias, size, align_corners):
     return x.new_empty((x.shape[0], *size), dtype=torch.int32)
 
 
+def _covered(x: Tensor, conv_out: nn.Conv2d) -> bool:
+    """Inputs the kernels take: a plain 1x1 classifier of a non-empty fp32/fp16/bf16 (N, C, H, W) map of at most
+    65535 images (the batch is a grid axis). Others run the reference formula, with PyTorch's errors (e.g. a
+    width mismatch) and results (empty batches, float64)."""
+    return (is_classifier(conv_out) and x.dim() == 4 and x.shape[1] == conv_out.in_channels
+            and x.dtype in FLOAT_DTYPES and x.numel() > 0 and x.shape[0] <= 65535)
+
+
 def head_logits(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
     """``upsample_bilinear(conv_out(x), size)``: a segmentation head's classifier and resize."""
-    if not is_classifier(conv_out) or x.dim() != 4 or x.shape[1] != conv_out.in_channels:
-        return reference.head_logits(x, conv_out, size, align_corners)  # raises PyTorch's error on a width mismatch
+    if not _covered(x, conv_out):
+        return reference.head_logits(x, conv_out, size, align_corners)
     return call(
         HeadLogitsFunction.apply, torch.ops.fastbisenet.head_logits,
         x, conv_out.weight, conv_out.bias, check_size(size), bool(align_corners),
@@ -136,8 +144,8 @@ def head_logits(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_cor
 
 def head_argmax(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
     """``argmax_c(head_logits(...))`` as int32 (N, H, W); ties go to the lowest class index."""
-    if not is_classifier(conv_out) or x.dim() != 4 or x.shape[1] != conv_out.in_channels:
-        return reference.head_argmax(x, conv_out, size, align_corners)  # raises PyTorch's error on a width mismatch
+    if not _covered(x, conv_out):
+        return reference.head_argmax(x, conv_out, size, align_corners)
     with torch.no_grad():
         return call(
             head_argmax_fwd, torch.ops.fastbisenet.head_argmax,
