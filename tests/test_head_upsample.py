@@ -110,6 +110,10 @@ def test_head_argmax_nan_is_the_maximum_like_torch(device):
     x = torch.randn(1, 8, 4, 4, device=device)
     assert (H.head_argmax(x, conv, (8, 8), False) == 3).all()
     assert (R.head_argmax(x, conv, (8, 8), False) == 3).all()
+    with torch.no_grad():  # several NaN classes: the first, as torch.argmax
+        conv.bias[1] = float("nan")
+    assert (H.head_argmax(x, conv, (8, 8), False) == 1).all()
+    assert (R.head_argmax(x, conv, (8, 8), False) == 1).all()
 
 
 def test_head_argmax_never_allocates_full_resolution_logits(device, monkeypatch):
