@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -25,9 +26,9 @@ class _Wrapped(nn.Module):
 
 def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, height: int = 512, width: int = 1024,
                 opset: int = 17, dynamic: bool = True, check: bool = True) -> Path:
-    """Export ``model`` (aux_mode ``"eval"`` -> ``logits`` (N, C, H, W); ``"pred"`` -> ``labels`` (N, H, W)
-    int32) with the reference backend to ONNX via the TorchScript exporter; batch, height and width are
-    dynamic axes when ``dynamic``. Needs the ``onnx`` package (``pip install onnx``)."""
+    """Export a float32 copy of ``model`` (aux_mode ``"eval"`` -> ``logits`` (N, C, H, W); ``"pred"`` -> ``labels``
+    (N, H, W) int32) with the reference backend to ONNX via the TorchScript exporter (``model`` is unchanged);
+    batch, height and width are dynamic axes when ``dynamic``. Needs the ``onnx`` package (``pip install onnx``)."""
     try:
         import onnx
     except ModuleNotFoundError as e:
@@ -37,24 +38,20 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, height: int =
         raise ValueError("export a model built with aux_mode 'eval' or 'pred', not 'train'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    previous = getattr(model, "backend", None)
-    if previous is not None:
+    model = copy.deepcopy(model)  # the caller's model keeps its mode, device, dtype and backend
+    if getattr(model, "backend", None) is not None:
         model.backend = "torch"
-    wrapped = _Wrapped(model).eval().cpu()
+    wrapped = _Wrapped(model).eval().cpu().float()  # a float32 graph whatever the model's dtype
     out_name = "labels" if getattr(model, "aux_mode", "eval") == "pred" else "logits"
     axes = {"input": {0: "batch", 2: "height", 3: "width"}, out_name: {0: "batch"}}
     axes[out_name].update({1: "height", 2: "width"} if out_name == "labels" else {2: "height", 3: "width"})
-    try:
-        # the model's Python-level shape checks trace as constants; the graph is size-generic (checked
-        # against onnxruntime at other sizes), so the TracerWarnings they raise are noise here
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore", torch.jit.TracerWarning)
-            torch.onnx.export(wrapped, (torch.randn(1, 3, height, width),), str(path), dynamo=False,
-                              input_names=["input"], output_names=[out_name], opset_version=opset,
-                              dynamic_axes=axes if dynamic else None, do_constant_folding=True)
-    finally:
-        if previous is not None:
-            model.backend = previous
+    # the model's Python-level shape checks trace as constants; the graph is size-generic (checked
+    # against onnxruntime at other sizes), so the TracerWarnings they raise are noise here
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        torch.onnx.export(wrapped, (torch.randn(1, 3, height, width),), str(path), dynamo=False,
+                          input_names=["input"], output_names=[out_name], opset_version=opset,
+                          dynamic_axes=axes if dynamic else None, do_constant_folding=True)
     if check:
         onnx.checker.check_model(str(path))
     return path

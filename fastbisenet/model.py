@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -116,6 +117,7 @@ class BiSeNet(nn.Module):
             self.conv_out32 = SegmentationHead(128, 64, n_classes, **head)
         self.backend = backend
         self.register_load_state_dict_pre_hook(_drop_missing_aux_head_keys)
+        self.register_load_state_dict_pre_hook(_forget_packed_weights)
 
     @property
     def aux_mode(self) -> str:
@@ -143,6 +145,20 @@ class BiSeNet(nn.Module):
         for m in self.modules():
             if m is not self and hasattr(type(m), "backend"):
                 m.backend = value
+
+    def __setattr__(self, name: str, value: object) -> None:
+        """A submodule assigned to the model (e.g. a new head for fine-tuning) takes the model's backend."""
+        super().__setattr__(name, value)
+        if isinstance(value, nn.Module) and "_backend" in self.__dict__:
+            for m in value.modules():
+                if hasattr(type(m), "backend"):
+                    m.backend = self._backend
+
+    def _apply(self, fn, recurse: bool = True):
+        """``.to()``, ``.half()``, ``.cpu()``...: the inference caches of the old tensors are dropped first (no
+        packing of the old data outlives the conversion; swap_tensors finds no weak reference)."""
+        _forget_packed_weights(self)
+        return super()._apply(fn, recurse)
 
     @property
     def has_aux_heads(self) -> bool:
@@ -221,6 +237,14 @@ class BiSeNet(nn.Module):
         if labels.device != x.device:
             raise ValueError(f"labels are on {labels.device}, the input on {x.device}")
         return labels.long()
+
+
+def _forget_packed_weights(module: nn.Module, *_: object) -> None:
+    """Drop ``module``'s inference caches (:func:`fastbisenet.ops.conv_bn.forget_packed_weights`) if the conv
+    op, which keeps them, was ever imported (a model that never ran the kernels has none)."""
+    conv_bn = sys.modules.get("fastbisenet.ops.conv_bn")
+    if conv_bn is not None:
+        conv_bn.forget_packed_weights(module)
 
 
 def _drop_missing_aux_head_keys(module: BiSeNet, state_dict: dict, prefix: str, *_) -> None:

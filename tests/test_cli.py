@@ -227,6 +227,27 @@ def test_export_onnx(weights, tmp_path, aux_mode, capsys):
         assert (y == ref.numpy()).mean() > 0.999
 
 
+def test_export_leaves_the_model_as_it_was(tmp_path, monkeypatch):
+    """export_onnx exports a float32 eval copy: the caller's model keeps its training mode, dtype and backend
+    (a bf16 model exports too); the exporter is stubbed (onnx may be absent)."""
+    import sys
+    import types
+
+    from fastbisenet.export import export_onnx
+
+    monkeypatch.setitem(sys.modules, "onnx", types.SimpleNamespace(checker=types.SimpleNamespace(
+        check_model=lambda path: None)))
+    seen = []
+    monkeypatch.setattr(torch.onnx, "export", lambda module, args, *a, **k: seen.append((module, args)) or
+                        module(*args))
+    model = BiSeNet(3, "eval", backend="auto").bfloat16().train()
+    export_onnx(model, tmp_path / "m.onnx", height=32, width=64)
+    (module, (x,)), = seen
+    assert model.training and model.backend == "auto" and next(model.parameters()).dtype == torch.bfloat16
+    assert not module.training and module.model is not model and x.dtype == torch.float32
+    assert {p.dtype for p in module.parameters()} == {torch.float32} and module.model.backend == "torch"
+
+
 def test_export_without_onnx_is_a_clear_error(weights, tmp_path, capsys, monkeypatch):
     import sys
 

@@ -599,15 +599,46 @@ def test_packed_weight_is_cached(device: str) -> None:
     assert ref() is None  # the cache does not keep dead weights' packings alive
 
 
-def test_packed_weight_never_stale_optimizer_step(device: str) -> None:
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+@pytest.mark.parametrize("optimizer", ["SGD", "AdamW"])
+def test_packed_weight_never_stale_optimizer_step(optimizer: str, fused: bool, device: str) -> None:
+    """Fused optimizers write parameters without moving their version counters: the global step hook does."""
     conv, bn, x = _eval_pair(device)
-    opt = torch.optim.SGD(conv.parameters(), lr=0.5, momentum=0.9)
+    kwargs = dict(lr=0.5, momentum=0.9) if optimizer == "SGD" else dict(lr=0.05)
+    opt = getattr(torch.optim, optimizer)(conv.parameters(), fused=fused, foreach=None if fused else True, **kwargs)
     for step in range(2):
         _check_fresh(conv, bn, x, f"before step {step}")
         ops.conv_bn_act(x, conv, bn).square().sum().backward()
         opt.step()
         opt.zero_grad()
     _check_fresh(conv, bn, x, "after steps")
+
+
+def test_model_conversion_drops_its_packings_and_swaps(device: str, monkeypatch) -> None:
+    """``model.half()`` leaves no packing of the old weights behind, and with
+    ``torch.__future__.set_swap_module_params_on_conversion(True)`` conversions and ``load_state_dict`` (which
+    swap tensors, refused for a tensor with a weak reference) work after an inference."""
+    from fastbisenet import BiSeNet
+
+    model = BiSeNet(3, "eval", backend="triton").to(device).eval()
+    x = torch.randn(1, 3, 32, 32, device=device)
+    with torch.no_grad():
+        model(x)
+    merged = lambda: any(m in ops._MERGED for m in model.modules())  # the v1 stems' merged conv
+    assert any(p in ops._PACKED for p in model.parameters()) and merged()
+    state = copy.deepcopy(model.state_dict())
+    model.half()
+    assert not any(p in ops._PACKED for p in model.parameters()) and not merged()
+    monkeypatch.setattr(torch.__future__, "_swap_module_params_on_conversion", True)
+    model.float()
+    with torch.no_grad():
+        model(x)
+    model.load_state_dict(state)
+    model.double().float()
+    ref = BiSeNet(3, "eval", backend="torch").to(device).eval()
+    ref.load_state_dict(state)
+    with torch.no_grad():
+        check(model(x)[0], ref(x)[0].double(), torch.float32, "after the conversions")
 
 
 def test_packed_weight_never_stale_load_state_dict(device: str) -> None:

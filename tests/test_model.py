@@ -350,6 +350,18 @@ def test_other_input_dtype_under_autocast_is_accepted():
     assert out.shape == (1, 2, 64, 64)
 
 
+def test_float64_model_under_autocast_stays_float64():
+    """Autocast leaves float64 alone (PyTorch's rule): float64 logits from the reference ops, and the kernels,
+    which take no float64, raise as they do outside autocast (they computed it in bf16)."""
+    model = BiSeNet(2, "eval", backend="torch").double().eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(x)[0].dtype == torch.float64
+        model.backend = "triton"
+        with pytest.raises(ValueError, match="float64"):
+            model(x)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [({"aux_mode": "infer"}, "aux_mode"), ({"preset": "v2"}, "preset"), ({"backbone": "vgg"}, "backbone"),
@@ -368,6 +380,9 @@ def test_backend_switch_reaches_every_module():
     assert typed and all(mod.backend == "auto" for mod in typed)
     with pytest.raises(ValueError, match="backend"):
         m.backend = "cudnn"
+    m.backend = "torch"  # a head assigned later (fine-tuning) takes the model's backend
+    m.conv_out = type(m.conv_out)(256, 256, 7, bias=True, align_corners=False)
+    assert all(mod.backend == "torch" for mod in m.conv_out.modules() if hasattr(type(mod), "backend"))
 
 
 def test_forward_makes_the_input_device_current(monkeypatch):

@@ -25,8 +25,9 @@ Packed weights: the kernels read the weight as a ``(KH*KW*C_in, C_out)`` matrix 
 dtype. :func:`_packed_weight` caches that copy per weight tensor and dtype/device and repacks (in
 place, into the same buffer) only when the weight changed: a different ``data_ptr`` /shape/strides
 (``.data`` replaced, ``.to()``), or a bumped version counter (every in-place write through the
-tensor or a view of it: ``optimizer.step()``, ``load_state_dict``, ``with torch.no_grad(): w.add_()``).
-In-place writes through ``w.data`` bypass version counters (as they bypass autograd's checks): call
+tensor or a view of it: ``optimizer.step()``, ``load_state_dict``, ``with torch.no_grad(): w.add_()``;
+a global optimizer step hook moves the counters of what fused optimizers wrote). Other in-place writes
+through ``w.data`` bypass version counters (as they bypass autograd's checks): call
 :func:`clear_packed_weights` after those. A CUDA graph replays the packed copy it captured; it sees new
 weight values only after an eager call has repacked them (see :mod:`fastbisenet.graphs`); captures of
 calls that can be followed by a backward (training steps) record the packing instead, so replays of a
@@ -55,6 +56,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 from fastbisenet.kernels import conv_bn as K
@@ -62,7 +64,7 @@ from fastbisenet.ops._library import FLOAT_DTYPES, first_order_only
 
 __all__ = [
     "ConvBNActFunction", "backward", "clear_packed_weights", "concat_conv_bn_act", "conv_bn_act", "conv_bn_act_pair",
-    "conv_input_grad", "forward",
+    "conv_input_grad", "forget_packed_weights", "forward",
 ]
 
 TRITON_DGRAD: bool = os.environ.get("FASTBISENET_TRITON_DGRAD", "0").strip().lower() in ("1", "true", "yes", "on")
@@ -113,6 +115,29 @@ def clear_packed_weights() -> None:
     ``.data``, and CUDA-graph replays of a step that updates weights or BN buffers (device work only)."""
     _PACKED.clear()
     _MERGED.clear()
+
+
+def forget_packed_weights(module: nn.Module) -> None:
+    """Drop the cache entries of ``module``'s parameters and convs (packings, merged pairs): called before
+    ``BiSeNet`` converts or loads its tensors, so that no packing of the old data outlives the conversion
+    (``model.half()``, ``.cpu()``) and no weak reference blocks ``torch.utils.swap_tensors``."""
+    for m in module.modules():
+        pairs = _MERGED.pop(m, None)
+        merged_weights = [e.conv.weight for e in pairs.values()] if pairs is not None else []
+        for t in (*m.parameters(recurse=False), *merged_weights):
+            _PACKED.pop(t, None)
+
+
+def _bump_versions_after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+    """Global optimizer step post-hook: the version counter of every parameter stepped moves, as in-place
+    ops move it. Fused optimizers (``fused=True``) and ``.data`` updates write parameters without moving
+    it, which would leave the inference caches above (keyed on versions) stale after a training step."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            torch.autograd.graph.increment_version(p)
+
+
+register_optimizer_step_post_hook(_bump_versions_after_step)
 
 
 def _capturing(weight: Tensor) -> bool:
@@ -594,7 +619,8 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(None if t is None or not t.is_floating_point() else t.to(dtype) for t in tensors)
+    eligible = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
+    return tuple(t.to(dtype) if t is not None and t.dtype in eligible else t for t in tensors)
 
 
 def _apply(
