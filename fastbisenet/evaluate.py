@@ -325,6 +325,9 @@ def run(args: argparse.Namespace) -> int:
     def option(value: Any, key: str, default: Any) -> Any:  # flag, else the training run's option, else default
         return value if value is not None else trained.get(key, default)
 
+    if args.data is not None:  # another dataset: none of the training run's dataset options apply
+        trained = {k: v for k, v in trained.items() if k not in ("data", "dataset", "val_split", "classes_file",
+                                                                  "label_type")}
     data = option(args.data, "data", "synthetic")
     split = option(args.split, "val_split", "val")
     dataset = build_dataset(data, split, kind=option(args.dataset, "dataset", "auto"), skip_bad=args.skip_bad,

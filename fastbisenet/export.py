@@ -38,7 +38,11 @@ def export_onnx(model: nn.Module, path: str | os.PathLike[str], *, height: int =
         raise ValueError("export a model built with aux_mode 'eval' or 'pred', not 'train'")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = copy.deepcopy(model)  # the caller's model keeps its mode, device, dtype and backend
+    # a CPU copy (the caller's model keeps its mode, device, dtype and backend): its tensors are copied straight
+    # to the CPU, without their gradients, so a GPU model is not duplicated on its device
+    memo: dict[int, object] = {id(p): nn.Parameter(p.detach().cpu(), requires_grad=False) for p in model.parameters()}
+    memo.update((id(b), b.detach().cpu()) for b in model.buffers())
+    model = copy.deepcopy(model, memo)
     if getattr(model, "backend", None) is not None:
         model.backend = "torch"
     wrapped = _Wrapped(model).eval().cpu().float()  # a float32 graph whatever the model's dtype

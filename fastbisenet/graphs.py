@@ -13,11 +13,12 @@ buffer). Outputs live in buffers owned by the graph and are overwritten by the n
 Triton autotuning and any other first-call work happen in the warm-up runs, before capture.
 
 Weights: the fused convs read a packed copy of each conv weight (see :mod:`fastbisenet.ops.conv_bn`), and
-v1's two stems a merged copy of their weights and BN statistics; an eager call after a weight changed
-repacks them in place, into the buffers the graph reads, while other BN parameters and statistics are read
-where they are. So a replay reads whatever is packed at that moment, neither reliably the capture-time nor
-the current weights: after changing any weight or buffer (``load_state_dict``, an optimizer step, ``.to()``),
-capture again. Use the model from one stream: repacking does not wait for other streams.
+v1's two stems a merged copy of their weights and BN statistics; an eager call after an in-place weight change
+repacks them in place, into the buffers the graph reads (a conversion such as ``.to()`` makes new ones), while
+other BN parameters and statistics are read where they are. So a replay reads whatever is packed at that
+moment, neither reliably the capture-time nor the current weights: after changing any weight or buffer
+(``load_state_dict``, an optimizer step, ``.to()``), capture again. Use the model from one stream: repacking
+does not wait for other streams.
 """
 
 from __future__ import annotations

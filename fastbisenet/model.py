@@ -117,7 +117,7 @@ class BiSeNet(nn.Module):
             self.conv_out32 = SegmentationHead(128, 64, n_classes, **head)
         self.backend = backend
         self.register_load_state_dict_pre_hook(_drop_missing_aux_head_keys)
-        self.register_load_state_dict_pre_hook(_forget_packed_weights)
+        self.register_load_state_dict_pre_hook(_forget_packed_weights_before_swap)
 
     @property
     def aux_mode(self) -> str:
@@ -239,12 +239,21 @@ class BiSeNet(nn.Module):
         return labels.long()
 
 
-def _forget_packed_weights(module: nn.Module, *_: object) -> None:
+def _forget_packed_weights(module: nn.Module) -> None:
     """Drop ``module``'s inference caches (:func:`fastbisenet.ops.conv_bn.forget_packed_weights`) if the conv
     op, which keeps them, was ever imported (a model that never ran the kernels has none)."""
     conv_bn = sys.modules.get("fastbisenet.ops.conv_bn")
     if conv_bn is not None:
         conv_bn.forget_packed_weights(module)
+
+
+def _forget_packed_weights_before_swap(module: nn.Module, *_: object) -> None:
+    """``load_state_dict`` pre-hook: with ``torch.__future__.set_swap_module_params_on_conversion(True)`` loading
+    swaps tensors, which a weak reference from the caches would block. Otherwise loading copies in place and
+    the caches repack into their own buffers (a captured CUDA graph then sees the loaded weights after an
+    eager call)."""
+    if torch.__future__.get_swap_module_params_on_conversion():
+        _forget_packed_weights(module)
 
 
 def _drop_missing_aux_head_keys(module: BiSeNet, state_dict: dict, prefix: str, *_) -> None:

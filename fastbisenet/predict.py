@@ -152,7 +152,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                               description="Segment images (files and/or folders) of any size and write "
                                           "<name>_mask.png (paletted PNG whose pixel values are the class ids) "
                                           "and <name>_overlay.png; <name> is the file's stem, prefixed by its "
-                                          "folders (and suffixed by its extension) where stems collide.")
+                                          "folders (and suffixed by its extension) where stems collide, and by "
+                                          "_1, _2... for a file given twice.")
     p.add_argument("weights", help="checkpoint (.pt/.pth): a training checkpoint or a plain state_dict")
     p.add_argument("inputs", nargs="+", help="image files and/or folders of images")
     p.add_argument("-o", "--out-dir", default="predictions")

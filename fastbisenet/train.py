@@ -148,9 +148,9 @@ def _check_out_dir(cfg: TrainConfig) -> None:
         return
     found = [name for name in ("last.pt", "model_final.pt") if (out_dir / name).exists()]
     if found:
-        raise FileExistsError(f"{out_dir} already holds a training run ({', '.join(found)}): --resume "
-                              f"{out_dir / 'last.pt'} continues it, --overwrite replaces it, or choose another "
-                              f"--out-dir")
+        resume = f"--resume {out_dir / 'last.pt'} continues it, " if "last.pt" in found else ""
+        raise FileExistsError(f"{out_dir} already holds a training run ({', '.join(found)}): {resume}--overwrite "
+                              f"replaces it, or choose another --out-dir")
 
 
 def _finite_on_every_rank(loss: torch.Tensor, world: int) -> bool:
@@ -427,6 +427,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
 
             for buffer in raw_model.buffers():
                 dist.broadcast(buffer, 0)
+                torch.autograd.graph.increment_version(buffer)  # a collective's write moves no version counter
         last_cm = evaluate(raw_model, val_set, n_classes, device=device,
                            batch_size=cfg.eval_batch_size or cfg.batch_size, scales=cfg.eval_scales,
                            flip=cfg.eval_flip, channels_last=channels_last, amp=amp, rank=dist_info.rank,

@@ -614,6 +614,16 @@ def test_packed_weight_never_stale_optimizer_step(optimizer: str, fused: bool, d
     _check_fresh(conv, bn, x, "after steps")
 
 
+def test_step_hook_leaves_parameters_without_gradients_alone() -> None:
+    """The global step hook moves only the versions of parameters with a gradient: an optimizer step over a
+    parameter without one (frozen, or not in this loss) does not invalidate a graph that saved it."""
+    q, w = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    loss = (q * w).sum()  # saves q and w for backward
+    torch.optim.SGD([q], lr=0.1, fused=True).step()  # q.grad is None
+    loss.backward()
+    assert torch.equal(q.grad, w.detach())
+
+
 def test_model_conversion_drops_its_packings_and_swaps(device: str, monkeypatch) -> None:
     """``model.half()`` leaves no packing of the old weights behind, and with
     ``torch.__future__.set_swap_module_params_on_conversion(True)`` conversions and ``load_state_dict`` (which

@@ -350,12 +350,12 @@ def test_other_input_dtype_under_autocast_is_accepted():
     assert out.shape == (1, 2, 64, 64)
 
 
-def test_float64_model_under_autocast_stays_float64():
+def test_float64_model_under_autocast_stays_float64(device):
     """Autocast leaves float64 alone (PyTorch's rule): float64 logits from the reference ops, and the kernels,
     which take no float64, raise as they do outside autocast (they computed it in bf16)."""
-    model = BiSeNet(2, "eval", backend="torch").double().eval()
-    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+    model = BiSeNet(2, "eval", backend="torch").double().to(device).eval()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, device=device)
+    with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=torch.bfloat16):
         assert model(x)[0].dtype == torch.float64
         model.backend = "triton"
         with pytest.raises(ValueError, match="float64"):

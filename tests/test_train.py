@@ -332,6 +332,15 @@ def test_longer_synthetic_run_reaches_high_miou(tmp_path, capsys):
     assert train(cfg)["miou"] > 0.6
 
 
+def _subprocess_env() -> dict[str, str]:
+    """Single-threaded child processes that import the fastbisenet under test (not another installed copy)."""
+    import fastbisenet
+
+    root = str(Path(fastbisenet.__file__).resolve().parents[1])
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+
+
 def test_torchrun_two_processes(tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
@@ -341,7 +350,7 @@ def test_torchrun_two_processes(tmp_path):
            "--backend", "torch", "--iters", "3", "--batch-size", "2", "--crop", "64", "--synthetic-size", "64",
            "--synthetic-length", "16", "--synthetic-val-length", "4", "--workers", "0", "--eval-every", "0",
            "--out-dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = _subprocess_env()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ckpt = load_training_checkpoint(out / "last.pt")
@@ -370,7 +379,7 @@ def _nan_loss_at(iteration: int):
     return total_pixel_loss
 
 
-def test_non_finite_loss_raises_before_the_step(tmp_path, capsys, monkeypatch, one_thread):
+def test_non_finite_loss_raises(tmp_path, capsys, monkeypatch, one_thread):
     from fastbisenet import losses
 
     monkeypatch.setattr(losses, "total_pixel_loss", _nan_loss_at(2))
@@ -383,25 +392,42 @@ def test_torchrun_non_finite_loss_on_one_rank_stops_every_rank(tmp_path):
     torchrun = shutil.which("torchrun")
     if torchrun is None:
         pytest.skip("torchrun is not installed")
+    out = tmp_path / "ddp"
     script = tmp_path / "nan_on_rank_1.py"
-    script.write_text(
-        "import os, sys\n"
-        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
-        "from fastbisenet import losses\n"
-        "from fastbisenet.cli import main\n"
-        "from test_train import _nan_loss_at\n"
-        "if os.environ['RANK'] == '1':\n"
-        "    losses.total_pixel_loss = _nan_loss_at(2)\n"
-        "sys.exit(main(sys.argv[1:]))\n")
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", str(script), "train", "--device", "cpu",
-           "--backend", "torch", "--iters", "4", "--batch-size", "2", "--crop", "64", "--synthetic-size", "64",
-           "--synthetic-length", "16", "--synthetic-val-length", "4", "--workers", "0", "--eval-every", "0",
-           "--out-dir", str(tmp_path / "ddp")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    # each rank writes its error to a file; rank 1 exits only after rank 0 has written (torchrun stops the other
+    # processes as soon as one exits with an error)
+    script.write_text(f"""import os, sys, time
+from pathlib import Path
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from fastbisenet import losses
+from fastbisenet.config import build_config
+from fastbisenet.train import train
+from test_train import _nan_loss_at
+
+rank, out = os.environ["RANK"], Path({str(out)!r})
+if rank == "1":
+    losses.total_pixel_loss = _nan_loss_at(2)
+cfg = build_config(dict(data="synthetic", synthetic_size=64, synthetic_length=16, synthetic_val_length=4,
+                        crop=[64, 64], batch_size=2, iters=4, eval_every=0, workers=0, device="cpu",
+                        backend="torch", out_dir=str(out)))
+try:
+    train(cfg)
+except FloatingPointError as e:
+    (out / f"rank{{rank}}.txt").write_text(str(e))
+    deadline = time.time() + 60
+    while rank == "1" and not (out / "rank0.txt").exists() and time.time() < deadline:
+        time.sleep(0.1)
+    sys.exit(1)
+""")
+    out.mkdir()
+    env = _subprocess_env()
+    proc = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
+                          text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode != 0
-    assert "loss is nan at iteration 2" in proc.stderr, proc.stderr[-3000:]
-    assert "loss is not finite on another process at iteration 2" in proc.stderr, proc.stderr[-3000:]
+    errors = {p.name: p.read_text() for p in out.glob("rank*.txt")}
+    assert errors.get("rank1.txt", "").startswith("loss is nan at iteration 2"), (errors, proc.stderr[-3000:])
+    assert errors.get("rank0.txt", "").startswith("loss is not finite on another process at iteration 2"), (
+        errors, proc.stderr[-3000:])
 
 
 def test_python_dash_m_help():

@@ -129,15 +129,18 @@ def forget_packed_weights(module: nn.Module) -> None:
 
 
 def _bump_versions_after_step(optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
-    """Global optimizer step post-hook: the version counter of every parameter stepped moves, as in-place
-    ops move it. Fused optimizers (``fused=True``) and ``.data`` updates write parameters without moving
-    it, which would leave the inference caches above (keyed on versions) stale after a training step."""
+    """Global optimizer step post-hook: the version counter of every parameter the step could update (those
+    with a gradient) moves, as in-place ops move it. Fused optimizers (``fused=True``) and ``.data`` updates
+    write parameters without moving it, which would leave the inference caches above (keyed on versions) stale
+    after a training step. Parameters without a gradient are left alone (an optimizer skips them)."""
     for group in optimizer.param_groups:
         for p in group["params"]:
-            torch.autograd.graph.increment_version(p)
+            if p.grad is not None:
+                torch.autograd.graph.increment_version(p)
 
 
-register_optimizer_step_post_hook(_bump_versions_after_step)
+STEP_HOOK = register_optimizer_step_post_hook(_bump_versions_after_step)
+"""The handle of :func:`_bump_versions_after_step` (``STEP_HOOK.remove()`` takes it out)."""
 
 
 def _capturing(weight: Tensor) -> bool:
@@ -619,8 +622,7 @@ def _autocast(*tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     if not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    eligible = (torch.float32, torch.float16, torch.bfloat16)  # autocast leaves float64 alone
-    return tuple(t.to(dtype) if t is not None and t.dtype in eligible else t for t in tensors)
+    return tuple(t.to(dtype) if t is not None and t.dtype in FLOAT_DTYPES else t for t in tensors)  # not float64
 
 
 def _apply(
