@@ -300,13 +300,16 @@ def test_eval_defaults_to_the_training_runs_data(tmp_path, capsys):
                 Image.fromarray(array).save(root / sub / kind / f"im{i}.png")
     (root / "classes.txt").write_text("bg\ncat\ndog\n")
     run = tmp_path / "run"
-    assert main(["train", "--data", str(root), "--iters", "1", "--batch-size", "2", "--crop", "32", "--workers",
-                 "0", "--eval-every", "0", "--device", "cpu", "--out-dir", str(run)]) == 0
+    assert main(["train", "--data", str(root), "--dataset", "folder", "--iters", "1", "--batch-size", "2", "--crop",
+                 "32", "--workers", "0", "--eval-every", "0", "--device", "cpu", "--out-dir", str(run)]) == 0
     capsys.readouterr()
     assert main(["eval", str(run / "last.pt"), "--workers", "0"]) == 0
     assert f"on {root} [val], 3 images" in capsys.readouterr().out
     assert main(["eval", str(run / "model_final.pt"), "--workers", "0", "--split", "train"]) == 0
     assert f"on {root} [train], 2 images" in capsys.readouterr().out
+    # other data: none of the run's dataset options (--dataset folder would make 'synthetic' a missing folder)
+    assert main(["eval", str(run / "last.pt"), "--workers", "0", "--data", "synthetic"]) == 1
+    assert "the dataset has 8 classes but" in capsys.readouterr().err
 
 
 def test_predict_face_parsing_checkpoint_is_recognised(tmp_path, capsys):
