@@ -6,7 +6,7 @@
 #      cannot poison the next) writing OUTDIR/bench-<stage>.json -> OUTDIR/report.md + PNG from all of them.
 # Every step's log is tee'd into OUTDIR; later steps run even when earlier ones fail (except the
 # import check); the exit status is non-zero when any step failed (OUTDIR/summary.txt says which, and
-# report.md quotes it at the top). A run with benchmark rows but no end_to_end.png (e.g. matplotlib
+# report.md quotes it at the top). A run with end-to-end inference rows but no end_to_end.png (matplotlib
 # missing) fails the report step.
 #
 # Usage: bench/gpu_suite.sh OUTDIR [extra pytest args for each benchmark stage, e.g. -k end_to_end]
@@ -25,7 +25,11 @@
 #                     returns at most 8 files: pack into the tool's $OUT/run.tgz, OUTDIR elsewhere)
 #   RESULTS_ROOT      parent directory for --results (default bench/results)
 #   SUITE_DRY_RUN=1   print the output directory that would be used and exit (creates nothing)
-#   FASTBISENET_GIT_COMMIT  commit to record when there is no .git (e.g. on a remote device)
+#   FASTBISENET_GIT_COMMIT  commit to record when there is no .git (e.g. on a remote device): $(git rev-parse HEAD),
+#                     with +dirty when the tree sent has uncommitted changes
+#   PYTHON            interpreter (default python3)
+#   The device tool may lower a call's time limit when little device time is left: keep SUITE_BUDGET_S about
+#   60 s under the call's limit_s, or the stage in flight loses its rows (pytest-benchmark writes at exit).
 #   FASTBISENET_BENCH_MODE=quick|full and the other FASTBISENET_BENCH_* knobs (bench/common.py);
 #   this script defaults FASTBISENET_BENCH_MODE to full (the stages pick the rows).
 #   FASTBISENET_BENCH_BUDGET_S is derived per stage from what is left of SUITE_BUDGET_S unless set.
@@ -69,6 +73,9 @@ START=$(date +%s)
 BUDGET=${SUITE_BUDGET_S:-530}
 export FASTBISENET_BENCH_MODE=${FASTBISENET_BENCH_MODE:-full}
 unset TRITON_INTERPRET
+export PYTHONUNBUFFERED=1  # a stage cut off by a time limit keeps its log
+PY=${PYTHON:-python3}  # the device image's PyTorch interpreter is a plain python3
+export PYTHON=$PY  # bench/run_tests.sh
 FAILED=()
 : > "$OUT/summary.txt"
 
@@ -112,7 +119,7 @@ bench_stage() {  # bench_stage STAGE LIMIT_S [pytest args]: one stage's rows; "n
     local stage=$1 limit=$2
     shift 2
     FASTBISENET_BENCH_STAGES=$stage timeout -s INT -k 20 "$limit" \
-        python -m pytest bench/ --benchmark-only -p no:cacheprovider -rs \
+        "$PY" -m pytest bench/ --benchmark-only -p no:cacheprovider -rs \
         --benchmark-json "$OUT/bench-$stage.json" --benchmark-columns=min,median,max,rounds "$@"
     local rc=$?
     [[ $rc -eq 5 ]] && return 0
@@ -126,7 +133,7 @@ env_info() {
     echo "commit: ${FASTBISENET_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo "unknown (no .git; set FASTBISENET_GIT_COMMIT)")}"
     git status --short 2>/dev/null | head -50
     nvidia-smi || true
-    python - <<'PY'
+    "$PY" - <<'PY'
 import platform
 from importlib import metadata
 
@@ -148,11 +155,22 @@ PY
 }
 
 step env env_info
-if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
-    step install python -m pip install --no-deps --no-build-isolation -e .
+if [[ -z "${FASTBISENET_GIT_COMMIT:-}" ]] && ! git rev-parse HEAD > /dev/null 2>&1; then
+    note "[env] commit unknown: pass FASTBISENET_GIT_COMMIT=\$(git rev-parse HEAD) (+dirty with local changes)"
 fi
-if ! step import python -c "import fastbisenet.kernels, fastbisenet; print('fastbisenet imports from', fastbisenet.__file__)"; then
-    note "stopping: fastbisenet does not import (see import.log); tests and benchmarks would only fail"
+if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
+    step install "$PY" -m pip install --no-deps --no-build-isolation --disable-pip-version-check -e .
+fi
+# the package and its kernels must come from this checkout (another install would be benchmarked silently)
+if ! step import "$PY" -c "
+import pathlib, sys
+import fastbisenet, fastbisenet.kernels
+root = pathlib.Path.cwd().resolve()
+pkg, kernels = (pathlib.Path(m.__file__).resolve().parent for m in (fastbisenet, fastbisenet.kernels))
+print('fastbisenet imports from', pkg, 'kernels from', kernels)
+sys.exit(0 if (pkg, kernels) == (root / 'fastbisenet', root / 'kernels') else f'not this checkout ({root})')
+"; then
+    note "stopping: fastbisenet does not import from this checkout (see import.log); tests and benchmarks would only fail"
     finish
 fi
 
@@ -183,15 +201,8 @@ for STAGE in ${STAGES//,/ }; do
 done
 
 if [[ ${#JSONS[@]} -gt 0 ]]; then
-    # report.py exits 1 when there are rows but no PNG (matplotlib missing, no end-to-end rows)
-    if step report python bench/report.py "${JSONS[@]}" "$OUT"; then
-        ROWS=$(python -c "import json, sys; print(sum(len(json.load(open(p)).get('benchmarks', [])) for p in sys.argv[1:]))" \
-               "${JSONS[@]}" 2>/dev/null || echo 0)
-        if [[ "$ROWS" != 0 && ! -s "$OUT/end_to_end.png" ]]; then
-            note "[report] $ROWS benchmark rows but no end_to_end.png"
-            FAILED+=("report(no end_to_end.png)")
-        fi
-    fi
+    # report.py exits 1 when there are end-to-end inference rows but no PNG (matplotlib missing)
+    step report "$PY" bench/report.py "${JSONS[@]}" "$OUT"
 elif [[ -n "$STAGES" ]]; then
     note "[report] skipped: no OUTDIR/bench-<stage>.json with content (no benchmark row ran)"
     FAILED+=("report(no json)")

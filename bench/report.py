@@ -4,9 +4,9 @@
 Usage: python bench/report.py BENCH_JSON [BENCH_JSON ...] OUTDIR
     (the files of ``fastbisenet.benchmark.reporting.report``; several JSONs: the stages of one run, rows merged)
 
-Exit status 1 when the JSON has benchmark rows but no PNG could be made (matplotlib missing, or no
-end-to-end inference rows to plot): the report of a suite run is incomplete then. The markdown is
-still written.
+Exit status 1 when the JSONs have end-to-end inference rows but no PNG could be made (matplotlib missing):
+the report of a suite run is incomplete then. The markdown is still written. Stages without such rows
+(``ab``, ``ops``) need no PNG.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ def main(argv: list[str]) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {paths['markdown']}" + (f" and {paths['plot']}" if paths["plot"] else ""))
-    if paths["rows"] and paths["plot"] is None:
-        print(f"error: {paths['rows']} benchmark rows but no end_to_end.png: {paths['plot_skipped']}",
+    if paths["plot_rows"] and paths["plot"] is None:
+        print(f"error: {paths['plot_rows']} end-to-end inference rows but no end_to_end.png: {paths['plot_skipped']}",
               file=sys.stderr)
         return 1
     return 0

@@ -22,7 +22,7 @@ TESTS_DIR=${2:-tests}
 ls -S "$TESTS_DIR"/test_*.py | xargs -P "${TEST_JOBS:-4}" -I{} sh -c '
     n=$(basename "$1" .py)
     timeout -s INT -k 5 "${TEST_FILE_TIMEOUT_S:-600}" \
-        python -m pytest "$1" -q -p no:cacheprovider --junitxml "$0/tests/$n.xml" > "$0/tests/$n.log" 2>&1
+        "${PYTHON:-python3}" -m pytest "$1" -q -p no:cacheprovider --junitxml "$0/tests/$n.xml" > "$0/tests/$n.log" 2>&1
     rc=$?
     echo "$n rc=$rc"
     [ $rc -eq 0 ] || [ $rc -eq 5 ]' "$OUTDIR" {}

@@ -639,22 +639,32 @@ def test_report_script_fails_without_png(tmp_path: Path, monkeypatch: pytest.Mon
     err = capsys.readouterr().err
     assert "matplotlib is not installed" in err and "no end_to_end.png" in err
     assert (tmp_path / "out" / "report.md").exists()
-    # an empty JSON has nothing to plot: not a failure
+    # an empty JSON has nothing to plot: not a failure; nor have per-op rows alone (the ab and ops stages), and a
+    # peer timed at 0 (cold-L2 samples clamped) is left out of the geometric mean instead of failing the report
     (tmp_path / "empty.json").write_text(json.dumps({"benchmarks": []}))
     assert main([str(tmp_path / "empty.json"), str(tmp_path / "out2")]) == 0
+    data = json.loads(js.read_text())
+    data["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"]["op"] != "end_to_end"]
+    data["benchmarks"][1]["stats"]["median"] = 0.0
+    (tmp_path / "ops.json").write_text(json.dumps(data))
+    assert main([str(tmp_path / "ops.json"), str(tmp_path / "out4")]) == 0
+    assert "| conv_bn_act | fwd | bfloat16 | 4.00x (1) | 1.50x (1) |" in (tmp_path / "out4" / "report.md").read_text()
     # a `fastbisenet bench --json` file is not a pytest-benchmark JSON: said, not rendered as an empty report
     (tmp_path / "cli.json").write_text(json.dumps({"schema": fb.SCHEMA, "results": []}))
     with pytest.raises(ValueError, match="not a pytest-benchmark JSON"):
         fb.report(tmp_path / "cli.json", tmp_path / "out3")
 
 
-def test_report_script_fails_without_end_to_end_rows(tmp_path: Path) -> None:
+def test_report_script_plots_end_to_end_rows(tmp_path: Path) -> None:
+    """With end-to-end inference rows the PNG is written; per-op rows alone (the ab and ops stages) need none."""
     pytest.importorskip("matplotlib")
     data = json.loads(_write_json(tmp_path / "b.json").read_text())
     data["benchmarks"] = [b for b in data["benchmarks"] if b["extra_info"]["op"] != "end_to_end"]
     (tmp_path / "ops.json").write_text(json.dumps(data))
-    assert _report_main()([str(tmp_path / "ops.json"), str(tmp_path / "out")]) == 1
+    assert _report_main()([str(tmp_path / "ops.json"), str(tmp_path / "ops")]) == 0
+    assert not (tmp_path / "ops" / "end_to_end.png").exists()
     assert _report_main()([str(_write_json(tmp_path / "b.json")), str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "end_to_end.png").read_bytes()[:4] == b"\x89PNG"
 
 
 SUITE = ROOT / "bench" / "gpu_suite.sh"
@@ -699,12 +709,17 @@ def test_gpu_suite_refuses_to_pack_into_its_own_outdir(tmp_path: Path) -> None:
 
 
 @needs_bash
-def test_gpu_suite_stops_when_fastbisenet_does_not_import(tmp_path: Path) -> None:
+@pytest.mark.parametrize("case", ["import-error", "other-checkout"])
+def test_gpu_suite_stops_when_fastbisenet_does_not_import(case: str, tmp_path: Path) -> None:
+    """The import check stops the suite when fastbisenet does not import, and when it (or its kernels) would
+    come from another place than this checkout (simulated: the check run from another directory)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake = bin_dir / "python"
+    fake = bin_dir / "python3"
+    action = ('echo "ImportError: simulated" >&2; exit 1' if case == "import-error"
+              else f'cd "{tmp_path}" && exec "{sys.executable}" "$@"')
     fake.write_text("#!/bin/sh\n"
-                    'case "$*" in *"import fastbisenet.kernels"*) echo "ImportError: simulated" >&2; exit 1;; esac\n'
+                    f'case "$*" in *"import fastbisenet, fastbisenet.kernels"*) {action};; esac\n'
                     f'exec "{sys.executable}" "$@"\n')
     fake.chmod(0o755)
     out = _suite(str(tmp_path / "run"), env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "SKIP_INSTALL": "1",
@@ -713,7 +728,8 @@ def test_gpu_suite_stops_when_fastbisenet_does_not_import(tmp_path: Path) -> Non
     summary = (tmp_path / "run" / "summary.txt").read_text()
     assert "stopping: fastbisenet does not import" in summary
     assert summary.rstrip().endswith("failed steps: import(rc=1)")
-    assert "ImportError: simulated" in (tmp_path / "run" / "import.log").read_text()
+    import_log = (tmp_path / "run" / "import.log").read_text()
+    assert ("ImportError: simulated" if case == "import-error" else "not this checkout") in import_log
     assert "\ncommit: feedbeef\n" in (tmp_path / "run" / "env.log").read_text()  # as on a device without .git
     assert not (tmp_path / "run" / "tests.log").exists() and not (tmp_path / "run" / "bench.log").exists()
 

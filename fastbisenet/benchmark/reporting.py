@@ -169,7 +169,8 @@ def render_markdown(rows: Sequence[Row], meta: dict[str, Any] | None = None) -> 
         for key in sorted(peers):
             cells = []
             for p in peer_names:
-                vals = peers[key].get(p)
+                # a peer timed at 0 (a cold-L2 row within the flush's noise: samples clamp at 0) has no ratio
+                vals = [v for v in peers[key].get(p, []) if v > 0]
                 cells.append(f"{math.exp(statistics.fmean(math.log(v) for v in vals)):.2f}x ({len(vals)})"
                              if vals else "—")
             lines.append(f"| {key[0]} | {key[1]} | {key[2]} | " + " | ".join(cells) + " |")
@@ -293,6 +294,11 @@ def autotune_lines(choices: Sequence[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _plotted(r: Row) -> bool:
+    """Rows :func:`plot_end_to_end` draws: end-to-end inference."""
+    return r.info.get("op") == "end_to_end" and r.info.get("pass") != "train"
+
+
 def plot_end_to_end(rows: Sequence[Row], path: str | Path) -> bool:
     """PNG of end-to-end inference latency by input size, one line per variant and dtype.
 
@@ -302,7 +308,7 @@ def plot_end_to_end(rows: Sequence[Row], path: str | Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    e2e = [r for r in rows if r.info.get("op") == "end_to_end" and r.info.get("pass") != "train"]
+    e2e = [r for r in rows if _plotted(r)]
     if not e2e:
         return False
     shapes = sorted({tuple(r.info["shape"]) for r in e2e}, key=lambda s: (math.prod(s), s))
@@ -335,7 +341,7 @@ def report(json_path: str | Path | Sequence[str | Path], out_dir: str | Path) ->
     the test suite's status among them) is quoted at the top, so no table is read without it.
 
     Returns ``markdown`` and ``plot`` (paths; ``plot`` None when not written), ``plot_skipped`` (why
-    not, else None) and ``rows`` (number of benchmark rows)."""
+    not, else None), ``rows`` (number of benchmark rows) and ``plot_rows`` (how many of them the plot draws)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows, meta = load_rows(json_path)
@@ -358,4 +364,5 @@ def report(json_path: str | Path | Sequence[str | Path], out_dir: str | Path) ->
     if reason:
         print(reason, file=sys.stderr)
         png = None
-    return {"markdown": md, "plot": png, "plot_skipped": reason, "rows": len(rows)}
+    return {"markdown": md, "plot": png, "plot_skipped": reason, "rows": len(rows),
+            "plot_rows": sum(map(_plotted, rows))}
