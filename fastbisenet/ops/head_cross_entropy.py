@@ -19,9 +19,9 @@ from fastbisenet import reference
 from fastbisenet.kernels import head_cross_entropy as K
 from fastbisenet.kernels.channel_attention import map_strides
 from fastbisenet.kernels.head_upsample import _cls_block, head_conv1x1, head_conv1x1_bwd
-from fastbisenet.ops._library import FLOAT_DTYPES, call, first_order_only
+from fastbisenet.ops._library import call, first_order_only
 from fastbisenet.ops.cross_entropy import cross_entropy
-from fastbisenet.ops.head_upsample import head_logits, is_classifier
+from fastbisenet.ops.head_upsample import head_logits, kernels_cover
 
 
 def head_ce_fwd(
@@ -117,8 +117,7 @@ def head_cross_entropy(x: Tensor, conv_out: nn.Conv2d, labels: Tensor, align_cor
     PyTorch's errors.
     """
     covered = (
-        is_classifier(conv_out) and x.dim() == 4 and x.shape[1] == conv_out.in_channels
-        and x.dtype in FLOAT_DTYPES and x.numel() > 0 and 0 < x.shape[0] <= 65535
+        kernels_cover(x, conv_out)
         and labels.dim() == 3 and labels.shape[0] == x.shape[0] and labels.numel() > 0
         and labels.dtype == torch.int64 and labels.device == x.device
     )

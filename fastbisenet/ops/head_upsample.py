@@ -124,7 +124,7 @@ def _(x, weight, bias, size, align_corners):
     return x.new_empty((x.shape[0], *size), dtype=torch.int32)
 
 
-def _covered(x: Tensor, conv_out: nn.Conv2d) -> bool:
+def kernels_cover(x: Tensor, conv_out: nn.Conv2d) -> bool:
     """Inputs the kernels take: a plain 1x1 classifier of a non-empty fp32/fp16/bf16 (N, C, H, W) map of at most
     65535 images (the batch is a grid axis). Others run the reference formula, with PyTorch's errors (e.g. a
     width mismatch) and results (empty batches, float64)."""
@@ -134,7 +134,7 @@ def _covered(x: Tensor, conv_out: nn.Conv2d) -> bool:
 
 def head_logits(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
     """``upsample_bilinear(conv_out(x), size)``: a segmentation head's classifier and resize."""
-    if not _covered(x, conv_out):
+    if not kernels_cover(x, conv_out):
         return reference.head_logits(x, conv_out, size, align_corners)
     return call(
         HeadLogitsFunction.apply, torch.ops.fastbisenet.head_logits,
@@ -144,7 +144,7 @@ def head_logits(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_cor
 
 def head_argmax(x: Tensor, conv_out: nn.Conv2d, size: tuple[int, int], align_corners: bool) -> Tensor:
     """``argmax_c(head_logits(...))`` as int32 (N, H, W); ties go to the lowest class index."""
-    if not _covered(x, conv_out):
+    if not kernels_cover(x, conv_out):
         return reference.head_argmax(x, conv_out, size, align_corners)
     with torch.no_grad():
         return call(
